@@ -1,0 +1,162 @@
+"""Image-caption retrieval datasets in the BLIP/Karpathy JSON layout.
+
+train file: one entry per caption ``{"image", "caption", "image_id"}``;
+val/test files: one entry per image ``{"image", "caption": [captions]}``.
+``image`` is relative to the image root.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .captions import pre_caption
+from .transforms import test_transform, train_transform
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing or malformed; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    train: str
+    val: str
+    test: str
+    image_root: str
+    ann_root: str
+    how_to_get: str
+
+
+_ANNOTATIONS_HINT = ("download the annotations with `hf download previsior/PTM-ST --repo-type dataset "
+                     "--include 'Annotation/*' --local-dir ./data` (or pass --ann_root FOLDER)")
+_SHAPES_HINT = "generate it with `python -m distill_utils.data.shapes --root ./data/shapes` (or pass --ann_root/--image_root)"
+
+DATASETS: Dict[str, DatasetSpec] = {
+    "flickr": DatasetSpec("flickr30k_train.json", "flickr30k_val.json", "flickr30k_test.json",
+                          "./distill_utils/data/Flickr30k/", "./data/Annotation/", _ANNOTATIONS_HINT),
+    "coco": DatasetSpec("coco_karpathy_train.json", "coco_karpathy_val.json", "coco_karpathy_test.json",
+                        "./distill_utils/data/COCO/", "./data/Annotation/", _ANNOTATIONS_HINT),
+    "cc3m": DatasetSpec("cc3m_captions_train.json", "cc3m_captions_val.json", "cc3m_captions_test.json",
+                        "./distill_utils/data/CC3M/", "./data/Annotation/", _ANNOTATIONS_HINT),
+    "shapes": DatasetSpec("shapes_train.json", "shapes_val.json", "shapes_test.json",
+                          "./data/shapes/", "./data/shapes/", _SHAPES_HINT),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_annotation(path: Path, required: Sequence[str], hint: str) -> List[dict]:
+    if not path.is_file():
+        raise DataError(f"annotation file {path} does not exist: {hint}.")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"annotation file {path} is not valid JSON ({error}); download it again: {hint}.") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"annotation file {path} should hold a non-empty JSON list of entries; download it again: {hint}.")
+    for index, entry in enumerate(entries):
+        missing = [key for key in required if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise DataError(f"annotation file {path}, entry {index}, lacks the key(s) {missing} (expected "
+                            f"{list(required)}): the file is not in the BLIP/Karpathy layout; {hint}.")
+    return entries
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist: check --image_root (the annotation paths are "
+                        f"relative to it) or download the images again (sh/prepare_data.sh).") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"image {path} cannot be decoded ({error}): the file is corrupt; download it "
+                        f"again (sh/prepare_data.sh) or remove its entries from the annotation file.") from None
+
+
+class _ImageFolder:
+    """Opens images relative to a root; optionally keeps decoded images so epochs do not decode again."""
+
+    def __init__(self, root: Path, cache_decoded: bool = False):
+        self.root = root
+        self.cache: Optional[Dict[str, Image.Image]] = {} if cache_decoded else None
+
+    def __call__(self, relative: str) -> Image.Image:
+        if self.cache is None:
+            return load_image(self.root / relative)
+        if relative not in self.cache:
+            self.cache[relative] = load_image(self.root / relative)
+        return self.cache[relative]
+
+
+class RetrievalTrainDataset(Dataset):
+    """One item per caption: ``(image tensor, caption index)``; ``captions`` are normalised."""
+
+    def __init__(self, ann_file: Path, image_root: Path, transform, hint: str = "", max_words: int = 30,
+                 cache_decoded: bool = False):
+        entries = load_annotation(Path(ann_file), ("image", "caption"), hint)
+        self.ann_file = Path(ann_file)
+        self.images = [entry["image"] for entry in entries]
+        self.captions = [pre_caption(entry["caption"], max_words) for entry in entries]
+        self.transform = transform
+        self.folder = _ImageFolder(Path(image_root), cache_decoded)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.folder(self.images[index])), index
+
+
+class RetrievalEvalDataset(Dataset):
+    """One item per image: ``(image tensor, image index)``; ``text`` lists every caption,
+    ``img2txt[i]`` the caption indices of image i and ``txt2img[t]`` the image of caption t."""
+
+    def __init__(self, ann_file: Path, image_root: Path, transform, hint: str = "", max_words: int = 30):
+        entries = load_annotation(Path(ann_file), ("image", "caption"), hint)
+        self.ann_file = Path(ann_file)
+        self.image: List[str] = []
+        self.text: List[str] = []
+        self.img2txt: List[List[int]] = []
+        self.txt2img: List[int] = []
+        for image_index, entry in enumerate(entries):
+            captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            self.image.append(entry["image"])
+            self.img2txt.append(list(range(len(self.text), len(self.text) + len(captions))))
+            for caption in captions:
+                self.text.append(pre_caption(caption, max_words))
+                self.txt2img.append(image_index)
+        self.transform = transform
+        self.folder = _ImageFolder(Path(image_root))
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.folder(self.image[index])), index
+
+
+def resolve_roots(dataset: str, image_root: Optional[str], ann_root: Optional[str]) -> Tuple[Path, Path]:
+    spec = dataset_spec(dataset)
+    return Path(image_root or spec.image_root), Path(ann_root or spec.ann_root)
+
+
+def build_datasets(dataset: str, image_root: Optional[str] = None, ann_root: Optional[str] = None,
+                   image_size: int = 224, augment: bool = True, cache_decoded: bool = False):
+    """``(train, val, test)`` for a dataset name; ``--image_root``/``--ann_root`` override the defaults."""
+    spec = dataset_spec(dataset)
+    images, annotations = resolve_roots(dataset, image_root, ann_root)
+    train = RetrievalTrainDataset(annotations / spec.train, images, train_transform(image_size, augment),
+                                  spec.how_to_get, cache_decoded=cache_decoded)
+    val = RetrievalEvalDataset(annotations / spec.val, images, test_transform(image_size), spec.how_to_get)
+    test = RetrievalEvalDataset(annotations / spec.test, images, test_transform(image_size), spec.how_to_get)
+    return train, val, test

@@ -1,0 +1,11 @@
+"""Models: an encoder registry (timm names pass through), the projection head and the dual encoder."""
+from . import convnet as _convnet  # noqa: F401  (registers the built-in image encoders)
+from .dual_encoder import SIDES, DualEncoder, DualEncoderConfig
+from .heads import ProjectionHead
+from .image_encoders import create_image_encoder, is_convolutional, timm_name
+from .registry import IMAGE_ENCODERS, TEXT_ENCODERS, PretrainedWeightsUnavailable
+from .text_encoders import TextEncoder, create_text_encoder
+
+__all__ = ["SIDES", "DualEncoder", "DualEncoderConfig", "ProjectionHead", "create_image_encoder",
+           "is_convolutional", "timm_name", "IMAGE_ENCODERS", "TEXT_ENCODERS",
+           "PretrainedWeightsUnavailable", "TextEncoder", "create_text_encoder"]

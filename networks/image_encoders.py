@@ -1,0 +1,79 @@
+"""Image encoders: built-in ones from the registry, everything else from timm."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .registry import IMAGE_ENCODERS, PretrainedWeightsUnavailable
+
+TIMM_ALIASES = {"nfnet": "nfnet_l0"}
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def timm_name(name: str) -> str:
+    return TIMM_ALIASES.get(name, name)
+
+
+def _find_local_checkpoint(checkpoint_dir: str, name: str) -> Path:
+    folder = Path(checkpoint_dir)
+    candidates = [folder / f"{stem}{suffix}" for stem in (name, timm_name(name)) for suffix in _WEIGHT_SUFFIXES]
+    candidates += [folder / timm_name(name) / f"{stem}{suffix}" for stem in ("model", "pytorch_model")
+                   for suffix in _WEIGHT_SUFFIXES]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise PretrainedWeightsUnavailable(
+        f"--checkpoint_dir {checkpoint_dir} holds no weights for image encoder {name!r}: expected one of "
+        f"{', '.join(str(p) for p in candidates[:4])} ... Save the timm state dict there "
+        f"(torch.save(model.state_dict(), ...)) or point --checkpoint_dir at the right folder.")
+
+
+def _timm_encoder(name: str, pretrained: bool, checkpoint_dir: Optional[str]) -> nn.Module:
+    import timm
+    full_name = timm_name(name)
+    if not timm.is_model(full_name):
+        raise ValueError(f"unknown image encoder {name!r}: not built in ({sorted(IMAGE_ENCODERS)}) "
+                         f"and not a timm model name (see timm.list_models())")
+    kwargs = dict(num_classes=0, global_pool="avg")
+    if pretrained and checkpoint_dir:
+        path = _find_local_checkpoint(checkpoint_dir, name)
+        return timm.create_model(full_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    try:
+        return timm.create_model(full_name, pretrained=pretrained, **kwargs)
+    except Exception as error:  # hub errors come in many types (OSError, HTTP, offline mode)
+        if not pretrained:
+            raise
+        raise PretrainedWeightsUnavailable(
+            f"could not fetch pretrained weights for image encoder {name!r} (timm model {full_name!r}): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. This machine may be "
+            f"offline. Either download them once where there is network (they land in the Hugging Face cache, "
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) and copy that cache here, or save the "
+            f"weights as {full_name}.pth / .safetensors in a folder and pass --checkpoint_dir FOLDER, or drop "
+            f"--image_pretrained to start from random weights.") from None
+
+
+def create_image_encoder(name: str, pretrained: bool = False, checkpoint_dir: Optional[str] = None,
+                         init_seed: Optional[int] = 0) -> nn.Module:
+    """Build an image encoder with ``num_features`` set. Randomly initialised weights are drawn
+    from ``init_seed`` so that a frozen random encoder is the same in buffer.py and the distiller."""
+    with torch.random.fork_rng(devices=[]):
+        if init_seed is not None:
+            torch.manual_seed(init_seed)
+        if name in IMAGE_ENCODERS:
+            if pretrained:
+                raise PretrainedWeightsUnavailable(
+                    f"the built-in image encoder {name!r} has no pretrained weights; drop --image_pretrained")
+            model = IMAGE_ENCODERS[name](pretrained=False)
+        else:
+            model = _timm_encoder(name, pretrained, checkpoint_dir)
+    if not hasattr(model, "num_features"):
+        raise TypeError(f"image encoder {name!r} does not expose num_features")
+    return model
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -1,0 +1,44 @@
+"""Shared fixtures: CPU only, offline hub, a tiny generated ``shapes`` dataset, small models."""
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from distill_utils.data import shapes  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A small shapes dataset (16 px): 24 train images x 5 captions, 8 val, 8 test."""
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.generate(root, shapes.ShapesConfig(num_train=24, num_val=8, num_test=8, image_size=16, seed=3),
+                    progress=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
