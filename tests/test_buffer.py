@@ -1,0 +1,164 @@
+"""buffer.py end to end on shapes, and the trajectory-file module's guarantees."""
+import json
+
+import pytest
+import torch
+
+from distill_utils import experts, trajectories
+from distill_utils.data import DataError
+from distill_utils.trajectories import TrajectoryBuffer, TrajectoryError
+from tests.helpers import fake_trajectory, shapes_args
+
+
+@pytest.fixture(scope="module")
+def tiny_buffer(shapes_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("buffer")
+    argv = shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "2",
+                       "--eval_freq", "1", "--batch_size_train", "32", "--buffer_path", str(tmp / "buffer"))
+    written = experts.main(argv)
+    folder = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
+    return folder, written, argv
+
+
+def test_buffer_writes_one_snapshot_per_epoch_plus_start(tiny_buffer):
+    folder, written, _ = tiny_buffer
+    assert written == [0, 1]
+    meta = json.loads((folder / "meta.json").read_text())
+    buffer = TrajectoryBuffer(folder)
+    experts_ = buffer.experts()
+    assert len(experts_) == 2
+    for expert in experts_:
+        assert expert.num_snapshots == 3
+        for side in ("image", "text"):
+            shapes = [tuple(t.shape) for t in expert.snapshot(side, 0)]
+            assert shapes == [tuple(s) for _, s in meta[f"{side}_params"]]
+            assert not torch.equal(expert.flat(side, 0), expert.flat(side, 1))  # training moved them
+            assert not torch.equal(expert.flat(side, 1), expert.flat(side, 2))
+    assert not torch.equal(experts_[0].flat("image", 0), experts_[1].flat("image", 0))  # seed + i per expert
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and "r_mean" in lines[0] and "train_loss" in lines[0]
+    assert not list(folder.glob(".claim_*")) and not list(folder.glob("*.tmp"))
+
+
+def test_authors_file_layout_is_kept(tiny_buffer):
+    folder, _, _ = tiny_buffer
+    content = torch.load(folder / "img_replay_buffer_0.pt", weights_only=True)
+    assert isinstance(content, list) and len(content) == 1          # a list holding one trajectory
+    assert len(content[0]) == 3 and isinstance(content[0][0], list)  # snapshots, each a list of tensors
+    assert all(t.device.type == "cpu" for t in content[0][0])
+
+
+def test_rerun_appends_with_the_next_index(tiny_buffer):
+    folder, _, argv = tiny_buffer
+    argv = list(argv)
+    argv[argv.index("--num_experts") + 1] = "1"
+    argv[argv.index("--train_epochs") + 1] = "1"
+    with pytest.raises(TrajectoryError, match="another model"):  # 1 epoch is fine; a different model is not
+        experts.main(argv + ["--image_trainable", "false"])
+    assert experts.main(argv) == [2]
+    assert trajectories.twin_indices(folder) == [0, 1, 2]
+
+
+def test_torchrun_ranks_split_the_experts(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert experts.my_experts(7) == [1, 4]
+
+
+def test_claims_never_collide(tmp_path):
+    first = trajectories.claim_next_index(tmp_path)
+    second = trajectories.claim_next_index(tmp_path)  # first still claimed (a rank still training)
+    assert (first, second) == (0, 1)
+    trajectories.release_claim(tmp_path, first)
+    assert trajectories.claim_next_index(tmp_path) == 0
+
+
+def test_files_pair_by_index_not_listing_order(tmp_path):
+    shapes = [(3, 2), (3,)]
+    for index in (10, 2, 7):  # scrambled creation order, with gaps
+        torch.save([fake_trajectory(shapes, 2, seed=100 + index)], tmp_path / f"txt_replay_buffer_{index}.pt")
+    for index in (7, 10, 2):
+        torch.save([fake_trajectory(shapes, 2, seed=index)], tmp_path / f"img_replay_buffer_{index}.pt")
+    buffer = TrajectoryBuffer(tmp_path)
+    assert buffer.indices == [2, 7, 10]
+    for index, expert in zip(buffer.indices, buffer.experts()):
+        assert torch.equal(expert.snapshot("image", 1)[0], fake_trajectory(shapes, 2, seed=index)[1][0])
+        assert torch.equal(expert.snapshot("text", 1)[0], fake_trajectory(shapes, 2, seed=100 + index)[1][0])
+
+
+def test_plain_torch_save_of_nested_lists_loads(tmp_path):
+    """The authors' downloadable files: plain torch.save, possibly several trajectories per file."""
+    shapes = [(4, 4), (4,)]
+    torch.save([fake_trajectory(shapes, 3, 1), fake_trajectory(shapes, 3, 2)], tmp_path / "img_replay_buffer_0.pt")
+    torch.save([fake_trajectory(shapes, 3, 3), fake_trajectory(shapes, 3, 4)], tmp_path / "txt_replay_buffer_0.pt")
+    expected = trajectories.ExpectedShapes(image=[("w", (4, 4)), ("b", (4,))], text=[("w", (4, 4)), ("b", (4,))])
+    found = TrajectoryBuffer(tmp_path, expected).experts()
+    assert len(found) == 2 and found[1].num_snapshots == 3
+    assert torch.equal(found[1].flat("text", 2), torch.cat([t.flatten() for t in fake_trajectory(shapes, 3, 4)[2]]))
+
+
+def test_unpaired_files_are_refused(tmp_path):
+    shapes = [(2,)]
+    torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "img_replay_buffer_0.pt")
+    torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "txt_replay_buffer_0.pt")
+    torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "img_replay_buffer_1.pt")
+    with pytest.raises(TrajectoryError, match=r"unpaired.*img_replay_buffer_1\.pt"):
+        TrajectoryBuffer(tmp_path)
+
+
+def test_shape_mismatch_is_refused(tmp_path):
+    torch.save([fake_trajectory([(4, 4), (4,)], 2, 0)], tmp_path / "img_replay_buffer_0.pt")
+    torch.save([fake_trajectory([(4, 4), (4,)], 2, 0)], tmp_path / "txt_replay_buffer_0.pt")
+    expected = trajectories.ExpectedShapes(image=[("w", (4, 4)), ("b", (4,))], text=[("w", (8, 4)), ("b", (8,))])
+    with pytest.raises(TrajectoryError, match=r"text-side snapshot does not fit.*tensor 0 \(w\) has shape \(4, 4\)"):
+        TrajectoryBuffer(tmp_path, expected).experts()
+    expected = trajectories.ExpectedShapes(image=[("w", (4, 4))], text=[("w", (4, 4)), ("b", (4,))])
+    with pytest.raises(TrajectoryError, match="2 tensors where the model has 1"):
+        TrajectoryBuffer(tmp_path, expected).experts()
+
+
+def test_corrupt_file_is_named(tmp_path):
+    (tmp_path / "img_replay_buffer_0.pt").write_bytes(b"\x00" * 100)
+    torch.save([fake_trajectory([(2,)], 2, 0)], tmp_path / "txt_replay_buffer_0.pt")
+    with pytest.raises(TrajectoryError, match=r"img_replay_buffer_0\.pt.*corrupt"):
+        TrajectoryBuffer(tmp_path).experts()
+
+
+def test_empty_and_missing_folders(tmp_path):
+    with pytest.raises(TrajectoryError, match="holds no expert"):
+        TrajectoryBuffer(tmp_path)
+    with pytest.raises(TrajectoryError, match="does not exist"):
+        TrajectoryBuffer(tmp_path / "nope")
+
+
+def test_interrupted_write_leaves_no_truncated_file(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        with open(path, "wb") as stream:
+            stream.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trajectories.write_expert(tmp_path, 0, fake_trajectory([(2,)], 2, 0), fake_trajectory([(2,)], 2, 0))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert list(tmp_path.iterdir()) == []
+    assert trajectories.claim_next_index(tmp_path) == 0
+
+
+def test_missing_dataset_fails_clearly(tmp_path):
+    argv = shapes_args(tmp_path / "nowhere", tmp_path, "--num_experts", "1", "--train_epochs", "1",
+                       "--buffer_path", str(tmp_path / "b"))
+    with pytest.raises(DataError, match=r"shapes_train\.json does not exist"):
+        experts.main(argv)
+
+
+def test_strict_boolean_flags():
+    parse = experts.build_parser().parse_args
+    assert parse(["--no_aug"]).no_aug is True
+    assert parse(["--no_aug", "false"]).no_aug is False
+    assert parse(["--disabled_wandb", "True"]).disabled_wandb is True
+    assert parse(["--image_pretrained", "False"]).image_pretrained is False
+    with pytest.raises(SystemExit):
+        parse(["--no_aug", "maybe"])
