@@ -1,0 +1,186 @@
+"""One trajectory-matching iteration with exact gradients in memory constant in ``syn_steps``.
+
+Objective (per side s, student started at the expert's snapshot theta0 and aimed at theta*):
+    theta_{i+1} = theta_i - eta_s * g_i,   g_i = grad_theta loss_i(theta_i; X[B_i], Y[B_i], S[B_i, B_i]),
+with each theta_i treated as a constant (no graph across steps), G = sum_i g_i and
+    L = sum_s ||theta0 - eta_s G - theta*||^2 / ||theta0 - theta*||^2.
+Normalising by the start-to-target distance makes early (long) and late (short) expert segments
+weigh alike. Because theta_i is constant, dL/dX = sum_i (2/D) v^T dg_i/dX with
+v = eta (theta* - theta0) + eta^2 G fixed once G is known: so a first pass without any graph
+computes G, and a second pass recomputes each step with a graph (one at a time) and back-propagates
+(2/D) v^T g_i into the batch's images, texts and similarity entries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch.func import functional_call
+
+from networks import SIDES, DualEncoder
+
+from .synthetic import SyntheticSet
+
+
+class MiniBatchSampler:
+    """Successive chunks of a random permutation; reshuffled when too few indices remain."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n = n
+        self.batch_size = min(batch_size, n)
+        self.generator = generator
+        self._order = torch.empty(0, dtype=torch.long)
+        self._position = 0
+
+    def next(self) -> torch.Tensor:
+        if self._position + self.batch_size > len(self._order):
+            self._order = torch.randperm(self.n, generator=self.generator)
+            self._position = 0
+        batch = self._order[self._position:self._position + self.batch_size]
+        self._position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"order": self._order, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order, self._position = state["order"], state["position"]
+
+
+class StudentParameters:
+    """Maps flat per-side vectors to the named parameter dict that ``functional_call`` takes."""
+
+    def __init__(self, model: DualEncoder):
+        self.names = {side: list(model.side_named_parameters(side)) for side in SIDES}
+        self.shapes = {side: [p.shape for p in model.side_named_parameters(side).values()] for side in SIDES}
+        self.sizes = {side: [s.numel() for s in self.shapes[side]] for side in SIDES}
+
+    def as_dict(self, flat: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        params = {}
+        for side in SIDES:
+            for name, piece, shape in zip(self.names[side], flat[side].split(self.sizes[side]), self.shapes[side]):
+                params[name] = piece.view(shape)
+        return params
+
+    def numel(self, side: str) -> int:
+        return sum(self.sizes[side])
+
+
+def _rng_state(device: torch.device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@dataclass
+class MatchResult:
+    loss: float
+    per_side: Dict[str, float]
+    start_distance: Dict[str, float]
+
+
+class TrajectoryMatcher:
+    """Computes the matching loss and writes exact gradients into the synthetic set's ``.grad``."""
+
+    def __init__(self, model: DualEncoder, criterion, syn_steps: int):
+        self.model = model.train()
+        self.params = StudentParameters(model)
+        self.criterion = criterion
+        self.syn_steps = syn_steps
+
+    def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target) -> torch.Tensor:
+        logits = functional_call(self.model, self.params.as_dict(flat), (images, texts))
+        return self.criterion(logits, target)
+
+    def _grads(self, flat_leaves: Dict[str, torch.Tensor], loss: torch.Tensor, create_graph: bool):
+        grads = torch.autograd.grad(loss, [flat_leaves[s] for s in SIDES], create_graph=create_graph)
+        return dict(zip(SIDES, grads))
+
+    def match(self, synthetic: SyntheticSet, start: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
+              batches: Sequence[torch.Tensor]) -> MatchResult:
+        """Run ``len(batches)`` student steps from ``start``; accumulate gradients into ``synthetic``."""
+        device = synthetic.images.device
+        eta = {side: synthetic.step_size(side).detach() for side in SIDES}
+        distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
+
+        # Pass 1: the trajectory, no graph w.r.t. the synthetic data; remember each step's RNG state.
+        rng_states, total = [], {s: torch.zeros_like(start[s]) for s in SIDES}
+        theta = {s: start[s].clone() for s in SIDES}
+        for idx in batches:
+            rng_states.append(_rng_state(device))
+            leaves = {s: theta[s].requires_grad_(True) for s in SIDES}
+            with torch.no_grad():
+                block = synthetic.similarity.block(idx)
+            loss = self._step_loss(leaves, synthetic.images.detach()[idx], synthetic.texts.detach()[idx], block)
+            grads = self._grads(leaves, loss, create_graph=False)
+            with torch.no_grad():
+                theta = {s: theta[s].detach() - eta[s] * grads[s] for s in SIDES}
+                for s in SIDES:
+                    total[s] += grads[s]
+        rng_after = _rng_state(device)
+
+        residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
+        per_side = {s: (residual[s].square().sum() / distance[s]) for s in SIDES}
+        # dL/deta = (2/D) residual . (-G); v = -eta * residual = eta (theta* - theta0) + eta^2 G
+        for s in SIDES:
+            grad_eta = (2.0 / distance[s]) * (residual[s] * -total[s]).sum()
+            parameter = synthetic.step_size(s)
+            parameter.grad = grad_eta.reshape(()) if parameter.grad is None else parameter.grad + grad_eta
+        weight = {s: (2.0 / distance[s]) * (-eta[s] * residual[s]) for s in SIDES}
+
+        # Pass 2: recompute each step with a graph, under the same RNG (dropout masks), and push
+        # (2/D) v^T g_i back into the images, texts and similarity entries that step used.
+        if synthetic.images.grad is None:
+            synthetic.images.grad = torch.zeros_like(synthetic.images)
+        if synthetic.texts.grad is None:
+            synthetic.texts.grad = torch.zeros_like(synthetic.texts)
+        theta = {s: start[s].clone() for s in SIDES}
+        for idx, state in zip(batches, rng_states):
+            _set_rng_state(state, device)
+            images = synthetic.images.detach()[idx].requires_grad_(True)
+            texts = synthetic.texts.detach()[idx].requires_grad_(True)
+            sim_leaves, compose = synthetic.similarity.gather(idx)
+            leaves = {s: theta[s].requires_grad_(True) for s in SIDES}
+            loss = self._step_loss(leaves, images, texts, compose(*sim_leaves))
+            grads = self._grads(leaves, loss, create_graph=True)
+            objective = sum((weight[s] * grads[s]).sum() for s in SIDES)
+            inputs = [images, texts, *sim_leaves]
+            outputs = torch.autograd.grad(objective, inputs, allow_unused=True)
+            outputs = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, outputs)]
+            synthetic.images.grad.index_add_(0, idx, outputs[0])
+            synthetic.texts.grad.index_add_(0, idx, outputs[1])
+            synthetic.similarity.scatter_grad(idx, outputs[2:])
+            with torch.no_grad():
+                theta = {s: theta[s].detach() - eta[s] * grads[s].detach() for s in SIDES}
+        _set_rng_state(rng_after, device)
+
+        loss_value = sum(per_side.values())
+        return MatchResult(float(loss_value), {s: float(v) for s, v in per_side.items()},
+                           {s: float(v) for s, v in distance.items()})
+
+
+def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSet, start, target,
+                           batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The same objective by plain autograd through the unrolled steps (theta_i detached between
+    steps, as the objective defines). Memory grows with the number of steps: for tests only."""
+    params = StudentParameters(model)
+    theta = {s: start[s].clone() for s in SIDES}
+    total = {s: 0.0 for s in SIDES}
+    for idx in batches:
+        leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
+        logits = functional_call(model, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
+        loss = criterion(logits, synthetic.similarity.block(idx))
+        grads = torch.autograd.grad(loss, [leaves[s] for s in SIDES], create_graph=True)
+        for s, g in zip(SIDES, grads):
+            total[s] = total[s] + g
+            theta[s] = leaves[s].detach() - synthetic.step_size(s).detach() * g.detach()
+    loss = 0.0
+    for s in SIDES:
+        end = start[s] - synthetic.step_size(s) * total[s]
+        loss = loss + (end - target[s]).square().sum() / (start[s] - target[s]).square().sum()
+    return loss
