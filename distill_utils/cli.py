@@ -109,10 +109,11 @@ def run_script(main) -> None:
     from networks import PretrainedWeightsUnavailable
 
     from .data import DataError
+    from .checkpoint import CheckpointError
     from .trajectories import TrajectoryError
     try:
         main()
-    except (DataError, TrajectoryError, PretrainedWeightsUnavailable, FloatingPointError) as error:
+    except (DataError, TrajectoryError, CheckpointError, PretrainedWeightsUnavailable, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -148,7 +148,7 @@ class FrozenSubset:
         with torch.no_grad():
             return cls(synthetic.images.detach().clone(), synthetic.texts.detach().clone(),
                        synthetic.similarity.matrix_full().detach().clone(),
-                       float(synthetic.syn_lr_img), float(synthetic.syn_lr_txt))
+                       synthetic.syn_lr_img.item(), synthetic.syn_lr_txt.item())
 
     def __len__(self) -> int:
         return self.images.shape[0]

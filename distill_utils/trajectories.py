@@ -293,6 +293,16 @@ class TrajectoryBuffer:
                     f"{[s for _, s in _shapes(recorded)][:3]}..., but this model's are "
                     f"{[s for _, s in expected.side(side)][:3]}.... Pass the same encoder flags as buffer.py used.")
 
+    def set_expected(self, expected: ExpectedShapes) -> None:
+        """Check the sidecar metadata and every expert against the model's shapes, now."""
+        self.expected = expected
+        if self.meta is not None:
+            self._check_meta(expected)
+        for experts in self._files.values():
+            for expert in experts:
+                self._check_shapes(expert)
+        self.experts()
+
     def experts_in_file(self, index: int) -> List[Expert]:
         if index not in self._files:
             experts = self._read_compact(index) if self.kind == "compact" else self._read_twin(index)

@@ -1,0 +1,374 @@
+"""Phased trajectory matching (``distill_ptm-st.py``).
+
+Each phase k learns its own synthetic subset from scratch against its own (shortcut) trajectories;
+when it finishes, its EMA state is frozen and every later evaluation trains students on the
+finished subsets first. Table of contents of :func:`main`: parse and validate, open the expert
+folders, load data, build the student, then per phase: initialise, loop (match, step, EMA,
+evaluate, checkpoint), freeze.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, trajectories
+from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists,
+                  non_negative, positive)
+from .context import DataContext, load_data, model_config
+from .evaluation import EvalSettings, evaluate_subsets
+from .losses import LOSSES, MultilabelContrastiveLoss
+from .matching import MiniBatchSampler, TrajectoryMatcher
+from .retrieval import RetrievalBenchmark
+from .runlog import MetricsLogger, enable_fast_math, format_recall, git_sha, resolve_device, setup_logging
+from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
+from .visualize import nearest_captions, save_grid, write_captions
+
+log = logging.getLogger("ptmst.distill")
+PER_PHASE = ("buffer_path", "min_start_epoch", "max_start_epoch", "num_queries", "Iteration", "sim_rank")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("student evaluation")
+    group.add_argument("--eval_protocol", default="paper", choices=["paper", "val"],
+                       help="paper: the reference's protocol (best point chosen on test, as paper tables); "
+                            "val: choose on the val split, report test")
+    group.add_argument("--phase_lr", default="current", choices=["current", "own"],
+                       help="current: every phase trains at the last phase's learned step sizes (paper); "
+                            "own: each phase at its own")
+    group.add_argument("--num_eval", type=positive(), default=5, help="fresh students per evaluation (mean ± std)")
+    group.add_argument("--epoch_eval_train", type=positive(), default=100, help="student epochs per subset")
+    group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
+    group.add_argument("--batch_size_test", type=positive(), default=128, help="batch size when embedding test images")
+    group.add_argument("--loss_type", default="WBCE", choices=sorted(LOSSES), help="loss of students and matching steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill_ptm-st.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Phased trajectory matching with shortcut trajectories: distil a dataset into a few "
+                    "hundred image/text-feature pairs, a similarity matrix and learned step sizes.",
+        epilog="Example (Flickr, 500 pairs): python distill_ptm-st.py --dataset flickr --buffer_path "
+               "./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_6 ./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_8 "
+               "--min_start_epoch 0 1 --max_start_epoch 2 3 --num_queries 200 299 --Iteration 2000 2000 "
+               "--subset_num 2 --sim_type full --lr_sim 10 --mini_batch_size 40 --image_trainable. "
+               "Per-phase flags take one value per phase (--subset_num of them).")
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    add_eval_args(parser)
+    phases = parser.add_argument_group("phases (one value per phase)")
+    phases.add_argument("--subset_num", type=positive(), default=2, help="number of phases")
+    phases.add_argument("--buffer_path", nargs="+", required=True, help="trajectory folder of each phase")
+    phases.add_argument("--min_start_epoch", type=non_negative(), nargs="+", required=True,
+                        help="smallest start snapshot of each phase")
+    phases.add_argument("--max_start_epoch", type=positive(), nargs="+", required=True,
+                        help="start snapshots are drawn from [min, max) in each phase")
+    phases.add_argument("--num_queries", type=positive(), nargs="+", default=[200, 300], help="pairs per phase")
+    phases.add_argument("--Iteration", type=non_negative(), nargs="+", default=[2000, 3000],
+                        help="distillation iterations per phase")
+    phases.add_argument("--sim_rank", type=positive(), nargs="+", default=None,
+                        help="low-rank similarity rank per phase (default 5 10 for two phases, else 10)")
+    match = parser.add_argument_group("matching")
+    match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
+    match.add_argument("--expert_epochs", type=positive(), default=1, help="target = start snapshot + this")
+    match.add_argument("--mini_batch_size", type=positive(), default=20, help="synthetic pairs per student step")
+    match.add_argument("--lr_img", type=non_negative(float), default=1000, help="lr of the synthetic images")
+    match.add_argument("--lr_txt", type=non_negative(float), default=1000, help="lr of the synthetic text features")
+    match.add_argument("--lr_lr", type=non_negative(float), default=0.01, help="lr of the learned step sizes")
+    match.add_argument("--lr_sim", type=non_negative(float), default=100, help="lr of the similarity parameters")
+    match.add_argument("--lr_teacher_img", type=positive(float), default=0.1, help="initial image-side step size")
+    match.add_argument("--lr_teacher_txt", type=positive(float), default=0.1, help="initial text-side step size")
+    match.add_argument("--momentum_syn", type=non_negative(float), default=0.5, help="momentum of images and texts")
+    match.add_argument("--momentum_lr", type=non_negative(float), default=0.5, help="momentum of the step sizes")
+    match.add_argument("--momentum_sim", type=non_negative(float), default=0.5, help="momentum of the similarity")
+    match.add_argument("--sim_type", default="lowrank", choices=["full", "lowrank"], help="similarity generator")
+    match.add_argument("--alpha", type=float, default=1.0, help="low-rank scale: S = diag(a) + alpha/r L R^T")
+    match.add_argument("--ema_decay", type=float, default=0.99, help="EMA of everything learned (what is saved)")
+    match.add_argument("--clamp_lr", type=float, default=None, help="lower bound for the learned step sizes")
+    match.add_argument("--pix_init", default="real", choices=["real", "noise"], help="initial synthetic images")
+    match.add_argument("--txt_init", default="real", choices=["real", "noise"], help="initial synthetic texts")
+    out = parser.add_argument_group("output")
+    out.add_argument("--name", default=None, help="run name (default: DATASET_PAIRS_TIMESTAMP)")
+    out.add_argument("--logged_dir", default="./logged_files", help="runs go to LOGGED_DIR/DATASET/NAME/")
+    out.add_argument("--eval_it", type=positive(), default=50, help="evaluate and checkpoint every N iterations")
+    add_bool_flag(out, "--resume", help="continue the run in LOGGED_DIR/DATASET/NAME from its last checkpoint")
+    add_bool_flag(out, "--eval_init", default=True, help="also evaluate the initial set (iteration 0) of each phase")
+    return parser
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    index: int
+    buffer_path: str
+    min_start: int
+    max_start: int
+    num_queries: int
+    iterations: int
+    sim_rank: int
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sim_rank is None:
+        args.sim_rank = [5, 10] if args.subset_num == 2 else [10] * args.subset_num
+    check_per_phase_lists(parser, args, PER_PHASE, args.subset_num)
+    for k, (low, high) in enumerate(zip(args.min_start_epoch, args.max_start_epoch)):
+        if low >= high:
+            parser.error(f"phase {k}: --min_start_epoch {low} must be below --max_start_epoch {high} "
+                         f"(start snapshots are drawn from [min, max))")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.resume and not args.name:
+        parser.error("--resume needs --name (the run folder to continue)")
+    if args.name is None:
+        args.name = f"{args.dataset}_{'_'.join(map(str, args.num_queries))}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    return args
+
+
+def phase_specs(args: argparse.Namespace) -> List[PhaseSpec]:
+    return [PhaseSpec(k, args.buffer_path[k], args.min_start_epoch[k], args.max_start_epoch[k], args.num_queries[k],
+                      args.Iteration[k], args.sim_rank[k]) for k in range(args.subset_num)]
+
+
+def open_buffers(specs: Sequence[PhaseSpec], expert_epochs: int) -> List[trajectories.TrajectoryBuffer]:
+    """Open every phase's folder and check its snapshot count against the start-epoch range."""
+    buffers = []
+    for spec in specs:
+        buffer = trajectories.TrajectoryBuffer(Path(spec.buffer_path))
+        count = buffer.experts_in_file(buffer.indices[0])[0].num_snapshots
+        needed = spec.max_start - 1 + expert_epochs
+        if needed > count - 1:
+            raise trajectories.TrajectoryError(
+                f"phase {spec.index}: {spec.buffer_path} has {count} snapshots (0..{count - 1}) but --max_start_epoch "
+                f"{spec.max_start} with --expert_epochs {expert_epochs} needs snapshot {needed}; lower "
+                f"--max_start_epoch to at most {count - expert_epochs} or use a longer trajectory")
+        buffers.append(buffer)
+    return buffers
+
+
+class ExpertCycle:
+    """Experts in a seeded random order, cycled (reshuffled at each wrap)."""
+
+    def __init__(self, experts: List[trajectories.Expert], generator: torch.Generator):
+        self.experts = experts
+        self.generator = generator
+        self.order: List[int] = []
+        self.position = 0
+
+    def next(self) -> trajectories.Expert:
+        if self.position >= len(self.order):
+            self.order = torch.randperm(len(self.experts), generator=self.generator).tolist()
+            self.position = 0
+        expert = self.experts[self.order[self.position]]
+        self.position += 1
+        return expert
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = state["order"], state["position"]
+
+
+def initial_set(spec: PhaseSpec, args, data: DataContext, generator: torch.Generator) -> SyntheticSet:
+    """``num_queries`` random training pairs (test-time transform) and their cached text features."""
+    picks = torch.randperm(len(data.train), generator=generator)[:spec.num_queries]
+    if args.pix_init == "real":
+        images = torch.stack([data.train[i][0] for i in picks.tolist()])
+    else:
+        images = torch.randn(spec.num_queries, 3, args.image_size, args.image_size, generator=generator)
+    if args.txt_init == "real":
+        texts = data.train_text[picks]
+    else:
+        texts = torch.randn(spec.num_queries, data.text_dim, generator=generator)
+    similarity = make_similarity(args.sim_type, spec.num_queries, spec.sim_rank, args.alpha, generator)
+    return SyntheticSet(images, texts, similarity, args.lr_teacher_img, args.lr_teacher_txt)
+
+
+@dataclass
+class Run:
+    """What the phases share: paths, data, model config, benchmarks, logger."""
+    args: argparse.Namespace
+    folder: Path
+    data: DataContext
+    config: object
+    device: torch.device
+    test: RetrievalBenchmark
+    val: Optional[RetrievalBenchmark]
+    metrics: MetricsLogger
+    settings: EvalSettings
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / "latest.pt"
+
+
+def evaluate_and_save(run: Run, finished: List[FrozenSubset], ema_set: SyntheticSet, phase: int, it: int,
+                      loss: Optional[float]) -> dict:
+    subsets = finished + [FrozenSubset.from_set(ema_set)]
+    summary = evaluate_subsets(subsets, run.config, run.settings, run.test, run.val, run.device,
+                               desc=f"phase {phase} it {it}: students")
+    record = {"phase": phase, "iteration": it, "matching_loss": loss, "syn_lr_img": ema_set.syn_lr_img.item(),
+              "syn_lr_txt": ema_set.syn_lr_txt.item(),
+              **{k: v for k, v in summary["selected"]["mean"].items()},
+              **{f"{k}_std": v for k, v in summary["selected"]["std"].items()}}
+    run.metrics.log(record)
+    log.info("phase %d it %d | %s ± %.2f", phase, it, format_recall(summary["selected"]["mean"]),
+             summary["selected"]["std"]["r_mean"])
+    checkpoint.save_distilled(run.folder / f"distilled_{phase}_{it}.pt", ema_set, checkpoint_config(run), phase, it)
+    save_grid(ema_set.images, run.folder / f"synthetic_{phase}_{it}.png")
+    write_captions(run.folder / f"captions_{phase}_{it}.txt",
+                   nearest_captions(ema_set.texts, run.data.train_text, run.data.train.captions))
+    return record
+
+
+def checkpoint_config(run: Run) -> dict:
+    return {**{k: v for k, v in vars(run.args).items()}, "text_dim": run.data.text_dim, "git_sha": git_sha()}
+
+
+def save_resume_state(run: Run, phase: int, it: int, synthetic, ema, optimizer, sampler, cycle, generator,
+                      finished: List[FrozenSubset]) -> None:
+    state = {"phase": phase, "iteration": it, "synthetic": synthetic.state_dict() if synthetic else None,
+             "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict() if optimizer else None,
+             "sampler": sampler.state_dict() if sampler else None, "cycle": cycle.state_dict() if cycle else None,
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+             "finished": [asdict(s) for s in finished], "args": vars(run.args)}
+    checkpoint.save_state(run.latest, state)
+
+
+def check_finite(result, synthetic: SyntheticSet, run: Run, phase: int, it: int) -> None:
+    bad = not math.isfinite(result.loss) or any(
+        p.grad is not None and not torch.isfinite(p.grad).all() for p in synthetic.parameters())
+    if bad:
+        last = sorted(run.folder.glob(f"distilled_{phase}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+        kept = last[-1] if last else "none yet"
+        raise FloatingPointError(
+            f"phase {phase}, iteration {it}: the matching loss or its gradient is NaN/Inf (loss {result.loss}). "
+            f"Stopped; the last good checkpoint is {kept} and {run.latest.name} still holds the state before this "
+            f"iteration. Lower --lr_img / --lr_txt / --lr_sim / --lr_lr (or set --clamp_lr), then rerun with "
+            f"--resume --name {run.args.name}.")
+
+
+def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, student, finished, state) -> FrozenSubset:
+    args, device = run.args, run.device
+    generator = torch.Generator().manual_seed(args.seed * 1000 + spec.index)
+    synthetic = initial_set(spec, args, run.data, generator).to(device)
+    optimizer = torch.optim.SGD(synthetic.param_groups(args), lr=0.0)
+    ema = ExponentialMovingAverage(synthetic, args.ema_decay)
+    sampler = MiniBatchSampler(spec.num_queries, args.mini_batch_size, generator)
+    cycle = ExpertCycle(buffer.experts(), generator)
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps)
+    it, skip_eval_at = 0, None
+    if state is not None and state["phase"] == spec.index and state["synthetic"] is not None:
+        synthetic.load_state_dict(state["synthetic"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict({"decay": state["ema"]["decay"],
+                             "shadow": {k: v.to(device) for k, v in state["ema"]["shadow"].items()}})
+        sampler.load_state_dict(state["sampler"])
+        cycle.load_state_dict(state["cycle"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        it = skip_eval_at = state["iteration"]
+        log.info("resuming phase %d at iteration %d", spec.index, it)
+    ema_set = copy.deepcopy(synthetic)
+    loss = None
+    bar = tqdm(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it")
+    while True:
+        due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
+        if due and it != skip_eval_at:
+            evaluate_and_save(run, finished, ema.copy_to(ema_set), spec.index, it, loss)
+            save_resume_state(run, spec.index, it, synthetic, ema, optimizer, sampler, cycle, generator, finished)
+        if it == spec.iterations:
+            break
+        expert = cycle.next()
+        s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
+        start = {side: expert.flat(side, s).to(device) for side in trajectories.SIDES}
+        target = {side: expert.flat(side, s + args.expert_epochs).to(device) for side in trajectories.SIDES}
+        batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
+        optimizer.zero_grad(set_to_none=True)
+        result = matcher.match(synthetic, start, target, batches)
+        check_finite(result, synthetic, run, spec.index, it)
+        optimizer.step()
+        if args.clamp_lr is not None:
+            with torch.no_grad():
+                synthetic.syn_lr_img.clamp_(min=args.clamp_lr)
+                synthetic.syn_lr_txt.clamp_(min=args.clamp_lr)
+        ema.update(synthetic)
+        loss = result.loss
+        it += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}")
+        if it % 10 == 0:
+            run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss, **{
+                f"loss_{side}": v for side, v in result.per_side.items()}})
+    bar.close()
+    return FrozenSubset.from_set(ema.copy_to(ema_set))
+
+
+def prepare_folder(args: argparse.Namespace) -> tuple:
+    folder = Path(args.logged_dir) / args.dataset / args.name
+    latest = folder / "latest.pt"
+    if args.resume:
+        if not latest.is_file():
+            raise checkpoint.CheckpointError(f"--resume: {latest} does not exist; nothing to continue (drop --resume "
+                                             f"to start the run)")
+        return folder, checkpoint.load_state(latest)
+    if folder.exists() and any(folder.iterdir()):
+        raise checkpoint.CheckpointError(f"run folder {folder} already exists: pass --resume to continue it, or "
+                                         f"another --name; an earlier run is never overwritten")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """Distil; return the run folder."""
+    setup_logging()
+    args = parse_args(argv)
+    specs = phase_specs(args)
+    buffers = open_buffers(specs, args.expert_epochs)
+    folder, state = prepare_folder(args)
+    device = resolve_device(args.device)
+    enable_fast_math(device)
+    torch.manual_seed(args.seed)
+    (folder / "args.json").write_text(json.dumps({**vars(args), "git_sha": git_sha()}, indent=1, default=str))
+    data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
+    config = model_config(args, data.text_dim)
+    student = config.build(seed=args.seed).to(device)
+    expected = trajectories.ExpectedShapes(
+        image=trajectories.parameter_shapes(student.side_named_parameters("image")),
+        text=trajectories.parameter_shapes(student.side_named_parameters("text")))
+    for buffer in buffers:
+        buffer.set_expected(expected)  # every expert checked before the first iteration
+    run = Run(args, folder, data, config, device,
+              RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers),
+              RetrievalBenchmark(data.val, data.val_text, device, args.batch_size_test, args.num_workers)
+              if data.val_text is not None else None,
+              MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
+              EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
+                           args.eval_protocol, args.phase_lr, args.seed))
+    finished = [FrozenSubset(**s) for s in state["finished"]] if state else []
+    try:
+        for spec, buffer in zip(specs, buffers):
+            if spec.index < len(finished):
+                continue
+            finished.append(run_phase(run, spec, buffer, student, finished, state))
+            save_resume_state(run, spec.index + 1, 0, None, None, None, None, None,
+                              torch.Generator().manual_seed(0), finished)
+    finally:
+        run.metrics.close()
+    log.info("done: %s", folder)
+    return folder

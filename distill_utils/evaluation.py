@@ -1,0 +1,148 @@
+"""Training fresh students on distilled subsets and measuring their retrieval recall.
+
+``paper`` protocol (the reference's, kept so paper tables reproduce, quirks included):
+  * one SGD (momentum 0.9, weight decay 5e-4) and one x0.1 schedule at epoch epochs//2 + 1 that
+    runs on across phases (so the decay fires inside phase 0);
+  * every phase trains at the *current* (last) phase's learned step sizes;
+  * subsets 0..k are trained in order, epochs + 1 each; recall is measured on the test split at 11
+    evenly spaced epochs per subset and the best r_mean over all of them is reported.
+``val`` picks the measurement point on the val split and reports test recall there (and at the
+last epoch). ``phase_lr=own`` trains each phase at its own learned step sizes.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from networks import DualEncoderConfig
+
+from .losses import MultilabelContrastiveLoss
+from .retrieval import RetrievalBenchmark
+from .synthetic import FrozenSubset
+
+log = logging.getLogger("ptmst.eval")
+METRIC_KEYS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    epochs: int = 100            # --epoch_eval_train
+    batch_train: int = 128
+    num_eval: int = 5
+    loss_type: str = "WBCE"
+    protocol: str = "paper"      # paper | val
+    phase_lr: str = "current"    # current | own
+    seed: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class StudentRun:
+    selected: Dict[str, float]   # test metrics at the selected measurement point
+    last: Dict[str, float]       # test metrics at the last measurement
+    history: List[dict] = field(default_factory=list)
+
+
+def measurement_epochs(epochs: int) -> List[int]:
+    """11 evenly spaced epochs in 0..epochs (every epoch when there are fewer than 10)."""
+    if epochs < 10:
+        return list(range(epochs + 1))
+    return sorted({round(i * epochs / 10) for i in range(11)})
+
+
+def decay_factor(global_epoch: int, epochs: int) -> float:
+    """MultiStepLR(milestones=[epochs // 2 + 1], gamma=0.1) stepped once per epoch, across phases."""
+    return 0.1 if global_epoch >= epochs // 2 + 1 else 1.0
+
+
+def phase_step_sizes(subsets: Sequence[FrozenSubset], phase: int, phase_lr: str):
+    source = subsets[-1] if phase_lr == "current" else subsets[phase]
+    return source.lr_img, source.lr_txt
+
+
+def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, settings: EvalSettings,
+                  test: RetrievalBenchmark, val: Optional[RetrievalBenchmark], run: int,
+                  device: torch.device) -> StudentRun:
+    """One fresh student trained on ``subsets`` in order; see the module docstring for the protocol."""
+    seed = settings.seed + run
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout masks: reproducible, and the caller's RNG stream is untouched
+        model = config.build(seed=seed).to(device).train()
+        groups = [{"params": model.side_parameters("image"), "lr": 0.0},
+                  {"params": model.side_parameters("text"), "lr": 0.0}]
+        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        criterion = MultilabelContrastiveLoss(settings.loss_type)
+        generator = torch.Generator().manual_seed(seed)
+        checkpoints = set(measurement_epochs(settings.epochs))
+        history, best_score, selected, last, global_epoch = [], -np.inf, None, None, 0
+        for phase, subset in enumerate(subsets):
+            lr_img, lr_txt = phase_step_sizes(subsets, phase, settings.phase_lr)
+            images, texts = subset.images.to(device), subset.texts.to(device)
+            similarity = subset.similarity.to(device)
+            for epoch in range(settings.epochs + 1):
+                factor = decay_factor(global_epoch, settings.epochs)
+                optimizer.param_groups[0]["lr"] = lr_img * factor
+                optimizer.param_groups[1]["lr"] = lr_txt * factor
+                for idx in torch.randperm(len(subset), generator=generator).split(settings.batch_train):
+                    idx = idx.to(device)
+                    loss = criterion(model(images[idx], texts[idx]), similarity[idx][:, idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                global_epoch += 1
+                if epoch not in checkpoints:
+                    continue
+                record = {"phase": phase, "epoch": epoch, "lr_img": lr_img * factor, "lr_txt": lr_txt * factor,
+                          "test": test.evaluate(model)}
+                if settings.protocol == "val":
+                    record["val"] = val.evaluate(model)
+                score = record["val" if settings.protocol == "val" else "test"]["r_mean"]
+                history.append(record)
+                last = record["test"]
+                if score > best_score:
+                    best_score, selected = score, record["test"]
+        return StudentRun(selected=selected, last=last, history=history)
+
+
+def summarise(runs: Sequence[StudentRun]) -> dict:
+    """Mean and standard deviation (numpy's, ddof=0, as the reference) over runs."""
+    out = {"num_runs": len(runs)}
+    for name, pick in (("selected", lambda r: r.selected), ("last", lambda r: r.last)):
+        values = {k: np.array([pick(r)[k] for r in runs], dtype=np.float64) for k in pick(runs[0])}
+        out[name] = {"mean": {k: float(v.mean()) for k, v in values.items()},
+                     "std": {k: float(v.std()) for k, v in values.items()}}
+    return out
+
+
+def evaluate_subsets(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, settings: EvalSettings,
+                     test: RetrievalBenchmark, val: Optional[RetrievalBenchmark], device: torch.device,
+                     desc: str = "student evaluation") -> dict:
+    if settings.protocol == "val" and val is None:
+        raise ValueError("the val protocol needs the val split's benchmark")
+    for subset in subsets:
+        for name, value in (("lr_img", subset.lr_img), ("lr_txt", subset.lr_txt)):
+            if not np.isfinite(value) or value < 0:
+                raise FloatingPointError(f"learned step size {name} = {value} cannot train a student; "
+                                         f"set --clamp_lr to keep step sizes positive")
+    runs = [train_student(subsets, config, settings, test, val, run, device)
+            for run in tqdm(range(settings.num_eval), desc=desc, unit="student", leave=False)]
+    summary = summarise(runs)
+    summary["runs"] = [{"selected": r.selected, "last": r.last, "history": r.history} for r in runs]
+    return summary
+
+
+def format_table(rows: Dict[str, dict]) -> str:
+    """Markdown table, one row per method: mean ± std of each metric."""
+    header = "| method | Img R@1 | Img R@5 | Img R@10 | Txt R@1 | Txt R@5 | Txt R@10 | Mean |"
+    lines = [header, "|" + "---|" * 8]
+    for method, summary in rows.items():
+        mean, std = summary["mean"], summary["std"]
+        cells = [f"{mean[k]:.2f} ± {std[k]:.2f}" for k in METRIC_KEYS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""distill_ptm-st end to end on shapes: outputs, up-front validation, NaN stop, resume."""
+import json
+
+import pytest
+import torch
+
+from distill_utils import checkpoint, convexify, distill, experts, trajectories
+from distill_utils.matching import MatchResult, TrajectoryMatcher
+from tests.helpers import shapes_args
+
+
+@pytest.fixture(scope="module")
+def expert_dirs(shapes_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experts")
+    experts.main(shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "3",
+                             "--eval_freq", "3", "--batch_size_train", "32", "--buffer_path", str(tmp / "buffer")))
+    normal = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
+    shortcut = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "3"])
+    compact = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "4", "--compact"])
+    return tmp, normal, shortcut, compact
+
+
+def distill_argv(shapes_root, tmp, phase_dirs, *extra, name="run"):
+    return shapes_args(shapes_root, tmp, "--image_trainable", "--buffer_path", *map(str, phase_dirs),
+                       "--subset_num", str(len(phase_dirs)), "--min_start_epoch", *["0"] * len(phase_dirs),
+                       "--max_start_epoch", *["2"] * len(phase_dirs), "--num_queries", *["6"] * len(phase_dirs),
+                       "--Iteration", *["4"] * len(phase_dirs), "--eval_it", "2", "--num_eval", "1",
+                       "--epoch_eval_train", "2", "--mini_batch_size", "3", "--syn_steps", "2", "--lr_lr", "1e-7",
+                       "--lr_img", "0.1", "--lr_txt", "0.1", "--lr_sim", "0.01", "--logged_dir", str(tmp / "logged"),
+                       "--name", name, *extra)
+
+
+def test_two_phases_write_checkpoints_with_reference_keys(shapes_root, expert_dirs, tmp_path):
+    _, _, shortcut, compact = expert_dirs
+    folder = distill.main(distill_argv(shapes_root, tmp_path, [shortcut, compact], "--sim_type", "lowrank"))
+    for phase in (0, 1):
+        for it in (0, 2, 4):
+            assert (folder / f"distilled_{phase}_{it}.pt").is_file()
+            assert (folder / f"synthetic_{phase}_{it}.png").is_file()
+            assert len((folder / f"captions_{phase}_{it}.txt").read_text().splitlines()) == 6
+    payload = torch.load(folder / "distilled_1_4.pt", weights_only=True)
+    for key in ("image", "text", "similarity_params", "similarity_mat", "syn_lr_img", "syn_lr_txt", "config"):
+        assert key in payload, key
+    assert payload["image"].shape == (6, 3, 16, 16) and payload["text"].shape == (6, 32)
+    assert payload["similarity_mat"].shape == (6, 6)
+    assert [tuple(p.shape) for p in payload["similarity_params"]] == [(6,), (6, 10), (6, 10)]  # rank 10 (phase 1)
+    start = torch.load(folder / "distilled_1_0.pt", weights_only=True)
+    assert not torch.equal(start["image"], payload["image"])  # the images were learned
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "r_mean" in r]
+    assert [(r["phase"], r["iteration"]) for r in evaluations] == [(0, 0), (0, 2), (0, 4), (1, 0), (1, 2), (1, 4)]
+    assert json.loads((folder / "args.json").read_text())["subset_num"] == 2
+
+
+def test_frozen_encoder_mode_runs(shapes_root, tmp_path):
+    tmp = tmp_path
+    experts.main(shapes_args(shapes_root, tmp, "--num_experts", "1", "--train_epochs", "2", "--eval_freq", "2",
+                             "--out_embedding", "12", "--batch_size_train", "32", "--buffer_path", str(tmp / "b")))
+    normal = trajectories.expert_folder(tmp / "b", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
+    argv = distill_argv(shapes_root, tmp, [normal], "--out_embedding", "12", "--sim_type", "full")
+    argv.remove("--image_trainable")
+    folder = distill.main(argv)
+    assert torch.load(folder / "distilled_0_4.pt", weights_only=True)["similarity_params"][0].shape == (6, 6)
+
+
+@pytest.mark.parametrize("flag,values", [("--num_queries", ["6"]), ("--Iteration", ["1", "2", "3"]),
+                                         ("--min_start_epoch", ["0"]), ("--sim_rank", ["4"])])
+def test_inconsistent_per_phase_lists_are_refused_up_front(shapes_root, tmp_path, capsys, flag, values):
+    argv = distill_argv(shapes_root, tmp_path, ["/does/not/exist", "/nor/this"])
+    if flag in argv:
+        position = argv.index(flag)
+        argv[position + 1:position + 3] = values
+    else:
+        argv += [flag, *values]
+    with pytest.raises(SystemExit):
+        distill.main(argv)
+    err = capsys.readouterr().err
+    assert flag in err and "--subset_num is 2" in err
+    assert not (tmp_path / "logged").exists() and not (tmp_path / "npz").exists()  # no work was done
+
+
+def test_non_integer_per_phase_values_are_refused(shapes_root, tmp_path, capsys):
+    argv = distill_argv(shapes_root, tmp_path, ["/a"])
+    argv[argv.index("--max_start_epoch") + 1] = "2.5"
+    with pytest.raises(SystemExit):
+        distill.main(argv)
+    assert "--max_start_epoch" in capsys.readouterr().err
+
+
+def test_start_epochs_beyond_the_trajectory_are_refused(shapes_root, expert_dirs, tmp_path):
+    _, _, shortcut, _ = expert_dirs
+    argv = distill_argv(shapes_root, tmp_path, [shortcut])
+    argv[argv.index("--max_start_epoch") + 1] = "3"
+    with pytest.raises(trajectories.TrajectoryError, match="has 3 snapshots"):
+        distill.main(argv)
+
+
+def test_existing_run_folder_is_never_overwritten(shapes_root, expert_dirs, tmp_path):
+    _, normal, _, _ = expert_dirs
+    argv = distill_argv(shapes_root, tmp_path, [normal])
+    argv[argv.index("--Iteration") + 1] = "0"
+    distill.main(argv)
+    with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+        distill.main(argv)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, normal, _, _ = expert_dirs
+    real_match = TrajectoryMatcher.match
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        result = real_match(self, *args, **kwargs)
+        return MatchResult(float("nan"), result.per_side, result.start_distance) if calls["n"] == 3 else result
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", poisoned)
+    with pytest.raises(FloatingPointError, match=r"iteration 2.*distilled_0_2\.pt.*--resume"):
+        distill.main(distill_argv(shapes_root, tmp_path, [normal]))
+    folder = tmp_path / "logged" / "shapes" / "run"
+    subset, _ = checkpoint.load_distilled(folder / "distilled_0_2.pt")
+    assert torch.isfinite(subset.images).all()
+    assert checkpoint.load_state(folder / "latest.pt")["iteration"] == 2
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, normal, shortcut, _ = expert_dirs
+    phases = [shortcut, normal]
+    whole = distill.main(distill_argv(shapes_root, tmp_path, phases, name="whole"))
+
+    real_match = TrajectoryMatcher.match
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # phase 0, iteration 3: the last checkpoint is at iteration 2
+            raise KeyboardInterrupt
+        return real_match(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(distill_argv(shapes_root, tmp_path, phases, name="cut"))
+    monkeypatch.setattr(TrajectoryMatcher, "match", real_match)
+    resumed = distill.main(distill_argv(shapes_root, tmp_path, phases, "--resume", name="cut"))
+
+    for name in ("distilled_0_4.pt", "distilled_1_4.pt"):
+        a = torch.load(whole / name, weights_only=True)
+        b = torch.load(resumed / name, weights_only=True)
+        for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
+            assert torch.equal(a[key], b[key]), (name, key)
