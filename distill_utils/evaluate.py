@@ -1,0 +1,152 @@
+"""Evaluate saved distilled sets against baselines at the same budget (``eval.py``).
+
+Rows of the table: the distilled phases (``--ckpt_path``, in phase order), a random real subset of
+the same sizes with identity similarity (``--baseline random``), and optionally the full training
+set (``--baseline full``, trained like an expert). Every row is mean ± std over ``--num_eval`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import checkpoint
+from .cli import add_data_args, add_model_args, add_runtime_args, positive
+from .context import DataContext, load_data, model_config
+from .distill import add_eval_args
+from .evaluation import EvalSettings, evaluate_subsets, format_table, summarise, StudentRun
+from .losses import MultilabelContrastiveLoss
+from .retrieval import RetrievalBenchmark
+from .runlog import enable_fast_math, resolve_device, setup_logging
+from .synthetic import FrozenSubset
+from .trajectories import atomic_write_text
+
+log = logging.getLogger("ptmst.eval")
+MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train fresh students on distilled sets and report retrieval recall (mean ± std), "
+                    "beside baselines of the same size.",
+        epilog="Example: python eval.py --dataset flickr --ckpt_path logged_files/flickr/RUN/distilled_0_2000.pt "
+               "logged_files/flickr/RUN/distilled_1_2000.pt --image_trainable --baseline random")
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    add_eval_args(parser)
+    group = parser.add_argument_group("what to evaluate")
+    group.add_argument("--ckpt_path", nargs="+", required=True, help="distilled_*.pt of each phase, in phase order")
+    group.add_argument("--baseline", nargs="*", default=["random"], choices=["random", "full"],
+                       help="reference rows: a random real subset of the same sizes, the full training set")
+    group.add_argument("--lr_teacher_img", type=positive(float), default=0.1, help="baseline image-side lr")
+    group.add_argument("--lr_teacher_txt", type=positive(float), default=0.1, help="baseline text-side lr")
+    group.add_argument("--full_epochs", type=positive(), default=10, help="epochs of the full-data baseline")
+    group.add_argument("--num_queries", type=positive(), nargs="+", default=None,
+                       help="accepted for the reference's commands; checked against the checkpoints' sizes")
+    group.add_argument("--sim_type", default=None, choices=["full", "lowrank"],
+                       help="accepted for the reference's commands; the checkpoint's matrix is used")
+    group.add_argument("--out_dir", default=None, help="where eval_results.{json,md} go (default: beside the last checkpoint)")
+    return parser
+
+
+def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> List[FrozenSubset]:
+    subsets = []
+    for path in paths:
+        subset, config = checkpoint.load_distilled(Path(path))
+        for key in MODEL_KEYS:
+            if key in config and config[key] != getattr(args, key):
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} was distilled with --{key} {config[key]} but this run uses --{key} "
+                    f"{getattr(args, key)}: pass the same model flags as distill_ptm-st.py used")
+        checkpoint.check_fits(subset, Path(path), args.image_size, text_dim)
+        subsets.append(subset)
+    if args.num_queries is not None and sum(args.num_queries) != sum(len(s) for s in subsets):
+        raise checkpoint.CheckpointError(
+            f"--num_queries {args.num_queries} (total {sum(args.num_queries)}) but the checkpoints hold "
+            f"{[len(s) for s in subsets]} pairs: drop --num_queries or pass the checkpoints of every phase")
+    return subsets
+
+
+def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
+                   generator: torch.Generator) -> List[FrozenSubset]:
+    """Real training pairs (test-time transform), distinct across phases, identity similarity."""
+    picks = torch.randperm(len(data.train), generator=generator)[:sum(sizes)]
+    subsets = []
+    for chunk in picks.split(list(sizes)):
+        images = torch.stack([data.train[i][0] for i in chunk.tolist()])
+        subsets.append(FrozenSubset(images, data.train_text[chunk].clone(), torch.eye(len(chunk)), lr_img, lr_txt))
+    return subsets
+
+
+def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark, device) -> dict:
+    """Students trained on the whole training set (expert recipe, test-time transform), evaluated at the end."""
+    from .experts import make_optimizer, train_one_epoch
+    runs = []
+    for run in range(args.num_eval):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + run)
+            model = config.build(seed=args.seed + run).to(device)
+            expert_like = argparse.Namespace(lr_teacher_img=args.lr_teacher_img, lr_teacher_txt=args.lr_teacher_txt,
+                                             mom=0.0, l2=0.0, decay=False, train_epochs=args.full_epochs)
+            optimizer, _ = make_optimizer(model, expert_like)
+            loader = DataLoader(data.train, batch_size=args.batch_train, shuffle=True, num_workers=args.num_workers,
+                                generator=torch.Generator().manual_seed(args.seed + run))
+            for epoch in range(args.full_epochs):
+                train_one_epoch(model, loader, data.train_text, optimizer, MultilabelContrastiveLoss("InfoNCE"),
+                                device, desc=f"full-data baseline {run + 1}/{args.num_eval} epoch {epoch + 1}")
+            result = test.evaluate(model)
+            runs.append(StudentRun(selected=result, last=result))
+    return summarise(runs)
+
+
+def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    payload = {"rows": rows, "protocol": args.eval_protocol, "phase_lr": args.phase_lr, "num_eval": args.num_eval,
+               "ckpt_path": args.ckpt_path, "epoch_eval_train": args.epoch_eval_train}
+    atomic_write_text(folder / "eval_results.json", json.dumps(payload, indent=1))
+    atomic_write_text(folder / "eval_results.md",
+                      f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n"
+                      f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}\n\n{table}\n")
+    return folder / "eval_results.md"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
+    """Evaluate; return ``{row name: {"mean": ..., "std": ...}}``."""
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    for path in args.ckpt_path:  # before loading any data
+        if not Path(path).is_file():
+            raise checkpoint.CheckpointError(f"--ckpt_path {path} does not exist")
+    device = resolve_device(args.device)
+    enable_fast_math(device)
+    data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
+    subsets = load_checkpoints(args.ckpt_path, args, data.text_dim)
+    config = model_config(args, data.text_dim)
+    test = RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers)
+    val = (RetrievalBenchmark(data.val, data.val_text, device, args.batch_size_test, args.num_workers)
+           if data.val_text is not None else None)
+    settings = EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
+                            args.eval_protocol, args.phase_lr, args.seed)
+    sizes = [len(s) for s in subsets]
+    rows = {f"PTM-ST ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
+                                                             "distilled set")["selected"]}
+    if "random" in args.baseline:
+        reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
+                               torch.Generator().manual_seed(args.seed + 12345))
+        rows[f"random real subset ({sum(sizes)} pairs)"] = evaluate_subsets(
+            reals, config, settings, test, val, device, "random subset")["selected"]
+    if "full" in args.baseline:
+        rows[f"full training set ({len(data.train)} pairs)"] = full_data_baseline(data, args, config, test, device)["selected"]
+    out = write_results(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, rows, args)
+    print(format_table(rows))
+    print(f"written to {out} and {out.with_suffix('.json')}")
+    return rows
