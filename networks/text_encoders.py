@@ -15,6 +15,7 @@ HUB_NAMES = {
     "bert": "bert-base-uncased",
     "distilbert": "distilbert-base-uncased",
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "bge": "BAAI/bge-base-en-v1.5",
 }
 
 
@@ -104,6 +105,7 @@ def _pretrained_builder(name: str, pooling: str):
 register_text_encoder("bert")(_pretrained_builder("bert", "cls"))
 register_text_encoder("distilbert")(_pretrained_builder("distilbert", "cls"))
 register_text_encoder("minilm")(_pretrained_builder("minilm", "mean"))
+register_text_encoder("bge")(_pretrained_builder("bge", "cls"))
 
 
 def _vocab_tokenizer():
