@@ -1,0 +1,184 @@
+"""Seconds per distillation iteration and peak memory: our matching step vs a reference-style one.
+
+    python -m benchmarks.distill_step --device cpu --config tiny
+    python -m benchmarks.distill_step --device cuda --config flickr500
+
+The reference-style implementation does what the authors' code does each iteration: rebuild the
+student, read the whole expert file from disk, run the first pass with a double-backward graph that
+it keeps but never uses, then the second pass. Both run in separate processes (so peak memory is
+each one's own) on identical data, and the gradient difference between them is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from distill_utils import MultilabelContrastiveLoss, trajectories
+from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher
+from distill_utils.runlog import enable_fast_math
+from distill_utils.synthetic import SyntheticSet, make_similarity
+from networks import SIDES, DualEncoderConfig, is_convolutional
+
+from .common import device_name, median_seconds, peak_memory_mb, summary, table, write_json
+
+
+@dataclass(frozen=True)
+class Config:
+    image_encoder: str
+    image_size: int
+    text_dim: int
+    num_queries: int
+    mini_batch_size: int
+    syn_steps: int
+    snapshots: int  # per expert file (a convexified_0_6 folder holds 6)
+    repeats: int
+
+
+CONFIGS = {
+    "tiny": Config("convnet_tiny", 32, 384, 100, 20, 8, 6, 10),
+    "flickr500": Config("nfnet", 224, 768, 200, 40, 8, 6, 5),  # NFNet-L0 / BERT-base widths, random weights
+}
+
+
+def make_inputs(config: Config, folder: Path):
+    """A synthetic set and one expert file of the right shapes (random values, fixed seed)."""
+    torch.manual_seed(0)
+    model_config = DualEncoderConfig(config.image_encoder, config.text_dim, image_trainable=True, image_pretrained=False)
+    model = model_config.build(seed=0)
+    generator = torch.Generator().manual_seed(0)
+    trajectory = {side: [] for side in SIDES}
+    for t in range(config.snapshots):
+        for side in SIDES:
+            trajectory[side].append([p.detach() + 0.01 * t * torch.randn(p.shape, generator=generator)
+                                     for p in model.side_parameters(side)])
+    trajectories.write_expert(folder, 0, trajectory["image"], trajectory["text"])
+    n = config.num_queries
+    synthetic = SyntheticSet(torch.randn(n, 3, config.image_size, config.image_size, generator=generator),
+                             torch.randn(n, config.text_dim, generator=generator), make_similarity("full", n), 0.1, 0.1)
+    return model_config, synthetic
+
+
+def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device):
+    student = model_config.build(seed=0).to(device)
+    if device.type == "cuda" and is_convolutional(student.image_encoder):
+        student.image_encoder.to(memory_format=torch.channels_last)
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps)
+    expert = trajectories.TrajectoryBuffer(folder).experts()[0]
+    sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
+
+    def iteration():
+        synthetic.zero_grad(set_to_none=True)
+        start = {s: expert.flat(s, 1).to(device, non_blocking=True) for s in SIDES}
+        target = {s: expert.flat(s, 2).to(device, non_blocking=True) for s in SIDES}
+        batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
+        torch.manual_seed(7)
+        matcher.match(synthetic, start, target, batches)
+    return iteration
+
+
+def reference_style(model_config, synthetic, folder: Path, config: Config, device: torch.device):
+    criterion = MultilabelContrastiveLoss("WBCE")
+    sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
+
+    def iteration():
+        synthetic.zero_grad(set_to_none=True)
+        student = model_config.build(seed=0).to(device).train()  # rebuilt every iteration
+        params = StudentParameters(student)
+        files = {s: torch.load(trajectories.twin_path(folder, s, 0), weights_only=True) for s in SIDES}  # whole files
+        start = {s: torch.cat([p.reshape(-1) for p in files[s][0][1]]).to(device) for s in SIDES}
+        target = {s: torch.cat([p.reshape(-1) for p in files[s][0][2]]).to(device) for s in SIDES}
+        batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
+        eta = {s: synthetic.step_size(s).detach() for s in SIDES}
+        torch.manual_seed(7)
+        states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
+        theta = {s: start[s].clone() for s in SIDES}
+        for idx in batches:  # first pass keeps a double-backward graph per step and never uses it
+            states.append(torch.get_rng_state())
+            leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
+            logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
+            grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),
+                                        [leaves[s] for s in SIDES], create_graph=True)
+            kept.append(grads)
+            for s, g in zip(SIDES, grads):
+                total[s] += g.detach()
+                theta[s] = leaves[s].detach() - eta[s] * g.detach()
+        distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
+        residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
+        for s in SIDES:
+            synthetic.step_size(s).grad = (2 / distance[s]) * (residual[s] * -total[s]).sum()
+        weight = {s: (2 / distance[s]) * (-eta[s] * residual[s]) for s in SIDES}
+        theta = {s: start[s].clone() for s in SIDES}
+        for idx, state in zip(batches, states):
+            torch.set_rng_state(state)
+            leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
+            logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
+            grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),
+                                        [leaves[s] for s in SIDES], create_graph=True)
+            sum((weight[s] * g).sum() for s, g in zip(SIDES, grads)).backward()
+            theta = {s: leaves[s].detach() - eta[s] * g.detach() for s, g in zip(SIDES, grads)}
+        del kept
+    return iteration
+
+
+def worker(args) -> None:
+    device = torch.device(args.device)
+    enable_fast_math(device)
+    config = CONFIGS[args.config]
+    folder = Path(args.folder)
+    model_config, synthetic = make_inputs(config, folder)
+    synthetic = synthetic.to(device)
+    build = ours if args.impl == "ours" else reference_style
+    iteration = build(model_config, synthetic, folder, config, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = median_seconds(iteration, device, config.repeats)
+    synthetic.zero_grad(set_to_none=True)
+    iteration()
+    torch.save({n: p.grad.detach().cpu() for n, p in synthetic.named_parameters()}, Path(args.folder) / f"{args.impl}_grads.pt")
+    print(json.dumps({**summary(times), "peak_memory_mb": peak_memory_mb(device)}))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.impl:
+        return worker(args)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for impl in ("ours", "reference"):
+            out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device, "--config",
+                                  args.config, "--impl", impl, "--folder", folder], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        a, b = (torch.load(Path(folder) / f"{i}_grads.pt") for i in ("ours", "reference"))
+        difference = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
+    ours_r, ref_r = results["ours"], results["reference"]
+    payload = {"config": asdict(CONFIGS[args.config]), "device": device_name(torch.device(args.device)),
+               "ours": ours_r, "reference_style": ref_r, "time_ratio": ours_r["median_s"] / ref_r["median_s"],
+               "memory_ratio": ours_r["peak_memory_mb"] / ref_r["peak_memory_mb"],
+               "max_relative_gradient_difference": difference}
+    print(f"distillation iteration, config {args.config} on {payload['device']}")
+    print(table([["implementation", "s/iteration (median)", "peak memory MB"],
+                 ["ours", f"{ours_r['median_s']:.3f}", f"{ours_r['peak_memory_mb']:.0f}"],
+                 ["reference-style", f"{ref_r['median_s']:.3f}", f"{ref_r['peak_memory_mb']:.0f}"]]))
+    print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
+          f"max relative gradient difference {difference:.2e}")
+    print(f"written to {write_json(f'distill_step_{args.config}_{torch.device(args.device).type}', payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""CUDA checks; skipped (marker ``gpu``) on machines without a GPU."""
+import pytest
+import torch
+
+from distill_utils import MultilabelContrastiveLoss
+from distill_utils.matching import TrajectoryMatcher
+from tests.test_matching import build
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sim_type", ["full", "lowrank"])
+def test_cuda_gradients_match_cpu(sim_type):
+    model, synthetic, start, target = build(True, sim_type)
+    model.eval()  # no dropout: CPU and CUDA draw different masks from their own generators
+    criterion = MultilabelContrastiveLoss("WBCE")
+    batches = [torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4, 5])]
+    TrajectoryMatcher(model, criterion, 2).match(synthetic, start, target, batches)
+    cpu = {n: p.grad.clone() for n, p in synthetic.named_parameters()}
+    synthetic.zero_grad(set_to_none=True)
+    device = torch.device("cuda")
+    model_gpu, synthetic_gpu = model.to(device), synthetic.to(device)
+    matcher = TrajectoryMatcher(model_gpu, criterion, 2)
+    matcher.model.eval()
+    matcher.match(synthetic_gpu, {s: v.to(device) for s, v in start.items()},
+                  {s: v.to(device) for s, v in target.items()}, [b.to(device) for b in batches])
+    for name, parameter in synthetic_gpu.named_parameters():
+        assert torch.allclose(parameter.grad.cpu(), cpu[name], rtol=1e-6, atol=1e-9), name
+
+
+@pytest.mark.gpu
+def test_dropout_masks_are_replayed_on_cuda():
+    from distill_utils.matching import unrolled_autograd_loss
+    model, synthetic, start, target = build(False, "full")
+    device = torch.device("cuda")
+    model, synthetic = model.to(device), synthetic.to(device)
+    start = {s: v.to(device) for s, v in start.items()}
+    target = {s: v.to(device) for s, v in target.items()}
+    batches = [torch.tensor([0, 1, 2, 3], device=device), torch.tensor([2, 3, 4, 5], device=device)]
+    criterion = MultilabelContrastiveLoss("InfoNCE")
+    torch.manual_seed(3)
+    TrajectoryMatcher(model, criterion, 2).match(synthetic, start, target, batches)
+    fast = {n: p.grad.clone() for n, p in synthetic.named_parameters()}
+    synthetic.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    unrolled_autograd_loss(model, criterion, synthetic, start, target, batches).backward()
+    for name, parameter in synthetic.named_parameters():
+        assert torch.allclose(fast[name], parameter.grad, rtol=1e-7, atol=1e-10), name
