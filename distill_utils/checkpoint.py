@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 
 from .synthetic import FrozenSubset, SyntheticSet
-from .trajectories import atomic_save
+from .atomic import atomic_save
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt")

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import trajectories
+from .atomic import atomic_write_text
 from .cli import add_bool_flag, non_negative
 from .runlog import setup_logging
 from .shortcut import convexify_trajectory, shortcut_betas
@@ -121,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = trajectories.read_meta(folder)
     if meta is not None:
-        trajectories.atomic_write_text(out / trajectories.META_NAME, json.dumps(
+        atomic_write_text(out / trajectories.META_NAME, json.dumps(
             {**meta, "shortcut": {"start": args.start, "end": args.end, "compact": args.compact}}, indent=1, default=str))
     written = skipped = full_bytes = 0
     for index in tqdm(indices, desc=f"convexify [{args.start}:{args.end}] -> {out.name}", unit="expert"):

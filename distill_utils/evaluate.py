@@ -25,7 +25,7 @@ from .losses import MultilabelContrastiveLoss
 from .retrieval import RetrievalBenchmark
 from .runlog import enable_fast_math, resolve_device, setup_logging
 from .synthetic import FrozenSubset
-from .trajectories import atomic_write_text
+from .atomic import atomic_write_text
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")

@@ -21,7 +21,7 @@ from . import convexify, distill, evaluate, experts, trajectories
 from .data import shapes
 from .evaluation import format_table
 from .runlog import setup_logging
-from .trajectories import atomic_write_text
+from .atomic import atomic_write_text
 
 log = logging.getLogger("ptmst.quickstart")
 

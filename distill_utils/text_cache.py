@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write_bytes_with
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ def _read_valid(path: Path, captions: Sequence[str]) -> Optional[np.ndarray]:
 
 def write_atomically(path: Path, embeddings: np.ndarray, captions: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **{ARRAY_KEY: embeddings, DIGEST_KEY: np.array(caption_digest(captions))})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes_with(path, lambda stream: np.savez(
+        stream, **{ARRAY_KEY: embeddings, DIGEST_KEY: np.array(caption_digest(captions))}))
 
 
 def load_or_build(path: Path, captions: Sequence[str], make_encoder: Callable[[], "torch.nn.Module"],

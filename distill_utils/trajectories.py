@@ -18,13 +18,13 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .atomic import atomic_save, atomic_write_text
 from .shortcut import shortcut_snapshot
 
 log = logging.getLogger(__name__)
@@ -85,31 +85,6 @@ def twin_indices(folder: Path) -> List[int]:
 
 
 # ------------------------------------------------------------------------------------ writing
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a truncated file."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def claim_next_index(folder: Path) -> int:
     """Reserve the first index with no expert file and no claim, atomically (``O_EXCL``), so that
     several processes (torchrun ranks, machines on a shared disk) never write the same index."""

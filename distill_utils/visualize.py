@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from .data import denormalize
-from .trajectories import atomic_write_text
+from .atomic import atomic_write_text
 
 
 def save_grid(images: torch.Tensor, path: Path, max_images: int = 100, min_side: int = 64) -> None:

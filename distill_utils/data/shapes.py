@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import List, Optional, Sequence
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from ..cli import positive
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ def random_scene(rng: random.Random):
 
 
 def _atomic_write_json(path: Path, payload) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def generate(root: Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:

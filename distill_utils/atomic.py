@@ -1,0 +1,52 @@
+"""Atomic writes: a temporary file in the target's folder, then a rename. An interrupted write never
+leaves a truncated file behind, and never replaces a good one."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _temporary_in(path: Path):
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return handle, Path(temporary)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` atomically."""
+    path = Path(path)
+    handle, temporary = _temporary_in(path)
+    os.close(handle)
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    handle, temporary = _temporary_in(path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes_with(path: Path, write) -> None:
+    """Call ``write(stream)`` on a temporary binary file, then rename it to ``path``."""
+    path = Path(path)
+    handle, temporary = _temporary_in(path)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
