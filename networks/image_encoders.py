@@ -32,6 +32,22 @@ def _find_local_checkpoint(checkpoint_dir: str, name: str) -> Path:
         f"(torch.save(model.state_dict(), ...)) or point --checkpoint_dir at the right folder.")
 
 
+def _load_state_dict(model: nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
+    if missing or unexpected:
+        raise PretrainedWeightsUnavailable(
+            f"weights in {path} do not fit the model: missing/mismatched {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]}; save model.state_dict() of the same architecture there")
+
+
 def _timm_encoder(name: str, pretrained: bool, checkpoint_dir: Optional[str]) -> nn.Module:
     import timm
     full_name = timm_name(name)
@@ -64,10 +80,13 @@ def create_image_encoder(name: str, pretrained: bool = False, checkpoint_dir: Op
         if init_seed is not None:
             torch.manual_seed(init_seed)
         if name in IMAGE_ENCODERS:
-            if pretrained:
-                raise PretrainedWeightsUnavailable(
-                    f"the built-in image encoder {name!r} has no pretrained weights; drop --image_pretrained")
             model = IMAGE_ENCODERS[name](pretrained=False)
+            if pretrained:
+                if not checkpoint_dir:
+                    raise PretrainedWeightsUnavailable(
+                        f"the built-in image encoder {name!r} has no published weights: pass --checkpoint_dir with "
+                        f"a {name}.pth state dict (the quick start writes one), or drop --image_pretrained")
+                _load_state_dict(model, _find_local_checkpoint(checkpoint_dir, name))
         else:
             model = _timm_encoder(name, pretrained, checkpoint_dir)
     if not hasattr(model, "num_features"):

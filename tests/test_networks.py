@@ -43,9 +43,16 @@ def test_unknown_image_encoder_is_refused():
         networks.create_image_encoder("no_such_net")
 
 
-def test_builtin_encoder_has_no_pretrained_weights():
-    with pytest.raises(PretrainedWeightsUnavailable, match="drop --image_pretrained"):
+def test_builtin_encoder_pretrained_needs_a_checkpoint_dir(tmp_path):
+    with pytest.raises(PretrainedWeightsUnavailable, match="--checkpoint_dir"):
         networks.create_image_encoder("convnet", pretrained=True)
+    source = networks.create_image_encoder("convnet_tiny", init_seed=3)
+    torch.save(source.state_dict(), tmp_path / "convnet_tiny.pth")
+    loaded = networks.create_image_encoder("convnet_tiny", pretrained=True, checkpoint_dir=str(tmp_path), init_seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(source.parameters(), loaded.parameters()))
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "convnet.pth")
+    with pytest.raises(PretrainedWeightsUnavailable, match="do not fit the model"):
+        networks.create_image_encoder("convnet", pretrained=True, checkpoint_dir=str(tmp_path))
 
 
 def test_pretrained_offline_gives_advice(tmp_path, monkeypatch):
