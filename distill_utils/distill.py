@@ -296,8 +296,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             break
         expert = cycle.next()
         s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
-        start = {side: expert.flat(side, s).to(device) for side in trajectories.SIDES}
-        target = {side: expert.flat(side, s + args.expert_epochs).to(device) for side in trajectories.SIDES}
+        start = {side: to_device(expert.flat(side, s), device) for side in trajectories.SIDES}
+        target = {side: to_device(expert.flat(side, s + args.expert_epochs), device) for side in trajectories.SIDES}
         batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
         optimizer.zero_grad(set_to_none=True)
         result = matcher.match(synthetic, start, target, batches)
@@ -317,6 +317,13 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
                 f"loss_{side}": v for side, v in result.per_side.items()}})
     bar.close()
     return FrozenSubset.from_set(ema.copy_to(ema_set))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned, asynchronous host-to-GPU copy (the snapshot is a fresh CPU tensor, so pinning is cheap)."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def prepare_folder(args: argparse.Namespace) -> tuple:

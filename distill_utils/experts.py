@@ -82,7 +82,7 @@ def make_optimizer(model: DualEncoder, args: argparse.Namespace):
     optimizer = torch.optim.SGD([
         {"params": model.side_parameters("image"), "lr": args.lr_teacher_img},
         {"params": model.side_parameters("text"), "lr": args.lr_teacher_txt},
-    ], lr=0.0, momentum=args.mom, weight_decay=args.l2)
+    ], lr=0.0, momentum=args.mom, weight_decay=args.l2, fused=next(model.parameters()).is_cuda or None)
     milestones = [args.train_epochs // 2 + 1] if args.decay else []
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
