@@ -26,9 +26,9 @@ def strict_bool(text: str) -> bool:
 def add_bool_flag(parser: argparse.ArgumentParser, name: str, default: bool = False,
                   help: str = "") -> None:
     """``--name`` alone means True; ``--name true|false`` sets it explicitly."""
-    shown = "true" if default else "false"
+    # "%(default)s" in the text stops ArgumentDefaultsHelpFormatter from appending it a second time
     parser.add_argument(name, nargs="?", const=True, default=default, type=strict_bool,
-                        metavar="true|false", help=f"{help} (default: {shown})".strip())
+                        metavar="true|false", help=f"{help} (default: %(default)s)".strip())
 
 
 def check_per_phase_lists(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -68,8 +68,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],
                        help="shapes is the built-in offline dataset (python -m distill_utils.data.shapes)")
-    group.add_argument("--image_root", default=None, help="image folder (default: the dataset's, see README)")
-    group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files (default: ./data/Annotation/)")
+    group.add_argument("--image_root", default=None, help="image folder; None means the dataset's own (see README)")
+    group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files; None means ./data/Annotation/ (shapes: ./data/shapes/)")
     group.add_argument("--image_size", type=positive(), default=224, help="images are resized to this square size")
     group.add_argument("--npz_dir", default="./npz", help="folder of the cached text features")
     group.add_argument("--num_workers", type=non_negative(), default=4, help="DataLoader worker processes")
