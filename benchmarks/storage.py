@@ -11,7 +11,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 
 from distill_utils import convexify, trajectories
 from networks import SIDES, DualEncoderConfig

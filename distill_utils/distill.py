@@ -237,14 +237,40 @@ def checkpoint_config(run: Run) -> dict:
     return {**{k: v for k, v in vars(run.args).items()}, "text_dim": run.data.text_dim, "git_sha": git_sha()}
 
 
-def save_resume_state(run: Run, phase: int, it: int, synthetic, ema, optimizer, sampler, cycle, generator,
-                      finished: List[FrozenSubset]) -> None:
-    state = {"phase": phase, "iteration": it, "synthetic": synthetic.state_dict() if synthetic else None,
-             "ema": ema.state_dict() if ema else None, "optimizer": optimizer.state_dict() if optimizer else None,
-             "sampler": sampler.state_dict() if sampler else None, "cycle": cycle.state_dict() if cycle else None,
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
-             "finished": [asdict(s) for s in finished], "args": vars(run.args)}
+@dataclass
+class PhaseLoop:
+    """Everything a phase's loop carries from one iteration to the next (what resume restores)."""
+    synthetic: SyntheticSet
+    optimizer: torch.optim.Optimizer
+    ema: ExponentialMovingAverage
+    sampler: MiniBatchSampler
+    cycle: ExpertCycle
+    generator: torch.Generator
+
+    def state_dict(self, device: torch.device) -> dict:
+        return {"synthetic": self.synthetic.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict(), "sampler": self.sampler.state_dict(), "cycle": self.cycle.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.synthetic.load_state_dict(state["synthetic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict({"decay": state["ema"]["decay"],
+                                  "shadow": {k: v.to(device) for k, v in state["ema"]["shadow"].items()}})
+        self.sampler.load_state_dict(state["sampler"])
+        self.cycle.load_state_dict(state["cycle"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def save_resume_state(run: Run, phase: int, it: int, finished: List[FrozenSubset],
+                      loop: Optional[PhaseLoop] = None) -> None:
+    """``latest.pt``: where to continue (phase, iteration), the finished subsets and the loop's state."""
+    state = {"phase": phase, "iteration": it, "finished": [asdict(s) for s in finished], "args": vars(run.args),
+             "loop": loop.state_dict(run.device) if loop is not None else None}
     checkpoint.save_state(run.latest, state)
 
 
@@ -261,28 +287,26 @@ def check_finite(result, synthetic: SyntheticSet, run: Run, phase: int, it: int)
             f"--resume --name {run.args.name}.")
 
 
+def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer) -> PhaseLoop:
+    args = run.args
+    generator = torch.Generator().manual_seed(args.seed * 1000 + spec.index)
+    synthetic = initial_set(spec, args, run.data, generator).to(run.device)
+    return PhaseLoop(synthetic, torch.optim.SGD(synthetic.param_groups(args), lr=0.0),
+                     ExponentialMovingAverage(synthetic, args.ema_decay),
+                     MiniBatchSampler(spec.num_queries, args.mini_batch_size, generator),
+                     ExpertCycle(buffer.experts(), generator), generator)
+
+
 def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, student, finished, state) -> FrozenSubset:
     args, device = run.args, run.device
-    generator = torch.Generator().manual_seed(args.seed * 1000 + spec.index)
-    synthetic = initial_set(spec, args, run.data, generator).to(device)
-    optimizer = torch.optim.SGD(synthetic.param_groups(args), lr=0.0)
-    ema = ExponentialMovingAverage(synthetic, args.ema_decay)
-    sampler = MiniBatchSampler(spec.num_queries, args.mini_batch_size, generator)
-    cycle = ExpertCycle(buffer.experts(), generator)
+    loop = start_phase(run, spec, buffer)
+    synthetic, optimizer, ema, sampler, cycle, generator = (loop.synthetic, loop.optimizer, loop.ema, loop.sampler,
+                                                            loop.cycle, loop.generator)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps)
     it, skip_eval_at = 0, None
-    if state is not None and state["phase"] == spec.index and state["synthetic"] is not None:
-        synthetic.load_state_dict(state["synthetic"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict({"decay": state["ema"]["decay"],
-                             "shadow": {k: v.to(device) for k, v in state["ema"]["shadow"].items()}})
-        sampler.load_state_dict(state["sampler"])
-        cycle.load_state_dict(state["cycle"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        it = skip_eval_at = state["iteration"]
+    if state is not None and state["phase"] == spec.index and state["loop"] is not None:
+        loop.load_state_dict(state["loop"], device)
+        it = skip_eval_at = state["iteration"]  # evaluated and saved just before that state was written
         log.info("resuming phase %d at iteration %d", spec.index, it)
     ema_set = copy.deepcopy(synthetic)
     loss = None
@@ -291,7 +315,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
         if due and it != skip_eval_at:
             evaluate_and_save(run, finished, ema.copy_to(ema_set), spec.index, it, loss)
-            save_resume_state(run, spec.index, it, synthetic, ema, optimizer, sampler, cycle, generator, finished)
+            save_resume_state(run, spec.index, it, finished, loop)
         if it == spec.iterations:
             break
         expert = cycle.next()
@@ -373,8 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             if spec.index < len(finished):
                 continue
             finished.append(run_phase(run, spec, buffer, student, finished, state))
-            save_resume_state(run, spec.index + 1, 0, None, None, None, None, None,
-                              torch.Generator().manual_seed(0), finished)
+            save_resume_state(run, spec.index + 1, 0, finished)
     finally:
         run.metrics.close()
     log.info("done: %s", folder)

@@ -13,7 +13,7 @@ computes G, and a second pass recomputes each step with a graph (one at a time) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch.func import functional_call
