@@ -28,7 +28,7 @@ from .context import DataContext, load_data, model_config
 from .evaluation import EvalSettings, evaluate_subsets
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import MiniBatchSampler, TrajectoryMatcher
-from .retrieval import RetrievalBenchmark
+from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, enable_fast_math, format_recall, git_sha, resolve_device, setup_logging
 from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
 from .visualize import nearest_captions, save_grid, write_captions
@@ -50,6 +50,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
     group.add_argument("--batch_size_test", type=positive(), default=128, help="batch size when embedding test images")
     group.add_argument("--loss_type", default="WBCE", choices=sorted(LOSSES), help="loss of students and matching steps")
+
+
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The student-evaluation flags of :func:`add_eval_args` as settings."""
+    return EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
+                        args.eval_protocol, args.phase_lr, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,13 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         text=trajectories.parameter_shapes(student.side_named_parameters("text")))
     for buffer in buffers:
         buffer.set_expected(expected)  # every expert checked before the first iteration
-    run = Run(args, folder, data, config, device,
-              RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers),
-              RetrievalBenchmark(data.val, data.val_text, device, args.batch_size_test, args.num_workers)
-              if data.val_text is not None else None,
+    test, val = split_benchmarks(data, args, device)
+    run = Run(args, folder, data, config, device, test, val,
               MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
-              EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
-                           args.eval_protocol, args.phase_lr, args.seed))
+              eval_settings(args))
     finished = [FrozenSubset(**s) for s in state["finished"]] if state else []
     try:
         for spec, buffer in zip(specs, buffers):

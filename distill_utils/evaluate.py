@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from .cli import add_data_args, add_model_args, add_runtime_args, positive
 from .context import DataContext, load_data, model_config
-from .distill import add_eval_args
-from .evaluation import EvalSettings, evaluate_subsets, format_table, summarise, StudentRun
+from .distill import add_eval_args, eval_settings
+from .evaluation import StudentRun, evaluate_subsets, format_table, summarise
 from .losses import MultilabelContrastiveLoss
-from .retrieval import RetrievalBenchmark
+from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import enable_fast_math, resolve_device, setup_logging
 from .synthetic import FrozenSubset
 from .atomic import atomic_write_text
@@ -130,11 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     subsets = load_checkpoints(args.ckpt_path, args, data.text_dim)
     config = model_config(args, data.text_dim)
-    test = RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers)
-    val = (RetrievalBenchmark(data.val, data.val_text, device, args.batch_size_test, args.num_workers)
-           if data.val_text is not None else None)
-    settings = EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
-                            args.eval_protocol, args.phase_lr, args.seed)
+    test, val = split_benchmarks(data, args, device)
+    settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
     rows = {f"PTM-ST ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
                                                              "distilled set")["selected"]}

@@ -63,9 +63,6 @@ class StudentParameters:
                 params[name] = piece.view(shape)
         return params
 
-    def numel(self, side: str) -> int:
-        return sum(self.sizes[side])
-
 
 def _rng_state(device: torch.device):
     return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)

@@ -76,6 +76,3 @@ def load_or_build(path: Path, captions: Sequence[str], make_encoder: Callable[[]
         write_atomically(Path(path), embeddings, captions)
     return torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
