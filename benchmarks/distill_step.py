@@ -23,9 +23,9 @@ from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
 from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher
-from distill_utils.runlog import enable_fast_math
+from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
-from networks import SIDES, DualEncoderConfig, is_convolutional
+from networks import SIDES, DualEncoderConfig
 
 from .common import device_name, median_seconds, peak_memory_mb, summary, table, write_json
 
@@ -68,8 +68,6 @@ def make_inputs(config: Config, folder: Path):
 
 def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device):
     student = model_config.build(seed=0).to(device)
-    if device.type == "cuda" and is_convolutional(student.image_encoder):
-        student.image_encoder.to(memory_format=torch.channels_last)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps)
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
@@ -150,6 +148,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=2, help="processes per implementation; the fastest is kept")
     parser.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,12 +156,16 @@ def main(argv=None) -> dict:
         return worker(args)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for impl in ("ours", "reference"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device, "--config",
-                                  args.config, "--impl", impl, "--folder", folder], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
-            results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+        for _ in range(args.rounds):  # alternating processes, so a slow spell of the machine hits both
+            for impl in ("ours", "reference"):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device,
+                                      "--config", args.config, "--impl", impl, "--folder", folder],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                if impl not in results or run["median_s"] < results[impl]["median_s"]:
+                    results[impl] = run
         a, b = (torch.load(Path(folder) / f"{i}_grads.pt") for i in ("ours", "reference"))
         difference = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
     ours_r, ref_r = results["ours"], results["reference"]

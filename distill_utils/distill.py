@@ -29,7 +29,8 @@ from .evaluation import EvalSettings, evaluate_subsets
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import MiniBatchSampler, TrajectoryMatcher
 from .retrieval import RetrievalBenchmark, split_benchmarks
-from .runlog import MetricsLogger, enable_fast_math, format_recall, git_sha, resolve_device, setup_logging
+from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from .speed import enable_fast_math
 from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
 from .visualize import nearest_captions, save_grid, write_captions
 

@@ -22,7 +22,8 @@ from .distill import add_eval_args, eval_settings
 from .evaluation import StudentRun, evaluate_subsets, format_table, summarise
 from .losses import MultilabelContrastiveLoss
 from .retrieval import RetrievalBenchmark, split_benchmarks
-from .runlog import enable_fast_math, resolve_device, setup_logging
+from .runlog import resolve_device, setup_logging
+from .speed import SpeedOptions, enable_fast_math
 from .synthetic import FrozenSubset
 from .atomic import atomic_write_text
 
@@ -93,14 +94,16 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + run)
             model = config.build(seed=args.seed + run).to(device)
+            speed = SpeedOptions.for_device(device).for_model(model)
+            speed.prepare_model(model)
             expert_like = argparse.Namespace(lr_teacher_img=args.lr_teacher_img, lr_teacher_txt=args.lr_teacher_txt,
                                              mom=0.0, l2=0.0, decay=False, train_epochs=args.full_epochs)
-            optimizer, _ = make_optimizer(model, expert_like)
+            optimizer, _ = make_optimizer(model, expert_like, speed)
             loader = DataLoader(data.train, batch_size=args.batch_train, shuffle=True, num_workers=args.num_workers,
                                 generator=torch.Generator().manual_seed(args.seed + run))
             for epoch in range(args.full_epochs):
                 train_one_epoch(model, loader, data.train_text, optimizer, MultilabelContrastiveLoss("InfoNCE"),
-                                device, desc=f"full-data baseline {run + 1}/{args.num_eval} epoch {epoch + 1}")
+                                device, speed, desc=f"full-data baseline {run + 1}/{args.num_eval} epoch {epoch + 1}")
             result = test.evaluate(model)
             runs.append(StudentRun(selected=result, last=result))
     return summarise(runs)

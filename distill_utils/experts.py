@@ -17,14 +17,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from networks import DualEncoder, is_convolutional
+from networks import DualEncoder
 
 from . import trajectories
 from .cli import add_bool_flag, add_data_args, add_model_args, add_runtime_args, positive, non_negative
 from .context import load_data, model_config
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .retrieval import RetrievalBenchmark
-from .runlog import MetricsLogger, enable_fast_math, format_recall, git_sha, resolve_device, setup_logging
+from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from .speed import SpeedOptions, enable_fast_math
 
 log = logging.getLogger("ptmst.buffer")
 
@@ -78,26 +79,23 @@ def side_snapshot(model: DualEncoder) -> Tuple[List[torch.Tensor], List[torch.Te
             [p.detach().cpu().clone() for p in model.side_parameters("text")])
 
 
-def make_optimizer(model: DualEncoder, args: argparse.Namespace):
+def make_optimizer(model: DualEncoder, args: argparse.Namespace, speed: SpeedOptions = SpeedOptions()):
     optimizer = torch.optim.SGD([
         {"params": model.side_parameters("image"), "lr": args.lr_teacher_img},
         {"params": model.side_parameters("text"), "lr": args.lr_teacher_txt},
-    ], lr=0.0, momentum=args.mom, weight_decay=args.l2, fused=next(model.parameters()).is_cuda or None)
+    ], lr=0.0, momentum=args.mom, weight_decay=args.l2, fused=speed.sgd_fused_flag())
     milestones = [args.train_epochs // 2 + 1] if args.decay else []
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
 
 def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch.Tensor, optimizer,
-                    criterion, device: torch.device, bf16: bool = False, desc: str = "") -> float:
+                    criterion, device: torch.device, speed: SpeedOptions = SpeedOptions(), desc: str = "", progress: bool = True) -> float:
     model.train()
     total, batches = 0.0, 0
-    channels_last = device.type == "cuda" and is_convolutional(model.image_encoder)
-    for images, caption_index in tqdm(loader, desc=desc, unit="batch", leave=False):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, caption_index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        images = speed.prepare_images(images.to(device, non_blocking=True))
         texts = text_features[caption_index].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with speed.autocast(device):
             logits = model(images, texts)
         loss = criterion(logits.float(), torch.eye(len(images), device=device))
         optimizer.zero_grad(set_to_none=True)
@@ -110,9 +108,9 @@ def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch
 
 def train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
     model = config.build(seed=args.seed + expert).to(device)
-    if device.type == "cuda" and is_convolutional(model.image_encoder):
-        model.image_encoder.to(memory_format=torch.channels_last)
-    optimizer, scheduler = make_optimizer(model, args)
+    speed = SpeedOptions.for_device(device, args.bf16).for_model(model)
+    speed.prepare_model(model)
+    optimizer, scheduler = make_optimizer(model, args, speed)
     criterion = MultilabelContrastiveLoss(args.loss_type)
     generator = torch.Generator().manual_seed(args.seed + expert)
     loader = DataLoader(data.train, batch_size=args.batch_size_train, shuffle=True, drop_last=False,
@@ -123,7 +121,7 @@ def train_expert(expert: int, args, data, config, benchmark, device, metrics) ->
         store.append(snapshot)
     for epoch in range(args.train_epochs):
         started = time.perf_counter()
-        loss = train_one_epoch(model, loader, data.train_text, optimizer, criterion, device, args.bf16,
+        loss = train_one_epoch(model, loader, data.train_text, optimizer, criterion, device, speed,
                                desc=f"expert {expert} epoch {epoch + 1}/{args.train_epochs}")
         seconds = time.perf_counter() - started
         record = {"expert": expert, "epoch": epoch + 1, "train_loss": loss, "epoch_seconds": seconds}

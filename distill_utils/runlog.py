@@ -38,14 +38,6 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def enable_fast_math(device: torch.device) -> None:
-    """TF32 matmuls/convolutions on Ampere+ GPUs: ~2x faster, well within the noise of training."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-
-
 class MetricsLogger:
     """Appends one JSON line per call to ``metrics.jsonl``; mirrors to wandb when enabled."""
 
