@@ -66,9 +66,9 @@ def make_inputs(config: Config, folder: Path):
     return model_config, synthetic
 
 
-def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device):
+def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int = 0):
     student = model_config.build(seed=0).to(device)
-    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps)
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs)
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
 
@@ -133,8 +133,10 @@ def worker(args) -> None:
     folder = Path(args.folder)
     model_config, synthetic = make_inputs(config, folder)
     synthetic = synthetic.to(device)
-    build = ours if args.impl == "ours" else reference_style
-    iteration = build(model_config, synthetic, folder, config, device)
+    if args.impl == "ours":
+        iteration = ours(model_config, synthetic, folder, config, device, args.keep_graphs)
+    else:
+        iteration = reference_style(model_config, synthetic, folder, config, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = median_seconds(iteration, device, config.repeats)
@@ -148,6 +150,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--keep_graphs", type=int, default=0, help="distill_ptm-st.py's --keep_graphs for ours")
     parser.add_argument("--rounds", type=int, default=2, help="processes per implementation; the fastest is kept")
     parser.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -159,7 +162,8 @@ def main(argv=None) -> dict:
         for _ in range(args.rounds):  # alternating processes, so a slow spell of the machine hits both
             for impl in ("ours", "reference"):
                 out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device,
-                                      "--config", args.config, "--impl", impl, "--folder", folder],
+                                      "--config", args.config, "--impl", impl, "--folder", folder,
+                                      "--keep_graphs", str(args.keep_graphs)],
                                      capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
@@ -169,17 +173,18 @@ def main(argv=None) -> dict:
         a, b = (torch.load(Path(folder) / f"{i}_grads.pt") for i in ("ours", "reference"))
         difference = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
     ours_r, ref_r = results["ours"], results["reference"]
-    payload = {"config": asdict(CONFIGS[args.config]), "device": device_name(torch.device(args.device)),
+    payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs, "device": device_name(torch.device(args.device)),
                "ours": ours_r, "reference_style": ref_r, "time_ratio": ours_r["median_s"] / ref_r["median_s"],
                "memory_ratio": ours_r["peak_memory_mb"] / ref_r["peak_memory_mb"],
                "max_relative_gradient_difference": difference}
-    print(f"distillation iteration, config {args.config} on {payload['device']}")
+    print(f"distillation iteration, config {args.config}, ours with --keep_graphs {args.keep_graphs}, "
+          f"on {payload['device']}")
     print(table([["implementation", "s/iteration (median)", "peak memory MB"],
                  ["ours", f"{ours_r['median_s']:.3f}", f"{ours_r['peak_memory_mb']:.0f}"],
                  ["reference-style", f"{ref_r['median_s']:.3f}", f"{ref_r['peak_memory_mb']:.0f}"]]))
     print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
           f"max relative gradient difference {difference:.2e}")
-    print(f"written to {write_json(f'distill_step_{args.config}_{torch.device(args.device).type}', payload)}")
+    print(f"written to {write_json(f'distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}', payload)}")
     return payload
 
 

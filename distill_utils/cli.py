@@ -113,7 +113,8 @@ def run_script(main) -> None:
     from .trajectories import TrajectoryError
     try:
         main()
-    except (DataError, TrajectoryError, CheckpointError, PretrainedWeightsUnavailable, FloatingPointError) as error:
+    except (DataError, TrajectoryError, CheckpointError, PretrainedWeightsUnavailable, FloatingPointError,
+            MemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="low-rank similarity rank per phase (default 5 10 for two phases, else 10)")
     match = parser.add_argument_group("matching")
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
+    match.add_argument("--keep_graphs", type=non_negative(), default=0,
+                       help="keep the first pass's graphs of the first N student steps instead of recomputing them "
+                            "(exact; faster, one step's graph of memory each; 0: memory constant in --syn_steps)")
     match.add_argument("--expert_epochs", type=positive(), default=1, help="target = start snapshot + this")
     match.add_argument("--mini_batch_size", type=positive(), default=20, help="synthetic pairs per student step")
     match.add_argument("--lr_img", type=non_negative(float), default=1000, help="lr of the synthetic images")
@@ -285,13 +288,24 @@ def check_finite(result, synthetic: SyntheticSet, run: Run, phase: int, it: int)
     bad = not math.isfinite(result.loss) or any(
         p.grad is not None and not torch.isfinite(p.grad).all() for p in synthetic.parameters())
     if bad:
-        last = sorted(run.folder.glob(f"distilled_{phase}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
-        kept = last[-1] if last else "none yet"
         raise FloatingPointError(
             f"phase {phase}, iteration {it}: the matching loss or its gradient is NaN/Inf (loss {result.loss}). "
-            f"Stopped; the last good checkpoint is {kept} and {run.latest.name} still holds the state before this "
-            f"iteration. Lower --lr_img / --lr_txt / --lr_sim / --lr_lr (or set --clamp_lr), then rerun with "
-            f"--resume --name {run.args.name}.")
+            f"Stopped; the last good checkpoint is {last_checkpoint(run, phase)} and {run.latest.name} holds the "
+            f"state saved with it. Lower --lr_img / --lr_txt / --lr_sim / --lr_lr (or set --clamp_lr), then rerun "
+            f"with --resume --name {run.args.name}.")
+
+
+def last_checkpoint(run: Run, phase: int):
+    saved = sorted(run.folder.glob(f"distilled_{phase}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    return saved[-1] if saved else "none yet"
+
+
+def out_of_memory_message(run: Run, phase: int, it: int) -> str:
+    args = run.args
+    return (f"phase {phase}, iteration {it}: out of GPU memory in the matching step (--keep_graphs {args.keep_graphs}, "
+            f"--mini_batch_size {args.mini_batch_size}, --syn_steps {args.syn_steps}). Lower --keep_graphs first "
+            f"(0 keeps memory constant in --syn_steps), then --mini_batch_size, and rerun with --resume --name "
+            f"{args.name}: it continues from the last checkpoint ({last_checkpoint(run, phase)}).")
 
 
 def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer) -> PhaseLoop:
@@ -309,7 +323,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     loop = start_phase(run, spec, buffer)
     synthetic, optimizer, ema, sampler, cycle, generator = (loop.synthetic, loop.optimizer, loop.ema, loop.sampler,
                                                             loop.cycle, loop.generator)
-    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps)
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
         loop.load_state_dict(state["loop"], device)
@@ -331,7 +345,10 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         target = {side: to_device(expert.flat(side, s + args.expert_epochs), device) for side in trajectories.SIDES}
         batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
         optimizer.zero_grad(set_to_none=True)
-        result = matcher.match(synthetic, start, target, batches)
+        try:
+            result = matcher.match(synthetic, start, target, batches)
+        except torch.OutOfMemoryError:
+            raise MemoryError(out_of_memory_message(run, spec.index, it)) from None
         check_finite(result, synthetic, run, spec.index, it)
         optimizer.step()
         if args.clamp_lr is not None:

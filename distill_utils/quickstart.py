@@ -140,6 +140,7 @@ def run_distillation(s: Settings, work: Path, shortcuts: Sequence[Path], name: s
         "--min_start_epoch", *[str(p[2]) for p in s.phases], "--max_start_epoch", *[str(p[3]) for p in s.phases],
         "--num_queries", *map(str, s.num_queries), "--Iteration", *map(str, s.iterations),
         "--eval_it", str(s.eval_it), "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(s.mini_batch_size),
+        "--keep_graphs", str(s.syn_steps),  # tiny model: all graphs fit, and kept graphs are exact and faster
         "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt), "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr),
         "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type, "--epoch_eval_train", str(s.epoch_eval_train),
         "--loss_type", s.loss_type,

@@ -123,6 +123,18 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, 
     assert checkpoint.load_state(folder / "latest.pt")["iteration"] == 2
 
 
+def test_out_of_memory_names_the_flags_to_lower(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, normal, _, _ = expert_dirs
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", exhausted)
+    with pytest.raises(MemoryError, match=r"iteration 0.*--keep_graphs 2.*--mini_batch_size 3.*--resume --name run"):
+        distill.main(distill_argv(shapes_root, tmp_path, [normal], "--keep_graphs", "2"))
+    assert (tmp_path / "logged" / "shapes" / "run" / "latest.pt").is_file()
+
+
 def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, normal, shortcut, _ = expert_dirs
     phases = [shortcut, normal]

@@ -28,7 +28,8 @@ def test_cuda_gradients_match_cpu(sim_type):
 
 
 @pytest.mark.gpu
-def test_dropout_masks_are_replayed_on_cuda():
+@pytest.mark.parametrize("keep_graphs", [0, 1])
+def test_dropout_masks_are_replayed_on_cuda(keep_graphs):
     from distill_utils.matching import unrolled_autograd_loss
     model, synthetic, start, target = build(False, "full")
     device = torch.device("cuda")
@@ -38,10 +39,25 @@ def test_dropout_masks_are_replayed_on_cuda():
     batches = [torch.tensor([0, 1, 2, 3], device=device), torch.tensor([2, 3, 4, 5], device=device)]
     criterion = MultilabelContrastiveLoss("InfoNCE")
     torch.manual_seed(3)
-    TrajectoryMatcher(model, criterion, 2).match(synthetic, start, target, batches)
+    TrajectoryMatcher(model, criterion, 2, keep_graphs).match(synthetic, start, target, batches)
     fast = {n: p.grad.clone() for n, p in synthetic.named_parameters()}
     synthetic.zero_grad(set_to_none=True)
     torch.manual_seed(3)
     unrolled_autograd_loss(model, criterion, synthetic, start, target, batches).backward()
     for name, parameter in synthetic.named_parameters():
         assert torch.allclose(fast[name], parameter.grad, rtol=1e-7, atol=1e-10), name
+
+
+@pytest.mark.gpu
+def test_cuda_speed_switches_only_reorder_float32_arithmetic():
+    from distill_utils.speed import SpeedOptions
+    from tests.test_speed import train_a_little
+    device = torch.device("cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    SpeedOptions(tf32=False).apply_globals()  # cuDNN allows TF32 by default: both runs in true float32
+    try:
+        plain = train_a_little(SpeedOptions(), device)
+        fast = train_a_little(SpeedOptions(channels_last=True, fused_sgd=True), device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

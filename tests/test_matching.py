@@ -38,14 +38,16 @@ def grads_of(synthetic):
 @pytest.mark.parametrize("trainable", [True, False], ids=["image_trainable", "image_frozen"])
 @pytest.mark.parametrize("sim_type", ["full", "lowrank"])
 @pytest.mark.parametrize("loss_type", ["WBCE", "InfoNCE"])
-def test_fast_gradients_equal_unrolled_autograd(trainable, sim_type, loss_type):
+@pytest.mark.parametrize("keep_graphs", [0, 2, 5], ids=["recompute_all", "keep_2_of_3", "keep_all"])
+def test_fast_gradients_equal_unrolled_autograd(trainable, sim_type, loss_type, keep_graphs):
     model, synthetic, start, target = build(trainable, sim_type)
     criterion = MultilabelContrastiveLoss(loss_type)
     sampler = MiniBatchSampler(len(synthetic), 4, torch.Generator().manual_seed(1))
     batches = [sampler.next() for _ in range(3)]  # crosses a reshuffle: 6 pairs, 4 per batch
 
     torch.manual_seed(42)  # dropout in the projection heads is active: masks must be replayed
-    result = TrajectoryMatcher(model, criterion, syn_steps=3).match(synthetic, start, target, batches)
+    matcher = TrajectoryMatcher(model, criterion, syn_steps=3, keep_graphs=keep_graphs)
+    result = matcher.match(synthetic, start, target, batches)
     fast = grads_of(synthetic)
     synthetic.zero_grad(set_to_none=True)
 

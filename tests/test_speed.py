@@ -29,9 +29,9 @@ def test_channels_last_only_for_convolutional_image_encoders():
     assert not SpeedOptions(channels_last=True).for_model(flat).channels_last
 
 
-def train_a_little(speed: SpeedOptions) -> torch.Tensor:
+def train_a_little(speed: SpeedOptions, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     torch.manual_seed(0)
-    model = DualEncoderConfig("convnet_tiny", 12, image_trainable=True).build(seed=0)
+    model = DualEncoderConfig("convnet_tiny", 12, image_trainable=True).build(seed=0).to(device)
     speed = speed.for_model(model)
     speed.prepare_model(model)
     hyper = argparse.Namespace(lr_teacher_img=0.01, lr_teacher_txt=0.01, mom=0.9, l2=5e-4, decay=False, train_epochs=1)
@@ -39,9 +39,9 @@ def train_a_little(speed: SpeedOptions) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=generator), torch.arange(8 * b, 8 * b + 8)) for b in range(3)]
     texts = torch.randn(24, 12, generator=generator)
-    train_one_epoch(model, batches, texts, optimizer, MultilabelContrastiveLoss("InfoNCE"), torch.device("cpu"),
-                    speed, progress=False)
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    train_one_epoch(model, batches, texts, optimizer, MultilabelContrastiveLoss("InfoNCE"), device, speed,
+                    progress=False)
+    return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters() if p.requires_grad])
 
 
 @pytest.fixture(scope="module")
