@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
         a, b = (torch.load(Path(folder) / f"{i}_grads.pt") for i in ("ours", "reference"))
         difference = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
     ours_r, ref_r = results["ours"], results["reference"]
-    payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs, "device": device_name(torch.device(args.device)),
+    payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs,
+               "device": device_name(torch.device(args.device)),
                "ours": ours_r, "reference_style": ref_r, "time_ratio": ours_r["median_s"] / ref_r["median_s"],
                "memory_ratio": ours_r["peak_memory_mb"] / ref_r["peak_memory_mb"],
                "max_relative_gradient_difference": difference}
@@ -184,7 +185,8 @@ def main(argv=None) -> dict:
                  ["reference-style", f"{ref_r['median_s']:.3f}", f"{ref_r['peak_memory_mb']:.0f}"]]))
     print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
           f"max relative gradient difference {difference:.2e}")
-    print(f"written to {write_json(f'distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}', payload)}")
+    name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}"
+    print(f"written to {write_json(name, payload)}")
     return payload
 
 

@@ -126,9 +126,9 @@ def main(argv=None) -> dict:
     results = measure(variants(device), config, batches, texts, device)
     print(f"expert training steps, config {args.config} ({config.image_encoder} {config.image_size}px, "
           f"batch {config.batch_size}) on {device_name(device)}")
-    print(table([["variant", "images/s", "speed-up", "parameter difference"],
-                 *[[name, f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['max_relative_parameter_difference']:.1e}"]
-                   for name, r in results.items()]]))
+    rows = [[name, f"{r['images_per_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['max_relative_parameter_difference']:.1e}"]
+            for name, r in results.items()]
+    print(table([["variant", "images/s", "speed-up", "parameter difference"], *rows]))
     payload = {"config": asdict(config), "device": device_name(device), "results": results}
     print(f"written to {write_json(f'expert_step_{args.config}_{device.type}', payload)}")
     return payload

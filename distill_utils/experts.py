@@ -89,7 +89,8 @@ def make_optimizer(model: DualEncoder, args: argparse.Namespace, speed: SpeedOpt
 
 
 def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch.Tensor, optimizer,
-                    criterion, device: torch.device, speed: SpeedOptions = SpeedOptions(), desc: str = "", progress: bool = True) -> float:
+                    criterion, device: torch.device, speed: SpeedOptions = SpeedOptions(), desc: str = "",
+                    progress: bool = True) -> float:
     model.train()
     total, batches = 0.0, 0
     for images, caption_index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
