@@ -5,8 +5,10 @@
 
 The reference-style implementation does what the authors' code does each iteration: rebuild the
 student, read the whole expert file from disk, run the first pass with a double-backward graph that
-it keeps but never uses, then the second pass. Both run in separate processes (so peak memory is
-each one's own) on identical data, and the gradient difference between them is printed.
+it keeps but never uses, then the second pass. Ours runs as distill_ptm-st.py does by default
+(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given). Both run in
+separate processes (so peak memory is each one's own) on identical data, and the gradient
+difference between them is printed.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
 from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher
+from distill_utils.snapshot_cache import SnapshotCache, budget_from_flag
 from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
@@ -71,14 +74,18 @@ def ours(model_config, synthetic, folder: Path, config: Config, device: torch.de
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs)
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
+    budget, later_budget = budget_from_flag(None, device)  # the distiller's default --expert_cache_gb
+    snapshots = SnapshotCache(device, budget)
 
     def iteration():
         synthetic.zero_grad(set_to_none=True)
-        start = {s: expert.flat(s, 1).to(device, non_blocking=True) for s in SIDES}
-        target = {s: expert.flat(s, 2).to(device, non_blocking=True) for s in SIDES}
+        start = {s: snapshots.get(expert, s, 1) for s in SIDES}
+        target = {s: snapshots.get(expert, s, 2) for s in SIDES}
         batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
         torch.manual_seed(7)
         matcher.match(synthetic, start, target, batches)
+        if snapshots.budget_bytes is None:
+            snapshots.set_budget(later_budget())
     return iteration
 
 

@@ -1,9 +1,9 @@
 """Seconds per distillation iteration spent fetching the start and target snapshots.
 
-    python -m benchmarks.trajectory_read [--image_encoder nfnet --text_dim 768 --snapshots 6]
+    python -m benchmarks.trajectory_read [--image_encoder nfnet --text_dim 768 --snapshots 6] [--device cuda]
 
-This part of an iteration does not depend on the accelerator, so it is measured here at full
-NFNet-L0 / BERT-base size. Three ways are timed on the same convexified expert
+Measured at full NFNet-L0 / BERT-base size; with ``--device cuda`` every way also copies the
+snapshots to the GPU, as a run there does. Four ways are timed on the same convexified expert
 (random values, ``--snapshots`` snapshots, as ``convexify.py --start 0 --end 6`` writes by default):
 
 * reference-style: load both twin files whole with ``torch.load`` every iteration, then flatten
@@ -11,7 +11,9 @@ NFNet-L0 / BERT-base size. Three ways are timed on the same convexified expert
 * ours, twin files: the folder is opened once, files are memory-mapped and kept, and only the two
   snapshots used are read and flattened;
 * ours, compact shortcut file: the same, rebuilding the snapshots from the endpoints and the
-  per-layer positions.
+  per-layer positions;
+* ours, kept on the device: ``distill_ptm-st.py --expert_cache_gb`` after the first pass over the
+  experts, when the snapshots fit (the default on a GPU).
 
 The files sit in the operating system's page cache after the first read in all three cases, so
 the figures are what a long run sees, not cold-disk reads.
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from distill_utils import convexify, trajectories
+from distill_utils.snapshot_cache import GIB, SnapshotCache, host_to_device
 from networks import SIDES, DualEncoderConfig
 
 from .common import summary, table, write_json
@@ -46,31 +49,38 @@ def write_normal_expert(folder: Path, image_encoder: str, text_dim: int, snapsho
     return sum(p.numel() for side in SIDES for p in model.side_parameters(side))
 
 
-def reference_style_fetch(folder: Path):
+def reference_style_fetch(folder: Path, device: torch.device):
     def fetch(start: int, target: int):
         files = {side: torch.load(trajectories.twin_path(folder, side, 0), weights_only=True) for side in SIDES}
-        return {side: (torch.cat([p.reshape(-1) for p in files[side][0][start]]),
-                       torch.cat([p.reshape(-1) for p in files[side][0][target]])) for side in SIDES}
+        return {side: (torch.cat([p.reshape(-1) for p in files[side][0][start]]).to(device),
+                       torch.cat([p.reshape(-1) for p in files[side][0][target]]).to(device)) for side in SIDES}
     return fetch
 
 
-def buffered_fetch(folder: Path):
+def buffered_fetch(folder: Path, device: torch.device, budget_bytes: int = 0):
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
+    snapshots = SnapshotCache(device, budget_bytes)
 
     def fetch(start: int, target: int):
-        return {side: (expert.flat(side, start), expert.flat(side, target)) for side in SIDES}
+        if budget_bytes == 0:
+            return {side: (host_to_device(expert.flat(side, start), device),
+                           host_to_device(expert.flat(side, target), device)) for side in SIDES}
+        return {side: (snapshots.get(expert, side, start), snapshots.get(expert, side, target)) for side in SIDES}
     return fetch
 
 
-def time_fetch(fetch, snapshots: int, gap: int, repeats: int, seed: int = 0) -> list:
-    """Random start snapshots, as the distiller draws them; one untimed warm-up call."""
+def time_fetch(fetch, snapshots: int, gap: int, repeats: int, device: torch.device, seed: int = 0) -> list:
+    """Random start snapshots, as the distiller draws them, after an untimed pass over all of them."""
     rng = random.Random(seed)
-    fetch(0, gap)
+    for start in range(snapshots - gap):
+        fetch(start, start + gap)
     times = []
     for _ in range(repeats):
         start = rng.randrange(0, snapshots - gap)
         began = time.perf_counter()
         fetch(start, start + gap)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return times
 
@@ -82,10 +92,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--snapshots", type=int, default=6, help="snapshots per expert (a [0:6] shortcut holds 6)")
     parser.add_argument("--expert_epochs", type=int, default=2, help="distance from start to target snapshot")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="where the snapshots go (cuda: host-to-GPU copies included)")
     parser.add_argument("--workdir", help="where the expert files are written (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.expert_epochs >= args.snapshots:
         parser.error(f"--expert_epochs {args.expert_epochs} needs more than that many --snapshots ({args.snapshots})")
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         normal = Path(work) / "normal"
         params = write_normal_expert(normal, args.image_encoder, args.text_dim, args.snapshots + 1)
@@ -95,21 +107,23 @@ def main(argv=None) -> dict:
         twin_bytes = sum(p.stat().st_size for p in twins.glob("*.pt"))
         compact_bytes = sum(p.stat().st_size for p in compact.glob("*.pt"))
         runs = {
-            "reference-style (whole twin files)": (reference_style_fetch(twins), twin_bytes),
-            "ours, twin files (memory-mapped)": (buffered_fetch(twins), twin_bytes),
-            "ours, compact shortcut file": (buffered_fetch(compact), compact_bytes),
+            "reference-style (whole twin files)": (reference_style_fetch(twins, device), twin_bytes),
+            "ours, twin files (memory-mapped)": (buffered_fetch(twins, device), twin_bytes),
+            "ours, compact shortcut file": (buffered_fetch(compact, device), compact_bytes),
+            "ours, kept on the device": (buffered_fetch(compact, device, budget_bytes=64 * GIB), compact_bytes),
         }
-        results = {name: {**summary(time_fetch(fetch, args.snapshots, args.expert_epochs, args.repeats)),
+        results = {name: {**summary(time_fetch(fetch, args.snapshots, args.expert_epochs, args.repeats, device)),
                           "file_bytes": size} for name, (fetch, size) in runs.items()}
     base = results["reference-style (whole twin files)"]["median_s"]
     print(f"snapshot fetch per iteration: {args.image_encoder} + text width {args.text_dim}, "
-          f"{params / 1e6:.1f}M matched parameters, {args.snapshots} snapshots per expert")
+          f"{params / 1e6:.1f}M matched parameters, {args.snapshots} snapshots per expert, to {device}")
     print(table([["way", "files on disk", "s/iteration (median)", "ratio"],
-                 *[[name, f"{r['file_bytes'] / 1e6:.2f} MB", f"{r['median_s']:.4f}", f"{r['median_s'] / base:.3f}x"]
+                 *[[name, f"{r['file_bytes'] / 1e6:.2f} MB", f"{r['median_s']:.3g}", f"{r['median_s'] / base:.3g}x"]
                    for name, r in results.items()]]))
     payload = {"image_encoder": args.image_encoder, "text_dim": args.text_dim, "parameters": params,
+               "device": str(device),
                "snapshots": args.snapshots, "expert_epochs": args.expert_epochs, "results": results}
-    print(f"written to {write_json(f'trajectory_read_{args.image_encoder}', payload)}")
+    print(f"written to {write_json(f'trajectory_read_{args.image_encoder}_{device.type}', payload)}")
     return payload
 
 

@@ -30,6 +30,7 @@ from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import MiniBatchSampler, TrajectoryMatcher
 from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from .snapshot_cache import GIB, SnapshotCache, budget_from_flag
 from .speed import enable_fast_math
 from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
 from .visualize import nearest_captions, save_grid, write_captions
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--keep_graphs", type=non_negative(), default=0,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
                             "(exact; faster, one step's graph of memory each; 0: memory constant in --syn_steps)")
+    match.add_argument("--expert_cache_gb", type=non_negative(float), default=None,
+                       help="GiB of expert snapshots kept on the device instead of copied from the host every "
+                            "iteration (default: on a GPU half the memory the first iteration left free; 0 on the "
+                            "CPU, where the memory-mapped files are already in the page cache)")
     match.add_argument("--expert_epochs", type=positive(), default=1, help="target = start snapshot + this")
     match.add_argument("--mini_batch_size", type=positive(), default=20, help="synthetic pairs per student step")
     match.add_argument("--lr_img", type=non_negative(float), default=1000, help="lr of the synthetic images")
@@ -300,12 +305,14 @@ def last_checkpoint(run: Run, phase: int):
     return saved[-1] if saved else "none yet"
 
 
-def out_of_memory_message(run: Run, phase: int, it: int) -> str:
+def out_of_memory_message(run: Run, phase: int, it: int, cached_bytes: int = 0) -> str:
     args = run.args
+    cache = (f", lower --expert_cache_gb ({cached_bytes / GIB:.1f} GiB of expert snapshots are kept on the GPU; "
+             f"0 keeps none)" if cached_bytes else "")
     return (f"phase {phase}, iteration {it}: out of GPU memory in the matching step (--keep_graphs {args.keep_graphs}, "
             f"--mini_batch_size {args.mini_batch_size}, --syn_steps {args.syn_steps}). Lower --keep_graphs first "
-            f"(0 keeps memory constant in --syn_steps), then --mini_batch_size, and rerun with --resume --name "
-            f"{args.name}: it continues from the last checkpoint ({last_checkpoint(run, phase)}).")
+            f"(0 keeps memory constant in --syn_steps){cache}, then --mini_batch_size, and rerun with --resume "
+            f"--name {args.name}: it continues from the last checkpoint ({last_checkpoint(run, phase)}).")
 
 
 def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer) -> PhaseLoop:
@@ -324,6 +331,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     synthetic, optimizer, ema, sampler, cycle, generator = (loop.synthetic, loop.optimizer, loop.ema, loop.sampler,
                                                             loop.cycle, loop.generator)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs)
+    budget, later_budget = budget_from_flag(args.expert_cache_gb, device)
+    snapshots = SnapshotCache(device, budget)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
         loop.load_state_dict(state["loop"], device)
@@ -341,15 +350,17 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             break
         expert = cycle.next()
         s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
-        start = {side: to_device(expert.flat(side, s), device) for side in trajectories.SIDES}
-        target = {side: to_device(expert.flat(side, s + args.expert_epochs), device) for side in trajectories.SIDES}
+        start = {side: snapshots.get(expert, side, s) for side in trajectories.SIDES}
+        target = {side: snapshots.get(expert, side, s + args.expert_epochs) for side in trajectories.SIDES}
         batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
         optimizer.zero_grad(set_to_none=True)
         try:
             result = matcher.match(synthetic, start, target, batches)
         except torch.OutOfMemoryError:
-            raise MemoryError(out_of_memory_message(run, spec.index, it)) from None
+            raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
         check_finite(result, synthetic, run, spec.index, it)
+        if snapshots.budget_bytes is None:
+            snapshots.set_budget(later_budget())
         optimizer.step()
         if args.clamp_lr is not None:
             with torch.no_grad():
@@ -364,14 +375,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss, **{
                 f"loss_{side}": v for side, v in result.per_side.items()}})
     bar.close()
+    log.info("phase %d expert snapshots: %s", spec.index, snapshots.describe())
     return FrozenSubset.from_set(ema.copy_to(ema_set))
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Pinned, asynchronous host-to-GPU copy (the snapshot is a fresh CPU tensor, so pinning is cheap)."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def prepare_folder(args: argparse.Namespace) -> tuple:

@@ -135,6 +135,38 @@ def test_out_of_memory_names_the_flags_to_lower(shapes_root, expert_dirs, tmp_pa
     assert (tmp_path / "logged" / "shapes" / "run" / "latest.pt").is_file()
 
 
+def test_out_of_memory_message_names_the_expert_cache_when_it_holds_snapshots(shapes_root, expert_dirs, tmp_path,
+                                                                              monkeypatch):
+    _, normal, _, _ = expert_dirs
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", exhausted)
+    with pytest.raises(MemoryError, match=r"lower --expert_cache_gb \(0\.0 GiB"):
+        distill.main(distill_argv(shapes_root, tmp_path, [normal], "--expert_cache_gb", "1"))
+
+
+def test_snapshots_kept_in_memory_give_the_same_run(shapes_root, expert_dirs, tmp_path, caplog):
+    _, _, shortcut, compact = expert_dirs
+    phases = [shortcut, compact]
+    plain = distill.main(distill_argv(shapes_root, tmp_path, phases, name="plain"))
+    with caplog.at_level("INFO", logger="ptmst"):
+        kept = distill.main(distill_argv(shapes_root, tmp_path, phases, "--expert_cache_gb", "1", name="kept"))
+    served = [r.getMessage() for r in caplog.records if "expert snapshots" in r.getMessage()]
+    assert len(served) == 2 and all("0 fetches served from there" not in m for m in served), served
+    for name in ("distilled_0_4.pt", "distilled_1_4.pt"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (plain, kept))
+        for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_negative_expert_cache_is_refused(shapes_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path], "--expert_cache_gb", "-1"))
+    assert "--expert_cache_gb" in capsys.readouterr().err
+
+
 def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, normal, shortcut, _ = expert_dirs
     phases = [shortcut, normal]
