@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
 from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher
-from distill_utils.snapshot_cache import SnapshotCache, budget_from_flag
+from distill_utils.snapshot_cache import SnapshotCache
 from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
@@ -74,8 +74,7 @@ def ours(model_config, synthetic, folder: Path, config: Config, device: torch.de
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs)
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
-    budget, later_budget = budget_from_flag(None, device)  # the distiller's default --expert_cache_gb
-    snapshots = SnapshotCache(device, budget)
+    snapshots = SnapshotCache.from_flag(device, None)  # the distiller's default --expert_cache_gb
 
     def iteration():
         synthetic.zero_grad(set_to_none=True)
@@ -84,8 +83,7 @@ def ours(model_config, synthetic, folder: Path, config: Config, device: torch.de
         batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
         torch.manual_seed(7)
         matcher.match(synthetic, start, target, batches)
-        if snapshots.budget_bytes is None:
-            snapshots.set_budget(later_budget())
+        snapshots.settle_budget()
     return iteration
 
 

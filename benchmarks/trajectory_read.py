@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from distill_utils import convexify, trajectories
-from distill_utils.snapshot_cache import GIB, SnapshotCache, host_to_device
+from distill_utils.snapshot_cache import GIB, SnapshotCache
 from networks import SIDES, DualEncoderConfig
 
 from .common import summary, table, write_json
@@ -62,9 +62,6 @@ def buffered_fetch(folder: Path, device: torch.device, budget_bytes: int = 0):
     snapshots = SnapshotCache(device, budget_bytes)
 
     def fetch(start: int, target: int):
-        if budget_bytes == 0:
-            return {side: (host_to_device(expert.flat(side, start), device),
-                           host_to_device(expert.flat(side, target), device)) for side in SIDES}
         return {side: (snapshots.get(expert, side, start), snapshots.get(expert, side, target)) for side in SIDES}
     return fetch
 

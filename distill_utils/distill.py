@@ -30,7 +30,7 @@ from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import MiniBatchSampler, TrajectoryMatcher
 from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
-from .snapshot_cache import GIB, SnapshotCache, budget_from_flag
+from .snapshot_cache import GIB, SnapshotCache
 from .speed import enable_fast_math
 from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
 from .visualize import nearest_captions, save_grid, write_captions
@@ -331,8 +331,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     synthetic, optimizer, ema, sampler, cycle, generator = (loop.synthetic, loop.optimizer, loop.ema, loop.sampler,
                                                             loop.cycle, loop.generator)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs)
-    budget, later_budget = budget_from_flag(args.expert_cache_gb, device)
-    snapshots = SnapshotCache(device, budget)
+    snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
         loop.load_state_dict(state["loop"], device)
@@ -359,8 +358,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         except torch.OutOfMemoryError:
             raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
         check_finite(result, synthetic, run, spec.index, it)
-        if snapshots.budget_bytes is None:
-            snapshots.set_budget(later_budget())
+        snapshots.settle_budget()
         optimizer.step()
         if args.clamp_lr is not None:
             with torch.no_grad():

@@ -10,7 +10,7 @@ what the next iterations need).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,8 +37,9 @@ def auto_budget_bytes(device: torch.device) -> int:
 
 class SnapshotCache:
     """``get(expert, side, t)`` returns ``expert.flat(side, t)`` on ``device``, keeping it there while
-    the total stays within the budget. The budget may be decided late (``set_budget``): the
-    distiller sets the automatic one after its first iteration, once the matching's peak is known."""
+    the total stays within the budget. A budget of None is automatic and keeps nothing until
+    ``settle_budget()``, which the distiller calls after each iteration: the first call fixes it,
+    once the matching's peak memory is known."""
 
     def __init__(self, device: torch.device, budget_bytes: Optional[int] = 0):
         self.device = device
@@ -48,8 +49,14 @@ class SnapshotCache:
         self.hits = 0
         self.misses = 0
 
-    def set_budget(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
+    @classmethod
+    def from_flag(cls, device: torch.device, expert_cache_gb: Optional[float]) -> "SnapshotCache":
+        """``--expert_cache_gb``: a fixed amount, or None for the automatic budget."""
+        return cls(device, None if expert_cache_gb is None else int(expert_cache_gb * GIB))
+
+    def settle_budget(self) -> None:
+        if self.budget_bytes is None:
+            self.budget_bytes = auto_budget_bytes(self.device)
 
     def get(self, expert: Expert, side: str, t: int) -> torch.Tensor:
         key = (expert.name, side, t)
@@ -69,12 +76,3 @@ class SnapshotCache:
         budget = "undecided" if self.budget_bytes is None else f"{self.budget_bytes / GIB:.2f} GiB"
         return (f"{len(self.kept)} snapshots ({self.kept_bytes / GIB:.2f} GiB of {budget}) kept on {self.device}; "
                 f"{self.hits} fetches served from there, {self.misses} from the expert files")
-
-
-def budget_from_flag(gib: Optional[float], device: torch.device) -> Tuple[Optional[int], Callable[[], int]]:
-    """(budget now, budget after the first iteration): ``--expert_cache_gb`` fixes it at once; left
-    unset, nothing is kept until the first iteration has shown how much memory matching needs."""
-    if gib is not None:
-        fixed = int(gib * GIB)
-        return fixed, lambda: fixed
-    return None, lambda: auto_budget_bytes(device)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from distill_utils import trajectories
-from distill_utils.snapshot_cache import GIB, SnapshotCache, auto_budget_bytes, budget_from_flag
+from distill_utils import snapshot_cache, trajectories
+from distill_utils.snapshot_cache import GIB, SnapshotCache, auto_budget_bytes
 
 SIZES = {"image": [(5, 7), (4,)], "text": [(4,)]}  # 35 + 4 image values, 4 text values per snapshot
 
@@ -45,22 +45,27 @@ def test_nothing_beyond_the_budget_is_kept_but_values_stay_right(tmp_path):
     assert cache.hits == 0 and cache.misses == 5
 
 
-def test_an_undecided_budget_keeps_nothing_until_it_is_set(tmp_path):
+def test_an_undecided_budget_keeps_nothing_until_it_is_settled(tmp_path, monkeypatch):
     expert = make_experts(tmp_path, count=1)[0]
+    monkeypatch.setattr(snapshot_cache, "auto_budget_bytes", lambda device: GIB)  # as a GPU would
     cache = SnapshotCache(torch.device("cpu"), budget_bytes=None)
     cache.get(expert, "text", 0)
     assert not cache.kept
-    cache.set_budget(GIB)
+    cache.settle_budget()
     cache.get(expert, "text", 0)
     assert list(cache.kept) == [(expert.name, "text", 0)]
     assert "undecided" not in cache.describe() and "1 snapshots" in cache.describe()
 
 
 def test_flag_fixes_the_budget_and_the_cpu_default_keeps_nothing():
-    now, later = budget_from_flag(0.5, torch.device("cpu"))
-    assert now == later() == GIB // 2
-    now, later = budget_from_flag(None, torch.device("cpu"))
-    assert now is None and later() == 0
+    fixed = SnapshotCache.from_flag(torch.device("cpu"), 0.5)
+    assert fixed.budget_bytes == GIB // 2
+    fixed.settle_budget()
+    assert fixed.budget_bytes == GIB // 2
+    automatic = SnapshotCache.from_flag(torch.device("cpu"), None)
+    assert automatic.budget_bytes is None
+    automatic.settle_budget()
+    assert automatic.budget_bytes == 0
     assert auto_budget_bytes(torch.device("cpu")) == 0
 
 
