@@ -123,28 +123,27 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, 
     assert checkpoint.load_state(folder / "latest.pt")["iteration"] == 2
 
 
-def test_out_of_memory_names_the_flags_to_lower(shapes_root, expert_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, advice", [
+    (["--keep_graphs", "2"], r"iteration 0.*--keep_graphs 2.*--mini_batch_size 3.*--resume --name run"),
+    (["--expert_cache_gb", "1"], r"lower --expert_cache_gb \(0\.0 GiB"),  # only once snapshots are kept
+], ids=["matching_flags", "expert_cache"])
+def test_out_of_memory_names_the_flags_to_lower(shapes_root, expert_dirs, tmp_path, monkeypatch, flags, advice):
     _, normal, _, _ = expert_dirs
 
     def exhausted(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(TrajectoryMatcher, "match", exhausted)
-    with pytest.raises(MemoryError, match=r"iteration 0.*--keep_graphs 2.*--mini_batch_size 3.*--resume --name run"):
-        distill.main(distill_argv(shapes_root, tmp_path, [normal], "--keep_graphs", "2"))
+    with pytest.raises(MemoryError, match=advice):
+        distill.main(distill_argv(shapes_root, tmp_path, [normal], *flags))
     assert (tmp_path / "logged" / "shapes" / "run" / "latest.pt").is_file()
 
 
-def test_out_of_memory_message_names_the_expert_cache_when_it_holds_snapshots(shapes_root, expert_dirs, tmp_path,
-                                                                              monkeypatch):
-    _, normal, _, _ = expert_dirs
-
-    def exhausted(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(TrajectoryMatcher, "match", exhausted)
-    with pytest.raises(MemoryError, match=r"lower --expert_cache_gb \(0\.0 GiB"):
-        distill.main(distill_argv(shapes_root, tmp_path, [normal], "--expert_cache_gb", "1"))
+def assert_same_distilled(run_a, run_b):
+    for name in ("distilled_0_4.pt", "distilled_1_4.pt"):
+        a, b = (torch.load(run / name, weights_only=True) for run in (run_a, run_b))
+        for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
+            assert torch.equal(a[key], b[key]), (name, key)
 
 
 def test_snapshots_kept_in_memory_give_the_same_run(shapes_root, expert_dirs, tmp_path, caplog):
@@ -155,10 +154,7 @@ def test_snapshots_kept_in_memory_give_the_same_run(shapes_root, expert_dirs, tm
         kept = distill.main(distill_argv(shapes_root, tmp_path, phases, "--expert_cache_gb", "1", name="kept"))
     served = [r.getMessage() for r in caplog.records if "expert snapshots" in r.getMessage()]
     assert len(served) == 2 and all("0 fetches served from there" not in m for m in served), served
-    for name in ("distilled_0_4.pt", "distilled_1_4.pt"):
-        a, b = (torch.load(run / name, weights_only=True) for run in (plain, kept))
-        for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
-            assert torch.equal(a[key], b[key]), (name, key)
+    assert_same_distilled(plain, kept)
 
 
 def test_negative_expert_cache_is_refused(shapes_root, tmp_path, capsys):
@@ -186,9 +182,4 @@ def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, t
         distill.main(distill_argv(shapes_root, tmp_path, phases, name="cut"))
     monkeypatch.setattr(TrajectoryMatcher, "match", real_match)
     resumed = distill.main(distill_argv(shapes_root, tmp_path, phases, "--resume", name="cut"))
-
-    for name in ("distilled_0_4.pt", "distilled_1_4.pt"):
-        a = torch.load(whole / name, weights_only=True)
-        b = torch.load(resumed / name, weights_only=True)
-        for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
-            assert torch.equal(a[key], b[key]), (name, key)
+    assert_same_distilled(whole, resumed)
