@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import List
 
 import torch
 from torch.func import functional_call
@@ -131,6 +133,17 @@ def reference_style(model_config, synthetic, folder: Path, config: Config, devic
     return iteration
 
 
+def measure(iteration, device: torch.device, repeats: int) -> dict:
+    """Timings and peak memory of ``iteration``; ``out_of_memory`` instead of timings when it does not fit."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        times = median_seconds(iteration, device, repeats)
+    except torch.OutOfMemoryError:
+        return {"out_of_memory": True, "peak_memory_mb": peak_memory_mb(device)}
+    return {**summary(times), "peak_memory_mb": peak_memory_mb(device)}
+
+
 def worker(args) -> None:
     device = torch.device(args.device)
     enable_fast_math(device)
@@ -142,13 +155,57 @@ def worker(args) -> None:
         iteration = ours(model_config, synthetic, folder, config, device, args.keep_graphs)
     else:
         iteration = reference_style(model_config, synthetic, folder, config, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = median_seconds(iteration, device, config.repeats)
-    synthetic.zero_grad(set_to_none=True)
-    iteration()
-    torch.save({n: p.grad.detach().cpu() for n, p in synthetic.named_parameters()}, Path(args.folder) / f"{args.impl}_grads.pt")
-    print(json.dumps({**summary(times), "peak_memory_mb": peak_memory_mb(device)}))
+    result = measure(iteration, device, config.repeats)
+    if not result.get("out_of_memory"):
+        synthetic.zero_grad(set_to_none=True)
+        iteration()
+        torch.save({n: p.grad.detach().cpu() for n, p in synthetic.named_parameters()}, folder / f"{args.impl}_grads.pt")
+    print(json.dumps(result))
+
+
+def run_worker(impl: str, args, folder: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device,
+                          "--config", args.config, "--impl", impl, "--folder", folder,
+                          "--keep_graphs", str(args.keep_graphs)],
+                         capture_output=True, text=True)
+    if out.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer on the CPU
+        return {"out_of_memory": True, "peak_memory_mb": None}
+    if out.returncode != 0:
+        raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def faster(a: dict | None, b: dict) -> dict:
+    """The better of two runs of one implementation: a run that fitted beats one that did not."""
+    if a is None or a.get("out_of_memory"):
+        return b
+    if b.get("out_of_memory"):
+        return a
+    return b if b["median_s"] < a["median_s"] else a
+
+
+def compare(ours_r: dict, ref_r: dict) -> dict:
+    """Time and memory ratios of ours to the reference-style run; None where either ran out of memory."""
+    fitted = not ours_r.get("out_of_memory") and not ref_r.get("out_of_memory")
+    memories = ours_r["peak_memory_mb"], ref_r["peak_memory_mb"]
+    return {"time_ratio": ours_r["median_s"] / ref_r["median_s"] if fitted else None,
+            "memory_ratio": memories[0] / memories[1] if fitted else None}
+
+
+def table_row(name: str, run: dict) -> List[str]:
+    if run.get("out_of_memory"):
+        peak = run["peak_memory_mb"]
+        return [name, "out of memory", "-" if peak is None else f">= {peak:.0f}"]
+    return [name, f"{run['median_s']:.3f}", f"{run['peak_memory_mb']:.0f}"]
+
+
+def gradient_difference(folder: Path) -> float | None:
+    """Max relative difference of the two implementations' gradients, if both ran."""
+    paths = [folder / f"{impl}_grads.pt" for impl in ("ours", "reference")]
+    if not all(path.exists() for path in paths):
+        return None
+    a, b = (torch.load(path) for path in paths)
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
 
 
 def main(argv=None) -> dict:
@@ -166,30 +223,21 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(args.rounds):  # alternating processes, so a slow spell of the machine hits both
             for impl in ("ours", "reference"):
-                out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device,
-                                      "--config", args.config, "--impl", impl, "--folder", folder,
-                                      "--keep_graphs", str(args.keep_graphs)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
-                run = json.loads(out.stdout.strip().splitlines()[-1])
-                if impl not in results or run["median_s"] < results[impl]["median_s"]:
-                    results[impl] = run
-        a, b = (torch.load(Path(folder) / f"{i}_grads.pt") for i in ("ours", "reference"))
-        difference = max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
+                results[impl] = faster(results.get(impl), run_worker(impl, args, folder))
+        difference = gradient_difference(Path(folder))
     ours_r, ref_r = results["ours"], results["reference"]
     payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs,
-               "device": device_name(torch.device(args.device)),
-               "ours": ours_r, "reference_style": ref_r, "time_ratio": ours_r["median_s"] / ref_r["median_s"],
-               "memory_ratio": ours_r["peak_memory_mb"] / ref_r["peak_memory_mb"],
-               "max_relative_gradient_difference": difference}
+               "device": device_name(torch.device(args.device)), "ours": ours_r, "reference_style": ref_r,
+               **compare(ours_r, ref_r), "max_relative_gradient_difference": difference}
     print(f"distillation iteration, config {args.config}, ours with --keep_graphs {args.keep_graphs}, "
           f"on {payload['device']}")
     print(table([["implementation", "s/iteration (median)", "peak memory MB"],
-                 ["ours", f"{ours_r['median_s']:.3f}", f"{ours_r['peak_memory_mb']:.0f}"],
-                 ["reference-style", f"{ref_r['median_s']:.3f}", f"{ref_r['peak_memory_mb']:.0f}"]]))
-    print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
-          f"max relative gradient difference {difference:.2e}")
+                 table_row("ours", ours_r), table_row("reference-style", ref_r)]))
+    if payload["time_ratio"] is None:
+        print("no ratios: an implementation ran out of memory")
+    else:
+        print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
+              f"max relative gradient difference {difference:.2e}")
     name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}"
     print(f"written to {write_json(name, payload)}")
     return payload

@@ -1,0 +1,68 @@
+"""The distillation benchmark's bookkeeping: out-of-memory runs are reported, not crashed on."""
+import signal
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import distill_step
+
+CPU = torch.device("cpu")
+
+
+def run(median, peak=100.0):
+    return {"median_s": median, "min_s": median, "max_s": median, "repeats": 1, "peak_memory_mb": peak}
+
+
+OOM = {"out_of_memory": True, "peak_memory_mb": 900.0}
+
+
+def test_measure_times_every_repeat_after_the_warmup():
+    calls = []
+    result = distill_step.measure(lambda: calls.append(1), CPU, repeats=3)
+    assert len(calls) == 4 and result["repeats"] == 3
+    assert 0 <= result["min_s"] <= result["median_s"] <= result["max_s"]
+    assert not result.get("out_of_memory")
+
+
+def test_measure_reports_an_iteration_that_does_not_fit():
+    def iteration():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    result = distill_step.measure(iteration, CPU, repeats=3)
+    assert result["out_of_memory"] and "median_s" not in result
+
+
+def test_a_run_that_fitted_beats_one_that_did_not_and_the_quicker_wins():
+    assert distill_step.faster(None, OOM) is OOM
+    quick, slow = run(0.1), run(0.3)
+    assert distill_step.faster(OOM, quick) is quick
+    assert distill_step.faster(quick, OOM) is quick
+    assert distill_step.faster(slow, quick) is quick
+    assert distill_step.faster(quick, slow) is quick
+
+
+def test_ratios_are_ours_over_the_reference_and_absent_after_an_out_of_memory():
+    ratios = distill_step.compare(run(0.2, 300.0), run(0.5, 600.0))
+    assert ratios["time_ratio"] == pytest.approx(0.4) and ratios["memory_ratio"] == pytest.approx(0.5)
+    assert distill_step.compare(run(0.2), OOM) == {"time_ratio": None, "memory_ratio": None}
+    assert distill_step.table_row("reference-style", OOM) == ["reference-style", "out of memory", ">= 900"]
+
+
+def test_a_worker_killed_by_the_system_counts_as_out_of_memory(monkeypatch):
+    args = SimpleNamespace(device="cpu", config="tiny", keep_graphs=0)
+    killed = subprocess.CompletedProcess([], -signal.SIGKILL, "", "")
+    monkeypatch.setattr(distill_step.subprocess, "run", lambda *a, **k: killed)
+    assert distill_step.run_worker("reference", args, "unused")["out_of_memory"]
+    crashed = subprocess.CompletedProcess([], 1, "", "Traceback: boom")
+    monkeypatch.setattr(distill_step.subprocess, "run", lambda *a, **k: crashed)
+    with pytest.raises(SystemExit, match="boom"):
+        distill_step.run_worker("reference", args, "unused")
+
+
+def test_gradient_difference_is_relative_to_the_reference_and_skipped_without_both(tmp_path):
+    assert distill_step.gradient_difference(tmp_path) is None
+    torch.save({"images": torch.tensor([1.0, -4.0]), "lr": torch.tensor(2.0)}, tmp_path / "reference_grads.pt")
+    torch.save({"images": torch.tensor([1.2, -4.0]), "lr": torch.tensor(2.3)}, tmp_path / "ours_grads.pt")
+    assert distill_step.gradient_difference(tmp_path) == pytest.approx(max(0.2 / 4.0, 0.3 / 2.0))
+
