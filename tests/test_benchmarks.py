@@ -1,6 +1,8 @@
 """The distillation benchmark's bookkeeping: out-of-memory runs are reported, not crashed on."""
+import os
 import signal
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +68,27 @@ def test_gradient_difference_is_relative_to_the_reference_and_skipped_without_bo
     torch.save({"images": torch.tensor([1.2, -4.0]), "lr": torch.tensor(2.3)}, tmp_path / "ours_grads.pt")
     assert distill_step.gradient_difference(tmp_path) == pytest.approx(max(0.2 / 4.0, 0.3 / 2.0))
 
+
+def run_gpu_checks(*steps):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}  # hides every GPU, also on a GPU machine
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["bash", str(root / "sh" / "gpu_checks.sh"), *steps], capture_output=True, text=True,
+                          env=env)
+
+
+def test_gpu_checks_refuse_an_unknown_step_by_name():
+    out = run_gpu_checks("tests", "distil")
+    assert out.returncode == 2 and "unknown step 'distil'" in out.stderr and "distill_keep8" in out.stderr
+
+
+def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
+    out = run_gpu_checks("tests")
+    assert out.returncode != 0 and "no CUDA device is visible" in out.stderr
+    assert "== tests ==" not in out.stdout
+
+
+def test_gpu_checks_help_names_every_step():
+    out = run_gpu_checks("--help")
+    assert out.returncode == 0
+    for step in ("tests", "distill", "distill_keep8", "expert", "read"):
+        assert f"\n  {step} " in out.stdout

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU: the gpu-marked tests and the GPU benchmarks of the README's
+# performance section. Each step is its own command, so the steps can be split across short sessions.
+# Usage: bash sh/gpu_checks.sh [STEP ...]     (default: every step, in this order)
+#   tests          pytest -m gpu (CUDA gradients equal the CPU's, dropout replay, speed switches, cache)
+#   distill        benchmarks.distill_step, flickr500 config, default --keep_graphs 0
+#   distill_keep8  the same with --keep_graphs 8
+#   expert         benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
+#   read           benchmarks.trajectory_read on the GPU (snapshot fetch incl. the host-to-device copy)
+# Results: benchmarks/results/*.json plus gpu_checks.log; when $OUT is set they are copied there too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' sh/gpu_checks.sh | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the test suite hides GPUs unless this is set
+
+all_steps=(tests distill distill_keep8 expert read)
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
+for step in "${steps[@]}"; do
+  if [[ ! " ${all_steps[*]} " =~ " ${step} " ]]; then
+    echo "sh/gpu_checks.sh: unknown step '${step}'; the steps are: ${all_steps[*]}" >&2
+    exit 2
+  fi
+done
+
+python3 - <<'EOF'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit("sh/gpu_checks.sh: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+             f"{__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r}); these checks need one. "
+             "On a machine without a GPU run the CPU commands of the README instead.")
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, Python {sys.version.split()[0]}")
+EOF
+
+mkdir -p benchmarks/results
+log=benchmarks/results/gpu_checks.log
+started=$(mktemp)
+run_step() {
+  echo "== $1 =="
+  case $1 in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider ;;
+    distill) python3 -m benchmarks.distill_step --device cuda --config flickr500 ;;
+    distill_keep8) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 8 ;;
+    expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
+    read) python3 -m benchmarks.trajectory_read --device cuda ;;
+  esac
+}
+status=0
+for step in "${steps[@]}"; do
+  SECONDS=0
+  run_step "$step" 2>&1 | tee -a "$log" || status=1
+  echo "== $step: ${SECONDS} s ==" | tee -a "$log"
+done
+if [ -n "${OUT:-}" ]; then
+  cp "$log" "$OUT"/
+  find benchmarks/results -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;
+fi
+rm -f "$started"
+exit "$status"
