@@ -15,7 +15,7 @@ snapshots to the GPU, as a run there does. Four ways are timed on the same conve
 * ours, kept on the device: ``distill_ptm-st.py --expert_cache_gb`` after the first pass over the
   experts, when the snapshots fit (the default on a GPU).
 
-The files sit in the operating system's page cache after the first read in all three cases, so
+The files sit in the operating system's page cache after the first read in every case, so
 the figures are what a long run sees, not cold-disk reads.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from distill_utils import convexify, trajectories
 from distill_utils.snapshot_cache import GIB, SnapshotCache
 from networks import SIDES, DualEncoderConfig
 
-from .common import summary, table, write_json
+from .common import median_seconds, summary, table, write_json
 
 
 def write_normal_expert(folder: Path, image_encoder: str, text_dim: int, snapshots: int) -> int:
@@ -68,18 +67,15 @@ def buffered_fetch(folder: Path, device: torch.device, budget_bytes: int = 0):
 
 def time_fetch(fetch, snapshots: int, gap: int, repeats: int, device: torch.device, seed: int = 0) -> list:
     """Random start snapshots, as the distiller draws them, after an untimed pass over all of them."""
-    rng = random.Random(seed)
     for start in range(snapshots - gap):
         fetch(start, start + gap)
-    times = []
-    for _ in range(repeats):
-        start = rng.randrange(0, snapshots - gap)
-        began = time.perf_counter()
+    rng = random.Random(seed)
+    starts = iter([rng.randrange(0, snapshots - gap) for _ in range(repeats)])  # drawn outside the timing
+
+    def fetch_next():
+        start = next(starts)
         fetch(start, start + gap)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - began)
-    return times
+    return median_seconds(fetch_next, device, repeats, warmup=0)
 
 
 def main(argv=None) -> dict:

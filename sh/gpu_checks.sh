@@ -28,11 +28,12 @@ for step in "${steps[@]}"; do
 done
 
 python3 - <<'EOF'
+import os
 import sys
 import torch
 if not torch.cuda.is_available():
     sys.exit("sh/gpu_checks.sh: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
-             f"{__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r}); these checks need one. "
+             f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); these checks need one. "
              "On a machine without a GPU run the CPU commands of the README instead.")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, Python {sys.version.split()[0]}")
 EOF

@@ -1,4 +1,5 @@
-"""The distillation benchmark's bookkeeping: out-of-memory runs are reported, not crashed on."""
+"""The distillation benchmark's bookkeeping (out-of-memory runs are reported, not crashed on) and the
+GPU check script's guards."""
 import os
 import signal
 import subprocess
