@@ -9,8 +9,16 @@ from pathlib import Path
 import torch
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temporary_in(path: Path):
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file private (0600); the renamed result should be as readable as a file open() creates
+    os.chmod(temporary, 0o666 & ~_current_umask())
     return handle, Path(temporary)
 
 
