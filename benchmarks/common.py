@@ -10,6 +10,8 @@ from typing import Callable, List
 
 import torch
 
+from distill_utils.atomic import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -46,7 +48,7 @@ def summary(times: List[float]) -> dict:
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
     return path
 
 

@@ -1,5 +1,6 @@
-"""The distillation benchmark's bookkeeping (out-of-memory runs are reported, not crashed on) and the
-GPU check script's guards."""
+"""The distillation benchmark's bookkeeping (out-of-memory runs are reported, not crashed on), the
+results files, and the GPU check script's guards."""
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks import distill_step
+from benchmarks import common, distill_step
 
 CPU = torch.device("cpu")
 
@@ -75,6 +76,20 @@ def run_gpu_checks(*steps):
     root = Path(__file__).resolve().parents[1]
     return subprocess.run(["bash", str(root / "sh" / "gpu_checks.sh"), *steps], capture_output=True, text=True,
                           env=env)
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    path = common.write_json("bench", {"ratio": 0.5, "device": CPU})
+    assert json.loads(path.read_text()) == {"ratio": 0.5, "device": "cpu"}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_json("bench", {"ratio": 0.9})
+    assert json.loads(path.read_text())["ratio"] == 0.5
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]
 
 
 def test_gpu_checks_refuse_an_unknown_step_by_name():
