@@ -147,16 +147,17 @@ class TrajectoryMatcher:
         distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
         kept_count = min(self.keep_graphs, len(batches))
 
-        # Pass 1: the trajectory; graphs only for the kept steps; remember each step's RNG state.
+        # Pass 1: the trajectory; graphs only for the kept steps; remember the RNG state of each step
+        # that pass 2 will recompute.
         rng_states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
         theta_after_kept = theta
         for i, idx in enumerate(batches):
-            rng_states.append(_rng_state(device))
             if i < kept_count:
                 kept.append(self._graph_step(synthetic, theta, idx))
                 grads = {s: g.detach() for s, g in kept[-1].grads.items()}
             else:
+                rng_states.append(_rng_state(device))
                 grads = self._plain_step(synthetic, theta, idx)
             with torch.no_grad():
                 theta = {s: theta[s].detach() - eta[s] * grads[s] for s in SIDES}
@@ -185,7 +186,7 @@ class TrajectoryMatcher:
             step, kept[i] = kept[i], None  # frees each graph as soon as it is used
             self._push_back(step, weight, synthetic)
         theta = {s: theta_after_kept[s].detach().clone() for s in SIDES}
-        for idx, state in zip(batches[kept_count:], rng_states[kept_count:]):
+        for idx, state in zip(batches[kept_count:], rng_states):
             _set_rng_state(state, device)
             step = self._graph_step(synthetic, theta, idx)
             self._push_back(step, weight, synthetic)

@@ -38,7 +38,7 @@ def grads_of(synthetic):
 @pytest.mark.parametrize("trainable", [True, False], ids=["image_trainable", "image_frozen"])
 @pytest.mark.parametrize("sim_type", ["full", "lowrank"])
 @pytest.mark.parametrize("loss_type", ["WBCE", "InfoNCE"])
-@pytest.mark.parametrize("keep_graphs", [0, 2, 5], ids=["recompute_all", "keep_2_of_3", "keep_all"])
+@pytest.mark.parametrize("keep_graphs", [0, 1, 2, 5], ids=["recompute_all", "keep_1_of_3", "keep_2_of_3", "keep_all"])
 def test_fast_gradients_equal_unrolled_autograd(trainable, sim_type, loss_type, keep_graphs):
     model, synthetic, start, target = build(trainable, sim_type)
     criterion = MultilabelContrastiveLoss(loss_type)
