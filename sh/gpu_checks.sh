@@ -49,6 +49,7 @@ run_step() {
     distill_keep8) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 8 ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;
+    *) echo "sh/gpu_checks.sh: step '$1' is in all_steps but has no command in run_step" >&2; return 2 ;;
   esac
 }
 status=0
