@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, trajectories
+from .atomic import atomic_write_text
 from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists,
                   non_negative, positive)
 from .context import DataContext, load_data, model_config
@@ -402,7 +403,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     device = resolve_device(args.device)
     enable_fast_math(device)
     torch.manual_seed(args.seed)
-    (folder / "args.json").write_text(json.dumps({**vars(args), "git_sha": git_sha()}, indent=1, default=str))
+    atomic_write_text(folder / "args.json", json.dumps({**vars(args), "git_sha": git_sha()}, indent=1, default=str))
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     config = model_config(args, data.text_dim)
     student = config.build(seed=args.seed).to(device)

@@ -104,6 +104,23 @@ def test_existing_run_folder_is_never_overwritten(shapes_root, expert_dirs, tmp_
         distill.main(argv)
 
 
+def test_an_interrupted_resume_keeps_the_runs_args_json(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, normal, _, _ = expert_dirs
+    argv = distill_argv(shapes_root, tmp_path, [normal])
+    argv[argv.index("--Iteration") + 1] = "0"
+    folder = distill.main(argv)
+    written = (folder / "args.json").read_text()
+    assert (folder / "latest.pt").is_file()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("os.replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(argv + ["--resume"])
+    assert (folder / "args.json").read_text() == written
+    assert not list(folder.glob(".*.tmp"))
+
+
 def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, normal, _, _ = expert_dirs
     real_match = TrajectoryMatcher.match
