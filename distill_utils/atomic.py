@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Tuple
 
 import torch
 
@@ -22,39 +24,33 @@ def _temporary_in(path: Path):
     return handle, Path(temporary)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` atomically."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[Tuple[int, Path]]:
+    """Yield an open descriptor and the path of a temporary file beside ``path``; rename it over ``path``
+    when the block finishes, delete it when the block raises."""
     path = Path(path)
     handle, temporary = _temporary_in(path)
-    os.close(handle)
     try:
-        torch.save(obj, temporary)
+        yield handle, temporary
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` atomically."""
+    with _replacing(path) as (handle, temporary):
+        os.close(handle)
+        torch.save(obj, temporary)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    handle, temporary = _temporary_in(path)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with _replacing(path) as (handle, _), os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
 
 
 def atomic_write_bytes_with(path: Path, write) -> None:
     """Call ``write(stream)`` on a temporary binary file, then rename it to ``path``."""
-    path = Path(path)
-    handle, temporary = _temporary_in(path)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with _replacing(path) as (handle, _), os.fdopen(handle, "wb") as stream:
+        write(stream)
