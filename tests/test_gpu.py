@@ -7,24 +7,30 @@ from distill_utils.matching import TrajectoryMatcher
 from tests.test_matching import build
 
 
+def match_without_dropout(model, synthetic, start, target, batches, device):
+    """Matching gradients of ``synthetic`` on ``device`` with the student in eval mode.
+
+    The matcher puts its student in train mode when built, so eval mode is set afterwards: CPU and
+    CUDA draw different dropout masks from their own generators and could not agree otherwise.
+    """
+    model, synthetic = model.to(device), synthetic.to(device)
+    matcher = TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), 2)
+    matcher.model.eval()
+    matcher.match(synthetic, {s: v.to(device) for s, v in start.items()},
+                  {s: v.to(device) for s, v in target.items()}, [b.to(device) for b in batches])
+    return {n: p.grad.to("cpu", copy=True) for n, p in synthetic.named_parameters()}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sim_type", ["full", "lowrank"])
 def test_cuda_gradients_match_cpu(sim_type):
     model, synthetic, start, target = build(True, sim_type)
-    model.eval()  # no dropout: CPU and CUDA draw different masks from their own generators
-    criterion = MultilabelContrastiveLoss("WBCE")
     batches = [torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4, 5])]
-    TrajectoryMatcher(model, criterion, 2).match(synthetic, start, target, batches)
-    cpu = {n: p.grad.clone() for n, p in synthetic.named_parameters()}
+    cpu = match_without_dropout(model, synthetic, start, target, batches, torch.device("cpu"))
     synthetic.zero_grad(set_to_none=True)
-    device = torch.device("cuda")
-    model_gpu, synthetic_gpu = model.to(device), synthetic.to(device)
-    matcher = TrajectoryMatcher(model_gpu, criterion, 2)
-    matcher.model.eval()
-    matcher.match(synthetic_gpu, {s: v.to(device) for s, v in start.items()},
-                  {s: v.to(device) for s, v in target.items()}, [b.to(device) for b in batches])
-    for name, parameter in synthetic_gpu.named_parameters():
-        assert torch.allclose(parameter.grad.cpu(), cpu[name], rtol=1e-6, atol=1e-9), name
+    cuda = match_without_dropout(model, synthetic, start, target, batches, torch.device("cuda"))
+    for name, grad in cuda.items():
+        assert torch.allclose(grad, cpu[name], rtol=1e-6, atol=1e-9), name
 
 
 @pytest.mark.gpu
