@@ -52,15 +52,18 @@ run_step() {
     *) echo "sh/gpu_checks.sh: step '$1' is in all_steps but has no command in run_step" >&2; return 2 ;;
   esac
 }
+copy_results_out() {  # after every step, so a run stopped at a time limit keeps what finished
+  if [ -n "${OUT:-}" ]; then
+    cp "$log" "$OUT"/
+    find benchmarks/results -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;
+  fi
+}
 status=0
 for step in "${steps[@]}"; do
   SECONDS=0
   run_step "$step" 2>&1 | tee -a "$log" || status=1
   echo "== $step: ${SECONDS} s ==" | tee -a "$log"
+  copy_results_out
 done
-if [ -n "${OUT:-}" ]; then
-  cp "$log" "$OUT"/
-  find benchmarks/results -name '*.json' -newer "$started" -exec cp {} "$OUT"/ \;
-fi
 rm -f "$started"
 exit "$status"
