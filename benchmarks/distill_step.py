@@ -26,7 +26,8 @@ import torch
 from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
-from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher
+from distill_utils.matching import (MiniBatchSampler, StudentParameters, TrajectoryMatcher, capture_rng_state,
+                                     restore_rng_state)
 from distill_utils.snapshot_cache import SnapshotCache
 from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
@@ -106,7 +107,7 @@ def reference_style(model_config, synthetic, folder: Path, config: Config, devic
         states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
         for idx in batches:  # first pass keeps a double-backward graph per step and never uses it
-            states.append(torch.get_rng_state())
+            states.append(capture_rng_state(device))  # dropout masks, replayed below
             leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
             logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
             grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),
@@ -122,7 +123,7 @@ def reference_style(model_config, synthetic, folder: Path, config: Config, devic
         weight = {s: (2 / distance[s]) * (-eta[s] * residual[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
         for idx, state in zip(batches, states):
-            torch.set_rng_state(state)
+            restore_rng_state(state, device)
             leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
             logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
             grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),

@@ -65,11 +65,12 @@ class StudentParameters:
         return params
 
 
-def _rng_state(device: torch.device):
+def capture_rng_state(device: torch.device):
+    """The generators a step's dropout draws from: the CPU's, plus ``device``'s own on a GPU."""
     return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def _set_rng_state(state, device: torch.device) -> None:
+def restore_rng_state(state, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -157,7 +158,7 @@ class TrajectoryMatcher:
                 kept.append(self._graph_step(synthetic, theta, idx))
                 grads = {s: g.detach() for s, g in kept[-1].grads.items()}
             else:
-                rng_states.append(_rng_state(device))
+                rng_states.append(capture_rng_state(device))
                 grads = self._plain_step(synthetic, theta, idx)
             with torch.no_grad():
                 theta = {s: theta[s].detach() - eta[s] * grads[s] for s in SIDES}
@@ -165,7 +166,7 @@ class TrajectoryMatcher:
                     total[s] += grads[s]
             if i + 1 == kept_count:
                 theta_after_kept = theta
-        rng_after = _rng_state(device)
+        rng_after = capture_rng_state(device)
 
         residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
         per_side = {s: (residual[s].square().sum() / distance[s]) for s in SIDES}
@@ -187,12 +188,12 @@ class TrajectoryMatcher:
             self._push_back(step, weight, synthetic)
         theta = {s: theta_after_kept[s].detach().clone() for s in SIDES}
         for idx, state in zip(batches[kept_count:], rng_states):
-            _set_rng_state(state, device)
+            restore_rng_state(state, device)
             step = self._graph_step(synthetic, theta, idx)
             self._push_back(step, weight, synthetic)
             with torch.no_grad():
                 theta = {s: theta[s].detach() - eta[s] * step.grads[s].detach() for s in SIDES}
-        _set_rng_state(rng_after, device)
+        restore_rng_state(rng_after, device)
 
         loss_value = sum(per_side.values())
         return MatchResult(float(loss_value), {s: float(v) for s, v in per_side.items()},
