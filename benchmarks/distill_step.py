@@ -200,13 +200,17 @@ def table_row(name: str, run: dict) -> List[str]:
     return [name, f"{run['median_s']:.3f}", f"{run['peak_memory_mb']:.0f}"]
 
 
+def max_relative_difference(ours: dict, reference: dict) -> float:
+    """Over every named gradient: its largest deviation from the reference, relative to the reference's largest entry."""
+    return max(((ours[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30)).item() for k in ours)
+
+
 def gradient_difference(folder: Path) -> float | None:
-    """Max relative difference of the two implementations' gradients, if both ran."""
+    """``max_relative_difference`` of the two implementations' saved gradients, if both ran."""
     paths = [folder / f"{impl}_grads.pt" for impl in ("ours", "reference")]
     if not all(path.exists() for path in paths):
         return None
-    a, b = (torch.load(path) for path in paths)
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
+    return max_relative_difference(*(torch.load(path) for path in paths))
 
 
 def main(argv=None) -> dict:
