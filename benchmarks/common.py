@@ -6,7 +6,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -32,6 +32,29 @@ def median_seconds(function: Callable[[], None], device: torch.device, repeats: 
         synchronize(device)
         times.append(time.perf_counter() - started)
     return times
+
+
+def alternating_seconds(functions: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                        warmup: int = 1) -> Dict[str, List[float]]:
+    """Time several functions in turn (a, b, a, b, ...) in one process, so that a slow spell of a shared
+    machine hits each of them alike; ``warmup`` untimed rounds first. Returns every timing per name."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    synchronize(device)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def paired_ratio(numerators: List[float], denominators: List[float]) -> float:
+    """Median of the ratios of timings taken side by side: each pair saw the same state of the machine."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def peak_memory_mb(device: torch.device) -> float:

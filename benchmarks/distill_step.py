@@ -6,9 +6,10 @@
 The reference-style implementation does what the authors' code does each iteration: rebuild the
 student, read the whole expert file from disk, run the first pass with a double-backward graph that
 it keeps but never uses, then the second pass. Ours runs as distill_ptm-st.py does by default
-(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given). Both run in
-separate processes (so peak memory is each one's own) on identical data, and the gradient
-difference between them is printed.
+(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given). Each runs in its own
+process on identical data, for its peak memory and its gradients (their difference is printed); then
+one process runs them in turn, iteration by iteration, for the time ratio, so that a slow spell of a
+shared machine, which can outlast a whole process, slows both alike.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
-from .common import device_name, median_seconds, peak_memory_mb, summary, table, write_json
+from .common import (alternating_seconds, device_name, median_seconds, paired_ratio, peak_memory_mb, summary, table,
+                     write_json)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,16 @@ def measure(iteration, device: torch.device, repeats: int) -> dict:
     return {**summary(times), "peak_memory_mb": peak_memory_mb(device)}
 
 
+def measure_alternately(iterations: dict, device: torch.device, repeats: int) -> dict:
+    """Both implementations timed in turn in one process; ``out_of_memory`` if they do not fit together."""
+    try:
+        times = alternating_seconds(iterations, device, repeats)
+    except torch.OutOfMemoryError:
+        return {"out_of_memory": True}
+    return {"ours": summary(times["ours"]), "reference": summary(times["reference"]),
+            "time_ratio": paired_ratio(times["ours"], times["reference"])}
+
+
 def worker(args) -> None:
     device = torch.device(args.device)
     enable_fast_math(device)
@@ -152,6 +164,11 @@ def worker(args) -> None:
     folder = Path(args.folder)
     model_config, synthetic = make_inputs(config, folder)
     synthetic = synthetic.to(device)
+    if args.impl == "paired":
+        iterations = {"ours": ours(model_config, synthetic, folder, config, device, args.keep_graphs),
+                      "reference": reference_style(model_config, synthetic, folder, config, device)}
+        print(json.dumps(measure_alternately(iterations, device, config.repeats)))
+        return
     if args.impl == "ours":
         iteration = ours(model_config, synthetic, folder, config, device, args.keep_graphs)
     else:
@@ -185,19 +202,26 @@ def faster(a: dict | None, b: dict) -> dict:
     return b if b["median_s"] < a["median_s"] else a
 
 
-def compare(ours_r: dict, ref_r: dict) -> dict:
-    """Time and memory ratios of ours to the reference-style run; None where either ran out of memory."""
-    fitted = not ours_r.get("out_of_memory") and not ref_r.get("out_of_memory")
-    memories = ours_r["peak_memory_mb"], ref_r["peak_memory_mb"]
-    return {"time_ratio": ours_r["median_s"] / ref_r["median_s"] if fitted else None,
-            "memory_ratio": memories[0] / memories[1] if fitted else None}
+def fitted(*runs: dict | None) -> bool:
+    return all(run is not None and not run.get("out_of_memory") for run in runs)
 
 
-def table_row(name: str, run: dict) -> List[str]:
+def compare(ours_r: dict, ref_r: dict, paired: dict | None) -> dict:
+    """Ratios of ours to the reference-style run. ``time_ratio`` comes from the alternating run (the
+    median of side-by-side pairs); the separate processes' medians give a second, noisier one. None
+    where a run ran out of memory."""
+    alone = fitted(ours_r, ref_r)
+    return {"time_ratio": paired["time_ratio"] if alone and fitted(paired) else None,
+            "time_ratio_separate_processes": ours_r["median_s"] / ref_r["median_s"] if alone else None,
+            "memory_ratio": ours_r["peak_memory_mb"] / ref_r["peak_memory_mb"] if alone else None}
+
+
+def table_row(name: str, run: dict, alternating: dict | None) -> List[str]:
     if run.get("out_of_memory"):
         peak = run["peak_memory_mb"]
-        return [name, "out of memory", "-" if peak is None else f">= {peak:.0f}"]
-    return [name, f"{run['median_s']:.3f}", f"{run['peak_memory_mb']:.0f}"]
+        return [name, "-", "out of memory", "-" if peak is None else f">= {peak:.0f}"]
+    in_turn = f"{alternating['median_s']:.3f}" if alternating else "-"
+    return [name, in_turn, f"{run['median_s']:.3f}", f"{run['peak_memory_mb']:.0f}"]
 
 
 def max_relative_difference(ours: dict, reference: dict) -> float:
@@ -218,31 +242,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--keep_graphs", type=int, default=0, help="distill_ptm-st.py's --keep_graphs for ours")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per implementation; the fastest is kept")
-    parser.add_argument("--impl", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="own processes per implementation (memory, gradients, a 2nd timing); the fastest is kept")
+    parser.add_argument("--impl", choices=["ours", "reference", "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.impl:
         return worker(args)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for _ in range(args.rounds):  # alternating processes, so a slow spell of the machine hits both
+        for _ in range(args.rounds):
             for impl in ("ours", "reference"):
                 results[impl] = faster(results.get(impl), run_worker(impl, args, folder))
+        ours_r, ref_r = results["ours"], results["reference"]
+        paired = run_worker("paired", args, folder) if fitted(ours_r, ref_r) else None
         difference = gradient_difference(Path(folder))
-    ours_r, ref_r = results["ours"], results["reference"]
+    in_turn = paired if fitted(paired) else {}
     payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs,
                "device": device_name(torch.device(args.device)), "ours": ours_r, "reference_style": ref_r,
-               **compare(ours_r, ref_r), "max_relative_gradient_difference": difference}
+               "alternating": paired, **compare(ours_r, ref_r, paired),
+               "max_relative_gradient_difference": difference}
     print(f"distillation iteration, config {args.config}, ours with --keep_graphs {args.keep_graphs}, "
           f"on {payload['device']}")
-    print(table([["implementation", "s/iteration (median)", "peak memory MB"],
-                 table_row("ours", ours_r), table_row("reference-style", ref_r)]))
-    if payload["time_ratio"] is None:
+    print(table([["implementation", "s/iteration, in turn (median)", "s/iteration, own process", "peak memory MB"],
+                 table_row("ours", ours_r, in_turn.get("ours")),
+                 table_row("reference-style", ref_r, in_turn.get("reference"))]))
+    if payload["memory_ratio"] is None:
         print("no ratios: an implementation ran out of memory")
     else:
-        print(f"time ratio {payload['time_ratio']:.2f}x, memory ratio {payload['memory_ratio']:.2f}x, "
-              f"max relative gradient difference {difference:.2e}")
+        separate = payload["time_ratio_separate_processes"]
+        if payload["time_ratio"] is None:
+            print("the two did not fit in memory together: the time ratio below is from separate processes only")
+            timing = f"time ratio {separate:.2f}x (separate processes)"
+        else:
+            timing = f"time ratio {payload['time_ratio']:.2f}x (separate processes {separate:.2f}x)"
+        print(f"{timing}, memory ratio {payload['memory_ratio']:.2f}x, max relative gradient difference "
+              f"{'not compared' if difference is None else f'{difference:.2e}'}")
     name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}"
     print(f"written to {write_json(name, payload)}")
     return payload

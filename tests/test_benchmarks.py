@@ -46,11 +46,41 @@ def test_a_run_that_fitted_beats_one_that_did_not_and_the_quicker_wins():
     assert distill_step.faster(quick, slow) is quick
 
 
+def test_alternating_timing_runs_the_functions_in_turn_after_a_warmup_round():
+    order = []
+    times = common.alternating_seconds({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, CPU,
+                                       repeats=3)
+    assert order == ["a", "b"] * 4
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+
+
+def test_the_paired_ratio_is_the_median_of_side_by_side_ratios_not_a_ratio_of_medians():
+    ours, reference = [1.0, 4.0, 9.0], [2.0, 2.0, 10.0]  # pairs 0.5, 2.0, 0.9; medians 4.0 / 2.0
+    assert common.paired_ratio(ours, reference) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        common.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_alternating_measurement_reports_implementations_that_do_not_fit_together():
+    def iteration():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert distill_step.measure_alternately({"ours": lambda: None, "reference": iteration}, CPU, 2) == \
+        {"out_of_memory": True}
+    result = distill_step.measure_alternately({"ours": lambda: None, "reference": lambda: None}, CPU, 2)
+    assert result["ours"]["repeats"] == result["reference"]["repeats"] == 2 and result["time_ratio"] > 0
+
+
 def test_ratios_are_ours_over_the_reference_and_absent_after_an_out_of_memory():
-    ratios = distill_step.compare(run(0.2, 300.0), run(0.5, 600.0))
-    assert ratios["time_ratio"] == pytest.approx(0.4) and ratios["memory_ratio"] == pytest.approx(0.5)
-    assert distill_step.compare(run(0.2), OOM) == {"time_ratio": None, "memory_ratio": None}
-    assert distill_step.table_row("reference-style", OOM) == ["reference-style", "out of memory", ">= 900"]
+    paired = {"ours": run(0.3), "reference": run(0.6), "time_ratio": 0.45}
+    ratios = distill_step.compare(run(0.2, 300.0), run(0.5, 600.0), paired)
+    assert ratios["time_ratio"] == 0.45 and ratios["time_ratio_separate_processes"] == pytest.approx(0.4)
+    assert ratios["memory_ratio"] == pytest.approx(0.5)
+    together_too_big = distill_step.compare(run(0.2, 300.0), run(0.5, 600.0), {"out_of_memory": True})
+    assert together_too_big["time_ratio"] is None and together_too_big["time_ratio_separate_processes"] is not None
+    assert distill_step.compare(run(0.2), OOM, None) == \
+        {"time_ratio": None, "time_ratio_separate_processes": None, "memory_ratio": None}
+    assert distill_step.table_row("reference-style", OOM, None) == ["reference-style", "-", "out of memory", ">= 900"]
+    assert distill_step.table_row("ours", run(0.2, 300.0), run(0.25)) == ["ours", "0.250", "0.200", "300"]
 
 
 def test_a_worker_killed_by_the_system_counts_as_out_of_memory(monkeypatch):
@@ -88,6 +118,43 @@ def test_both_implementations_give_one_gradient_with_dropout_active(device, tmp_
         grads[name] = {n: p.grad.to("cpu", copy=True) for n, p in synthetic.named_parameters()}
     assert all(reference.abs().max() > 0 for reference in grads["reference"].values())
     assert distill_step.max_relative_difference(grads["ours"], grads["reference"]) < 1e-4
+
+
+def test_the_paired_worker_times_both_implementations_in_one_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
+    args = SimpleNamespace(device="cpu", config="micro", impl="paired", folder=str(tmp_path), keep_graphs=0)
+    distill_step.worker(args)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ours"]["repeats"] == result["reference"]["repeats"] == MICRO.repeats
+    assert result["time_ratio"] > 0 and not list(tmp_path.glob("*_grads.pt"))
+
+
+@pytest.mark.parametrize("together", ["fit", "out_of_memory"])
+def test_the_time_ratio_comes_from_the_paired_run_when_both_fit_together(together, tmp_path, monkeypatch, capsys):
+    paired = {"ours": run(0.3), "reference": run(0.6), "time_ratio": 0.45} if together == "fit" else \
+        {"out_of_memory": True, "peak_memory_mb": None}
+    workers = {"ours": run(0.2, 300.0), "reference": run(0.5, 600.0), "paired": paired}
+    called = []
+    monkeypatch.setattr(distill_step, "run_worker", lambda impl, args, folder: called.append(impl) or workers[impl])
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    payload = distill_step.main(["--device", "cpu", "--config", "tiny"])
+    printed = capsys.readouterr().out
+    assert called == ["ours", "reference", "paired"]
+    assert payload["time_ratio"] == (0.45 if together == "fit" else None)
+    assert payload["time_ratio_separate_processes"] == pytest.approx(0.4)
+    assert ("time ratio 0.45x" in printed) == (together == "fit")
+    assert ("separate processes only" in printed) == (together != "fit")
+    assert json.loads((tmp_path / "distill_step_tiny_cpu_keep0.json").read_text())["alternating"] == paired
+
+
+def test_no_paired_run_after_an_implementation_ran_out_of_memory_alone(tmp_path, monkeypatch, capsys):
+    called = []
+    workers = {"ours": run(0.2, 300.0), "reference": OOM}
+    monkeypatch.setattr(distill_step, "run_worker", lambda impl, args, folder: called.append(impl) or workers[impl])
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    payload = distill_step.main(["--device", "cpu", "--config", "tiny"])
+    assert called == ["ours", "reference"] and payload["time_ratio"] is None
+    assert "an implementation ran out of memory" in capsys.readouterr().out
 
 
 def run_gpu_checks(*steps):
