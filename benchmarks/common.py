@@ -20,20 +20,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(function: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> List[float]:
-    """Run ``warmup`` untimed calls, then ``repeats`` timed ones; returns every timing."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def alternating_seconds(functions: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
                         warmup: int = 1) -> Dict[str, List[float]]:
     """Time several functions in turn (a, b, a, b, ...) in one process, so that a slow spell of a shared
@@ -50,6 +36,11 @@ def alternating_seconds(functions: Dict[str, Callable[[], None]], device: torch.
             synchronize(device)
             times[name].append(time.perf_counter() - started)
     return times
+
+
+def median_seconds(function: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> List[float]:
+    """Run ``warmup`` untimed calls, then ``repeats`` timed ones; returns every timing."""
+    return alternating_seconds({"only": function}, device, repeats, warmup)["only"]
 
 
 def paired_ratio(numerators: List[float], denominators: List[float]) -> float:

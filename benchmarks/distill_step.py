@@ -164,15 +164,17 @@ def worker(args) -> None:
     folder = Path(args.folder)
     model_config, synthetic = make_inputs(config, folder)
     synthetic = synthetic.to(device)
+
+    def build(impl: str):
+        if impl == "ours":
+            return ours(model_config, synthetic, folder, config, device, args.keep_graphs)
+        return reference_style(model_config, synthetic, folder, config, device)
+
     if args.impl == "paired":
-        iterations = {"ours": ours(model_config, synthetic, folder, config, device, args.keep_graphs),
-                      "reference": reference_style(model_config, synthetic, folder, config, device)}
+        iterations = {impl: build(impl) for impl in ("ours", "reference")}
         print(json.dumps(measure_alternately(iterations, device, config.repeats)))
         return
-    if args.impl == "ours":
-        iteration = ours(model_config, synthetic, folder, config, device, args.keep_graphs)
-    else:
-        iteration = reference_style(model_config, synthetic, folder, config, device)
+    iteration = build(args.impl)
     result = measure(iteration, device, config.repeats)
     if not result.get("out_of_memory"):
         synthetic.zero_grad(set_to_none=True)
@@ -193,17 +195,17 @@ def run_worker(impl: str, args, folder: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def faster(a: dict | None, b: dict) -> dict:
-    """The better of two runs of one implementation: a run that fitted beats one that did not."""
-    if a is None or a.get("out_of_memory"):
-        return b
-    if b.get("out_of_memory"):
-        return a
-    return b if b["median_s"] < a["median_s"] else a
-
-
 def fitted(*runs: dict | None) -> bool:
     return all(run is not None and not run.get("out_of_memory") for run in runs)
+
+
+def faster(a: dict | None, b: dict) -> dict:
+    """The better of two runs of one implementation: a run that fitted beats one that did not."""
+    if not fitted(a):
+        return b
+    if not fitted(b):
+        return a
+    return b if b["median_s"] < a["median_s"] else a
 
 
 def compare(ours_r: dict, ref_r: dict, paired: dict | None) -> dict:
