@@ -27,8 +27,9 @@ import torch
 from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
-from distill_utils.matching import (MiniBatchSampler, StudentParameters, TrajectoryMatcher, capture_rng_state,
-                                     restore_rng_state)
+from distill_utils.cli import count_or
+from distill_utils.matching import (AUTO, MatchResult, MiniBatchSampler, StudentParameters, TrajectoryMatcher,
+                                     capture_rng_state, restore_rng_state)
 from distill_utils.snapshot_cache import SnapshotCache
 from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
@@ -74,21 +75,22 @@ def make_inputs(config: Config, folder: Path):
     return model_config, synthetic
 
 
-def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int = 0):
+def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = 0):
     student = model_config.build(seed=0).to(device)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs)
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
     snapshots = SnapshotCache.from_flag(device, None)  # the distiller's default --expert_cache_gb
 
-    def iteration():
+    def iteration() -> MatchResult:
         synthetic.zero_grad(set_to_none=True)
         start = {s: snapshots.get(expert, s, 1) for s in SIDES}
         target = {s: snapshots.get(expert, s, 2) for s in SIDES}
         batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
         torch.manual_seed(7)
-        matcher.match(synthetic, start, target, batches)
+        result = matcher.match(synthetic, start, target, batches)
         snapshots.settle_budget()
+        return result
     return iteration
 
 
@@ -178,7 +180,9 @@ def worker(args) -> None:
     result = measure(iteration, device, config.repeats)
     if not result.get("out_of_memory"):
         synthetic.zero_grad(set_to_none=True)
-        iteration()
+        outcome = iteration()
+        if isinstance(outcome, MatchResult):  # ours: how many graphs it kept (``auto`` chooses)
+            result.update(kept_graphs=outcome.kept_graphs, graph_mb=outcome.graph_bytes / 2 ** 20)
         torch.save({n: p.grad.detach().cpu() for n, p in synthetic.named_parameters()}, folder / f"{args.impl}_grads.pt")
     print(json.dumps(result))
 
@@ -243,7 +247,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--keep_graphs", type=int, default=0, help="distill_ptm-st.py's --keep_graphs for ours")
+    parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
+                        help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="own processes per implementation (memory, gradients, a 2nd timing); the fastest is kept")
     parser.add_argument("--impl", choices=["ours", "reference", "paired"], help=argparse.SUPPRESS)
@@ -264,7 +269,9 @@ def main(argv=None) -> dict:
                "device": device_name(torch.device(args.device)), "ours": ours_r, "reference_style": ref_r,
                "alternating": paired, **compare(ours_r, ref_r, paired),
                "max_relative_gradient_difference": difference}
-    print(f"distillation iteration, config {args.config}, ours with --keep_graphs {args.keep_graphs}, "
+    kept = (f" (kept {ours_r['kept_graphs']} of {CONFIGS[args.config].syn_steps} graphs)"
+            if "kept_graphs" in ours_r else "")
+    print(f"distillation iteration, config {args.config}, ours with --keep_graphs {args.keep_graphs}{kept}, "
           f"on {payload['device']}")
     print(table([["implementation", "s/iteration, in turn (median)", "s/iteration, own process", "peak memory MB"],
                  table_row("ours", ours_r, in_turn.get("ours")),

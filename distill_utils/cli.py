@@ -64,6 +64,21 @@ def non_negative(kind=int):
     return parse
 
 
+def count_or(word: str):
+    """argparse ``type=`` that accepts ``word`` itself or an integer >= 0."""
+    number = non_negative(int)
+
+    def parse(text: str):
+        if text == word:
+            return word
+        try:
+            return number(text)
+        except (argparse.ArgumentTypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {word} or a whole number >= 0, got {text}") from None
+    parse.__name__ = f"{word} or count"
+    return parse
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],

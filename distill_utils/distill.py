@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, trajectories
 from .atomic import atomic_write_text
-from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists,
+from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists, count_or,
                   non_negative, positive)
 from .context import DataContext, load_data, model_config
 from .evaluation import EvalSettings, evaluate_subsets
 from .losses import LOSSES, MultilabelContrastiveLoss
-from .matching import MiniBatchSampler, TrajectoryMatcher
+from .matching import AUTO, MiniBatchSampler, TrajectoryMatcher
 from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from .snapshot_cache import GIB, SnapshotCache
@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="low-rank similarity rank per phase (default 5 10 for two phases, else 10)")
     match = parser.add_argument_group("matching")
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
-    match.add_argument("--keep_graphs", type=non_negative(), default=0,
+    match.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
-                            "(exact; faster, one step's graph of memory each; 0: memory constant in --syn_steps)")
+                            "(exact; faster, one step's graph of memory each; 0: memory constant in --syn_steps). "
+                            "auto: as many as the GPU's free memory allows, chosen every iteration (every one on "
+                            "the CPU)")
     match.add_argument("--expert_cache_gb", type=non_negative(float), default=None,
                        help="GiB of expert snapshots kept on the device instead of copied from the host every "
                             "iteration (default: on a GPU half the memory the first iteration left free; 0 on the "
@@ -310,8 +312,10 @@ def out_of_memory_message(run: Run, phase: int, it: int, cached_bytes: int = 0) 
     args = run.args
     cache = (f", lower --expert_cache_gb ({cached_bytes / GIB:.1f} GiB of expert snapshots are kept on the GPU; "
              f"0 keeps none)" if cached_bytes else "")
+    lower = ("Give --keep_graphs a count below the kept_graphs the progress bar showed" if args.keep_graphs == AUTO
+             else "Lower --keep_graphs")
     return (f"phase {phase}, iteration {it}: out of GPU memory in the matching step (--keep_graphs {args.keep_graphs}, "
-            f"--mini_batch_size {args.mini_batch_size}, --syn_steps {args.syn_steps}). Lower --keep_graphs first "
+            f"--mini_batch_size {args.mini_batch_size}, --syn_steps {args.syn_steps}). {lower} first "
             f"(0 keeps memory constant in --syn_steps){cache}, then --mini_batch_size, and rerun with --resume "
             f"--name {args.name}: it continues from the last checkpoint ({last_checkpoint(run, phase)}).")
 
@@ -369,10 +373,12 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         loss = result.loss
         it += 1
         bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}",
+                        kept_graphs=f"{result.kept_graphs}/{args.syn_steps}")
         if it % 10 == 0:
-            run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss, **{
-                f"loss_{side}": v for side, v in result.per_side.items()}})
+            run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
+                             "kept_graphs": result.kept_graphs, **{
+                                 f"loss_{side}": v for side, v in result.per_side.items()}})
     bar.close()
     log.info("phase %d expert snapshots: %s", spec.index, snapshots.describe())
     return FrozenSubset.from_set(ema.copy_to(ema_set))

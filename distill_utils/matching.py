@@ -9,12 +9,13 @@ weigh alike. Because theta_i is constant, dL/dX = sum_i (2/D) v^T dg_i/dX with
 v = eta (theta* - theta0) + eta^2 G fixed once G is known: so a first pass without any graph
 computes G, and a second pass recomputes each step with a graph (one at a time) and back-propagates
 (2/D) v^T g_i into the batch's images, texts and similarity entries. Optionally the first pass
-keeps the graphs of its first ``keep_graphs`` steps, trading memory for not recomputing them.
+keeps the graphs of its first ``keep_graphs`` steps, trading memory for not recomputing them;
+``keep_graphs="auto"`` keeps as many as the GPU's free memory allows (every one on the CPU).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.func import functional_call
@@ -76,11 +77,48 @@ def restore_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+AUTO = "auto"
+# Share of the GPU left unplanned when choosing how many graphs to keep: the allocator's cached blocks
+# are not all usable for one large request, and cuDNN takes workspaces of its own.
+MEMORY_MARGIN = 0.05
+
+
+class CudaMemory:
+    """The two figures ``keep_graphs="auto"`` plans with, in bytes, on one GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = torch.cuda.get_device_properties(device).total_memory
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def available(self) -> int:
+        """Free on the device plus held by the caching allocator but unused (so other processes count)."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - self.allocated()
+
+
+def memory_gauge(device: torch.device) -> Optional[CudaMemory]:
+    """The GPU's gauge; None on the CPU, where ``auto`` keeps every graph (the reference-style
+    implementation holds all of them plus one more, so this never needs more memory than it)."""
+    return CudaMemory(device) if device.type == "cuda" else None
+
+
+def room_for_another_graph(graph_bytes: int, available: int, total: int) -> bool:
+    """Whether one more kept graph of ``graph_bytes`` leaves room for a second of its size (the
+    temporaries of building a graph and of back-propagating through one stay below that size) plus
+    the margin."""
+    return available >= 2 * graph_bytes + MEMORY_MARGIN * total
+
+
 @dataclass
 class MatchResult:
     loss: float
     per_side: Dict[str, float]
     start_distance: Dict[str, float]
+    kept_graphs: int = 0  # first-pass graphs reused in the second pass
+    graph_bytes: int = 0  # what keeping the first of them took, where ``auto`` measured it
 
 
 @dataclass
@@ -96,15 +134,30 @@ class TrajectoryMatcher:
 
     ``keep_graphs`` steps (the first ones) keep their first-pass graph for the second pass instead
     of recomputing it: about a quarter less time per kept step, one step's graph of memory each.
-    0 gives memory constant in ``syn_steps``.
+    0 gives memory constant in ``syn_steps``. ``"auto"`` measures the first kept graph and keeps
+    further ones while :func:`room_for_another_graph` holds for ``memory`` (by default the GPU's
+    :class:`CudaMemory`; with no gauge, as on the CPU, every graph is kept).
     """
 
-    def __init__(self, model: DualEncoder, criterion, syn_steps: int, keep_graphs: int = 0):
+    def __init__(self, model: DualEncoder, criterion, syn_steps: int, keep_graphs: Union[int, str] = 0,
+                 memory: Optional[CudaMemory] = None):
+        if keep_graphs != AUTO and not (isinstance(keep_graphs, int) and keep_graphs >= 0):
+            raise ValueError(f"keep_graphs must be a count >= 0 or {AUTO!r}, got {keep_graphs!r}")
         self.model = model.train()
         self.params = StudentParameters(model)
         self.criterion = criterion
         self.syn_steps = syn_steps
         self.keep_graphs = keep_graphs
+        self.memory = memory
+
+    def _keeps_another(self, kept: int, graph_bytes: int, memory: Optional[CudaMemory]) -> bool:
+        if self.keep_graphs != AUTO:
+            return kept < self.keep_graphs
+        # the first graph adds little to the peak, which holds one graph anyway (pass 2 frees the kept
+        # ones before recomputing any other step); keeping it also measures what a graph takes
+        if memory is None or kept == 0:
+            return True
+        return room_for_another_graph(graph_bytes, memory.available(), memory.total)
 
     def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target) -> torch.Tensor:
         logits = functional_call(self.model, self.params.as_dict(flat), (images, texts))
@@ -146,15 +199,18 @@ class TrajectoryMatcher:
         device = synthetic.images.device
         eta = {side: synthetic.step_size(side).detach() for side in SIDES}
         distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
-        kept_count = min(self.keep_graphs, len(batches))
+        memory = (self.memory or memory_gauge(device)) if self.keep_graphs == AUTO else None
 
-        # Pass 1: the trajectory; graphs only for the kept steps; remember the RNG state of each step
-        # that pass 2 will recompute.
+        # Pass 1: the trajectory; graphs only for the kept steps (a prefix of them); remember the RNG
+        # state of each step that pass 2 will recompute.
         rng_states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
-        theta_after_kept = theta
-        for i, idx in enumerate(batches):
-            if i < kept_count:
+        theta_after_kept, keeping, graph_bytes = theta, True, 0
+        for idx in batches:
+            keeping = keeping and self._keeps_another(len(kept), graph_bytes, memory)
+            if keeping:
+                measuring = memory is not None and not kept
+                before = memory.allocated() if measuring else 0
                 kept.append(self._graph_step(synthetic, theta, idx))
                 grads = {s: g.detach() for s, g in kept[-1].grads.items()}
             else:
@@ -164,8 +220,11 @@ class TrajectoryMatcher:
                 theta = {s: theta[s].detach() - eta[s] * grads[s] for s in SIDES}
                 for s in SIDES:
                     total[s] += grads[s]
-            if i + 1 == kept_count:
+            if keeping:
                 theta_after_kept = theta
+                if measuring:  # the graph, its gradients and the next theta
+                    graph_bytes = memory.allocated() - before
+        kept_count = len(kept)
         rng_after = capture_rng_state(device)
 
         residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
@@ -197,7 +256,7 @@ class TrajectoryMatcher:
 
         loss_value = sum(per_side.values())
         return MatchResult(float(loss_value), {s: float(v) for s, v in per_side.items()},
-                           {s: float(v) for s, v in distance.items()})
+                           {s: float(v) for s, v in distance.items()}, kept_count, graph_bytes)
 
 
 def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSet, start, target,

@@ -129,6 +129,16 @@ def test_the_paired_worker_times_both_implementations_in_one_process(tmp_path, m
     assert result["time_ratio"] > 0 and not list(tmp_path.glob("*_grads.pt"))
 
 
+@pytest.mark.parametrize("keep_graphs, kept", [(1, 1), ("auto", MICRO.syn_steps)])
+def test_ours_reports_the_graphs_it_kept(keep_graphs, kept, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
+    args = SimpleNamespace(device="cpu", config="micro", impl="ours", folder=str(tmp_path), keep_graphs=keep_graphs)
+    distill_step.worker(args)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kept_graphs"] == kept and result["graph_mb"] == 0  # no gauge on the CPU: nothing measured
+    assert (tmp_path / "ours_grads.pt").is_file()
+
+
 @pytest.mark.parametrize("together", ["fit", "out_of_memory"])
 def test_the_time_ratio_comes_from_the_paired_run_when_both_fit_together(together, tmp_path, monkeypatch, capsys):
     paired = {"ours": run(0.3), "reference": run(0.6), "time_ratio": 0.45} if together == "fit" else \
@@ -192,5 +202,5 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
 def test_gpu_checks_help_names_every_step():
     out = run_gpu_checks("--help")
     assert out.returncode == 0
-    for step in ("tests", "distill", "distill_keep8", "expert", "read"):
+    for step in ("tests", "distill", "distill_keep8", "distill_auto", "expert", "read"):
         assert f"\n  {step} " in out.stdout

@@ -142,8 +142,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, 
 
 @pytest.mark.parametrize("flags, advice", [
     (["--keep_graphs", "2"], r"iteration 0.*--keep_graphs 2.*--mini_batch_size 3.*--resume --name run"),
+    (["--keep_graphs", "auto"], r"--keep_graphs auto.*Give --keep_graphs a count below the kept_graphs"),
     (["--expert_cache_gb", "1"], r"lower --expert_cache_gb \(0\.0 GiB"),  # only once snapshots are kept
-], ids=["matching_flags", "expert_cache"])
+], ids=["matching_flags", "auto", "expert_cache"])
 def test_out_of_memory_names_the_flags_to_lower(shapes_root, expert_dirs, tmp_path, monkeypatch, flags, advice):
     _, normal, _, _ = expert_dirs
 
@@ -178,6 +179,31 @@ def test_negative_expert_cache_is_refused(shapes_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path], "--expert_cache_gb", "-1"))
     assert "--expert_cache_gb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "some"])
+def test_keep_graphs_takes_a_count_or_auto(shapes_root, tmp_path, capsys, value):
+    assert distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path], "--keep_graphs", "auto")).keep_graphs == "auto"
+    with pytest.raises(SystemExit):
+        distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path], "--keep_graphs", value))
+    assert f"--keep_graphs: must be auto or a whole number >= 0, got {value}" in capsys.readouterr().err
+
+
+def test_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, _, shortcut, compact = expert_dirs
+    phases = [shortcut, compact]
+    every = distill.main(distill_argv(shapes_root, tmp_path, phases, "--keep_graphs", "2", name="every"))
+    real_match, kept = TrajectoryMatcher.match, []
+
+    def counted(self, *args, **kwargs):
+        result = real_match(self, *args, **kwargs)
+        kept.append(result.kept_graphs)
+        return result
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", counted)
+    auto = distill.main(distill_argv(shapes_root, tmp_path, phases, "--keep_graphs", "auto", name="auto"))
+    assert kept == [2] * 8  # --syn_steps 2, two phases of 4 iterations
+    assert_same_distilled(every, auto)
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def test_cuda_gradients_match_cpu(sim_type):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("keep_graphs", [0, 1])
+@pytest.mark.parametrize("keep_graphs", [0, 1, "auto"])
 def test_dropout_masks_are_replayed_on_cuda(keep_graphs):
     from distill_utils.matching import unrolled_autograd_loss
     model, synthetic, start, target = build(False, "full")
@@ -52,6 +52,28 @@ def test_dropout_masks_are_replayed_on_cuda(keep_graphs):
     unrolled_autograd_loss(model, criterion, synthetic, start, target, batches).backward()
     for name, parameter in synthetic.named_parameters():
         assert torch.allclose(fast[name], parameter.grad, rtol=1e-7, atol=1e-10), name
+
+
+@pytest.mark.gpu
+def test_the_cuda_gauge_sees_an_allocation_and_auto_measures_a_graph():
+    from distill_utils.matching import CudaMemory
+    device = torch.device("cuda")
+    memory = CudaMemory(device)
+    before_available, before_allocated = memory.available(), memory.allocated()
+    block = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
+    assert memory.allocated() - before_allocated == block.numel()
+    assert before_available - memory.available() == pytest.approx(block.numel(), rel=0.02)
+    assert 0 < memory.available() < memory.total
+    del block
+
+    model, synthetic, start, target = build(True, "full")
+    model, synthetic = model.to(device), synthetic.to(device)
+    batches = [torch.tensor([0, 1, 2, 3], device=device), torch.tensor([2, 3, 4, 5], device=device)]
+    result = TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), 2, "auto").match(
+        synthetic, {s: v.to(device) for s, v in start.items()}, {s: v.to(device) for s, v in target.items()}, batches)
+    parameter_bytes = sum(v.numel() * v.element_size() for v in start.values())
+    assert result.kept_graphs == 2  # a tiny model on a GPU: every graph fits
+    assert result.graph_bytes > parameter_bytes  # at least the next theta and the step's gradients
 
 
 @pytest.mark.gpu

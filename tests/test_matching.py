@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher, unrolled_autograd_loss
+from distill_utils.matching import (MEMORY_MARGIN, MiniBatchSampler, TrajectoryMatcher, room_for_another_graph,
+                                     unrolled_autograd_loss)
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
@@ -83,3 +84,71 @@ def test_minibatches_are_distinct_and_cover_the_set():
     assert len(set(first.tolist()) | set(second.tolist())) == 8  # no repeats within a permutation
     assert len(set(third.tolist())) == 4                          # reshuffled: still distinct
     assert len(MiniBatchSampler(3, 40, torch.Generator()).next()) == 3
+
+
+class ScriptedMemory:
+    """A GPU gauge that reports given figures: ``allocated`` before and after the first kept graph,
+    then one ``available`` per further decision."""
+
+    def __init__(self, allocated, available, total):
+        self._allocated, self._available, self.total = list(allocated), list(available), total
+        self.asked = 0
+
+    def allocated(self):
+        return self._allocated.pop(0)
+
+    def available(self):
+        self.asked += 1
+        return self._available.pop(0)
+
+
+def match_and_compare(keep_graphs, memory=None, steps=5):
+    """Match with ``keep_graphs``; assert the gradients equal the unrolled autograd ones; the result."""
+    model, synthetic, start, target = build(True, "lowrank")
+    criterion = MultilabelContrastiveLoss("WBCE")
+    sampler = MiniBatchSampler(len(synthetic), 4, torch.Generator().manual_seed(1))
+    batches = [sampler.next() for _ in range(steps)]
+    torch.manual_seed(5)
+    result = TrajectoryMatcher(model, criterion, steps, keep_graphs, memory).match(synthetic, start, target, batches)
+    fast = grads_of(synthetic)
+    synthetic.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    unrolled_autograd_loss(model, criterion, synthetic, start, target, batches).backward()
+    for name, slow in grads_of(synthetic).items():
+        assert torch.allclose(fast[name], slow, rtol=1e-7, atol=1e-10), name
+    return result
+
+
+def test_room_for_another_graph_keeps_a_second_graph_and_the_margin_free():
+    total, graph = 1000, 100
+    assert 2 * graph + MEMORY_MARGIN * total == 250
+    assert room_for_another_graph(graph, 250, total)
+    assert not room_for_another_graph(graph, 249, total)
+
+
+def test_auto_keeps_graphs_while_the_gauge_has_room_and_stays_exact():
+    # the first graph takes 100 bytes, so another needs 2 * 100 + 0.05 * 1000 = 250 available
+    memory = ScriptedMemory(allocated=[5000, 5100], available=[600, 250, 249, 10_000], total=1000)
+    result = match_and_compare("auto", memory)
+    assert result.graph_bytes == 100
+    assert result.kept_graphs == 3  # the first unasked, then 600 and 250 fit, 249 does not
+    assert memory.asked == 3        # kept graphs are a prefix: no more questions after a refusal
+
+
+def test_auto_without_a_gauge_keeps_every_graph():
+    result = match_and_compare("auto", memory=None)
+    assert result.kept_graphs == 5 and result.graph_bytes == 0
+
+
+@pytest.mark.parametrize("keep_graphs", [0, 2, 9])
+def test_a_fixed_count_never_asks_the_gauge(keep_graphs):
+    memory = ScriptedMemory(allocated=[], available=[], total=1000)
+    assert match_and_compare(keep_graphs, memory).kept_graphs == min(keep_graphs, 5)
+    assert memory.asked == 0
+
+
+@pytest.mark.parametrize("keep_graphs", [-1, "all", 2.5])
+def test_keep_graphs_is_a_count_or_auto(keep_graphs):
+    model, *_ = build(True, "full")
+    with pytest.raises(ValueError, match="keep_graphs must be a count >= 0 or 'auto'"):
+        TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), 3, keep_graphs)
