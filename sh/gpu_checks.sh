@@ -6,6 +6,7 @@
 #   distill        benchmarks.distill_step, flickr500 config, default --keep_graphs 0
 #   distill_keep8  the same with --keep_graphs 8
 #   distill_auto   the same with --keep_graphs auto (as many graphs as the GPU's memory allows)
+#   profile        benchmarks.distill_profile, flickr500, --keep_graphs auto: busy vs wall time, top operators
 #   expert         benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
 #   read           benchmarks.trajectory_read on the GPU (snapshot fetch incl. the host-to-device copy)
 # Results: benchmarks/results/*.json plus gpu_checks.log; when $OUT is set they are copied there too.
@@ -18,7 +19,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the test suite hides GPUs unless this is set
 
-all_steps=(tests distill distill_keep8 distill_auto expert read)
+all_steps=(tests distill distill_keep8 distill_auto profile expert read)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 for step in "${steps[@]}"; do
@@ -49,6 +50,7 @@ run_step() {
     distill) python3 -m benchmarks.distill_step --device cuda --config flickr500 ;;
     distill_keep8) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 8 ;;
     distill_auto) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto ;;
+    profile) python3 -m benchmarks.distill_profile --device cuda --config flickr500 --keep_graphs auto ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;
     *) echo "sh/gpu_checks.sh: step '$1' is in all_steps but has no command in run_step" >&2; return 2 ;;

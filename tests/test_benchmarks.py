@@ -202,5 +202,5 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
 def test_gpu_checks_help_names_every_step():
     out = run_gpu_checks("--help")
     assert out.returncode == 0
-    for step in ("tests", "distill", "distill_keep8", "distill_auto", "expert", "read"):
+    for step in ("tests", "distill", "distill_keep8", "distill_auto", "profile", "expert", "read"):
         assert f"\n  {step} " in out.stdout

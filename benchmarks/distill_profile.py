@@ -1,0 +1,102 @@
+"""Where our distillation iteration spends its time: the operators with the most device time.
+
+    python -m benchmarks.distill_profile --device cuda --config flickr500 [--keep_graphs 8]
+    python -m benchmarks.distill_profile --device cpu --config tiny
+
+Builds ours exactly as ``benchmarks.distill_step`` does, runs one warm-up iteration, then profiles
+``--iterations`` more with ``torch.profiler`` and prints, per iteration: the wall time, the time the
+device was busy (on a GPU the sum of its kernels and copies; on the CPU the operators' own time),
+how many kernels and copies a GPU ran, and the operators with the most own device time. A busy
+time well below the wall time means the GPU waits for the host (kernel launches; CUDA graphs would
+help there); a busy time close to it means the kernels themselves are the cost, and the table says
+whose they are. The profiler slows the host side a little, so take wall times from ``distill_step``.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
+
+from distill_utils.cli import count_or, positive
+from distill_utils.matching import AUTO
+from distill_utils.speed import enable_fast_math
+
+from .common import device_name, synchronize, table, write_json
+from .distill_step import CONFIGS, make_inputs, ours
+
+
+def profile(iteration, device: torch.device, iterations: int):
+    """One untimed call, then ``iterations`` profiled ones; returns the profiler and the wall seconds."""
+    iteration()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            iteration()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    return profiler, wall
+
+
+def own_time_us(event, device: torch.device) -> float:
+    """An operator's own time on ``device``: its kernels' on a GPU, its exclusive host time on the CPU."""
+    return event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+
+
+def summarise(profiler, wall: float, iterations: int, device: torch.device, top: int) -> dict:
+    """Per-iteration figures of a profile; operators are host-side (CPU) events, which on a GPU carry
+    the kernels they launched, so no kernel is counted twice."""
+    operators = [e for e in profiler.key_averages() if e.device_type == DeviceType.CPU]
+    if device.type == "cuda":
+        activities = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+        busy_us = sum(e.time_range.elapsed_us() for e in activities)
+        launched = len(activities) / iterations
+    else:
+        busy_us, launched = sum(own_time_us(e, device) for e in operators), None
+    ranked = sorted(operators, key=lambda e: own_time_us(e, device), reverse=True)[:top]
+    return {"iterations": iterations, "wall_s": wall / iterations, "busy_s": busy_us / 1e6 / iterations,
+            "device_activities": launched,
+            "top": [{"operator": e.key, "own_ms": own_time_us(e, device) / 1e3 / iterations,
+                     "share_of_busy": own_time_us(e, device) / busy_us if busy_us else 0.0,
+                     "calls": e.count / iterations} for e in ranked]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
+                        help="distill_ptm-st.py's --keep_graphs (a count, or auto)")
+    parser.add_argument("--iterations", type=positive(), default=2, help="profiled iterations after one warm-up")
+    parser.add_argument("--top", type=positive(), default=20, help="operators listed")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    enable_fast_math(device)
+    config = CONFIGS[args.config]
+    with tempfile.TemporaryDirectory() as folder:
+        model_config, synthetic = make_inputs(config, Path(folder))
+        iteration = ours(model_config, synthetic.to(device), Path(folder), config, device, args.keep_graphs)
+        profiler, wall = profile(iteration, device, args.iterations)
+    figures = summarise(profiler, wall, args.iterations, device, args.top)
+    payload = {"config": args.config, "keep_graphs": args.keep_graphs, "device": device_name(device), **figures}
+    launched = "" if figures["device_activities"] is None else \
+        f", {figures['device_activities']:.0f} kernels and copies"
+    print(f"ours, config {args.config}, --keep_graphs {args.keep_graphs}, on {payload['device']}: per iteration "
+          f"{figures['wall_s']:.3f} s wall (profiled), {figures['busy_s']:.3f} s "
+          f"{'device busy' if device.type == 'cuda' else 'in operators'}{launched}")
+    print(table([["operator", "own ms/iteration", "share of busy", "calls/iteration"]] + [
+        [row["operator"], f"{row['own_ms']:.2f}", f"{row['share_of_busy']:.1%}", f"{row['calls']:.0f}"]
+        for row in figures["top"]]))
+    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}"
+    print(f"written to {write_json(name, payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
