@@ -3,10 +3,12 @@
     python -m benchmarks.distill_profile --device cuda --config flickr500 [--keep_graphs 8]
     python -m benchmarks.distill_profile --device cpu --config tiny
 
-Builds ours exactly as ``benchmarks.distill_step`` does, runs one warm-up iteration, then profiles
-``--iterations`` more with ``torch.profiler`` and prints, per iteration: the wall time, the time the
-device was busy (on a GPU the sum of its kernels and copies; on the CPU the operators' own time),
-how many kernels and copies a GPU ran, and the operators with the most own device time. A busy
+Builds ours exactly as ``benchmarks.distill_step`` does, runs one warm-up iteration, counts the ATen
+operations one iteration dispatches (views apart, which launch no kernel; the count depends on the
+model and the steps, not on the image size, so ``--config nfnet_small`` gives flickr500's on the CPU),
+then profiles ``--iterations`` more with ``torch.profiler`` and prints, per iteration: the wall time,
+the time the device was busy (on a GPU the sum of its kernels and copies; on the CPU the operators'
+own time), how many kernels and copies a GPU ran, and the operators with the most own device time. A busy
 time well below the wall time means the GPU waits for the host (kernel launches; CUDA graphs would
 help there); a busy time close to it means the kernels themselves are the cost, and the table says
 whose they are. The profiler slows the host side a little, so take wall times from ``distill_step``.
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill_utils.cli import count_or, positive
 from distill_utils.matching import AUTO
@@ -28,6 +31,25 @@ from distill_utils.speed import enable_fast_math
 
 from .common import device_name, synchronize, table, write_json
 from .distill_step import CONFIGS, make_inputs, ours
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the ATen operations dispatched below autograd (what would run as kernels), views apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_operations(function) -> dict:
+    with OperationCount() as count:
+        function()
+    return {"operations": count.operations, "views": count.views}
 
 
 def profile(iteration, device: torch.device, iterations: int):
@@ -73,6 +95,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
                         help="distill_ptm-st.py's --keep_graphs (a count, or auto)")
+    parser.add_argument("--standardization", default="timm", choices=["timm", "elementwise"],
+                        help="NFNet weight standardisation in steps with a graph (see benchmarks.distill_step)")
     parser.add_argument("--iterations", type=positive(), default=2, help="profiled iterations after one warm-up")
     parser.add_argument("--top", type=positive(), default=20, help="operators listed")
     args = parser.parse_args(argv)
@@ -81,19 +105,24 @@ def main(argv=None) -> dict:
     config = CONFIGS[args.config]
     with tempfile.TemporaryDirectory() as folder:
         model_config, synthetic = make_inputs(config, Path(folder))
-        iteration = ours(model_config, synthetic.to(device), Path(folder), config, device, args.keep_graphs)
+        iteration = ours(model_config, synthetic.to(device), Path(folder), config, device, args.keep_graphs,
+                         args.standardization)
         profiler, wall = profile(iteration, device, args.iterations)
-    figures = summarise(profiler, wall, args.iterations, device, args.top)
-    payload = {"config": args.config, "keep_graphs": args.keep_graphs, "device": device_name(device), **figures}
+        dispatched = count_operations(iteration)
+    figures = {**summarise(profiler, wall, args.iterations, device, args.top), "dispatched": dispatched}
+    payload = {"config": args.config, "keep_graphs": args.keep_graphs, "standardization": args.standardization,
+               "device": device_name(device), **figures}
     launched = "" if figures["device_activities"] is None else \
         f", {figures['device_activities']:.0f} kernels and copies"
-    print(f"ours, config {args.config}, --keep_graphs {args.keep_graphs}, on {payload['device']}: per iteration "
+    print(f"ours, config {args.config}, --keep_graphs {args.keep_graphs}, {args.standardization} standardisation, "
+          f"on {payload['device']}: per iteration "
           f"{figures['wall_s']:.3f} s wall (profiled), {figures['busy_s']:.3f} s "
-          f"{'device busy' if device.type == 'cuda' else 'in operators'}{launched}")
+          f"{'device busy' if device.type == 'cuda' else 'in operators'}{launched}; "
+          f"{dispatched['operations']} operations dispatched, {dispatched['views']} of them views")
     print(table([["operator", "own ms/iteration", "share of busy", "calls/iteration"]] + [
         [row["operator"], f"{row['own_ms']:.2f}", f"{row['share_of_busy']:.1%}", f"{row['calls']:.0f}"]
         for row in figures["top"]]))
-    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}"
+    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}_{args.standardization}"
     print(f"written to {write_json(name, payload)}")
     return payload
 

@@ -54,6 +54,8 @@ class Config:
 CONFIGS = {
     "tiny": Config("convnet_tiny", 32, 384, 100, 20, 8, 6, 10),
     "flickr500": Config("nfnet", 224, 768, 200, 40, 8, 6, 5),  # NFNet-L0 / BERT-base widths, random weights
+    # flickr500's model and steps (so the same operations are dispatched) at a size the CPU runs in seconds
+    "nfnet_small": Config("nfnet", 32, 768, 40, 8, 8, 6, 3),
 }
 
 
@@ -75,9 +77,11 @@ def make_inputs(config: Config, folder: Path):
     return model_config, synthetic
 
 
-def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = 0):
+def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = 0,
+         standardization: str = "timm"):
     student = model_config.build(seed=0).to(device)
-    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs)
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs,
+                                elementwise_standardization=standardization == "elementwise")
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
     snapshots = SnapshotCache.from_flag(device, None)  # the distiller's default --expert_cache_gb
@@ -169,7 +173,7 @@ def worker(args) -> None:
 
     def build(impl: str):
         if impl == "ours":
-            return ours(model_config, synthetic, folder, config, device, args.keep_graphs)
+            return ours(model_config, synthetic, folder, config, device, args.keep_graphs, args.standardization)
         return reference_style(model_config, synthetic, folder, config, device)
 
     if args.impl == "paired":
@@ -190,7 +194,7 @@ def worker(args) -> None:
 def run_worker(impl: str, args, folder: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.distill_step", "--device", args.device,
                           "--config", args.config, "--impl", impl, "--folder", folder,
-                          "--keep_graphs", str(args.keep_graphs)],
+                          "--keep_graphs", str(args.keep_graphs), "--standardization", args.standardization],
                          capture_output=True, text=True)
     if out.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer on the CPU
         return {"out_of_memory": True, "peak_memory_mb": None}
@@ -249,6 +253,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
                         help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto)")
+    parser.add_argument("--standardization", default="timm", choices=["timm", "elementwise"],
+                        help="NFNet weight standardisation in ours' steps with a graph: timm's batch_norm form "
+                             "(as the distiller runs) or the elementwise form, whose double backward has fewer "
+                             "operations (networks/weight_standardization.py), to measure it")
     parser.add_argument("--rounds", type=int, default=1,
                         help="own processes per implementation (memory, gradients, a 2nd timing); the fastest is kept")
     parser.add_argument("--impl", choices=["ours", "reference", "paired"], help=argparse.SUPPRESS)
@@ -266,6 +274,7 @@ def main(argv=None) -> dict:
         difference = gradient_difference(Path(folder))
     in_turn = paired if fitted(paired) else {}
     payload = {"config": asdict(CONFIGS[args.config]), "keep_graphs": args.keep_graphs,
+               "standardization": args.standardization,
                "device": device_name(torch.device(args.device)), "ours": ours_r, "reference_style": ref_r,
                "alternating": paired, **compare(ours_r, ref_r, paired),
                "max_relative_gradient_difference": difference}
@@ -287,7 +296,8 @@ def main(argv=None) -> dict:
             timing = f"time ratio {payload['time_ratio']:.2f}x (separate processes {separate:.2f}x)"
         print(f"{timing}, memory ratio {payload['memory_ratio']:.2f}x, max relative gradient difference "
               f"{'not compared' if difference is None else f'{difference:.2e}'}")
-    name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}"
+    name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}" + \
+        ("_elementwise_standardization" if args.standardization == "elementwise" else "")
     print(f"written to {write_json(name, payload)}")
     return payload
 

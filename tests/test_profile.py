@@ -11,6 +11,13 @@ from benchmarks import common, distill_profile, distill_step
 from tests.test_benchmarks import MICRO
 
 
+def test_operations_are_counted_with_views_apart():
+    def function():
+        x = torch.ones(6) * 2  # ones, mul
+        x.view(2, 3).t().sum()  # view, t (views), sum
+    assert distill_profile.count_operations(function) == {"operations": 5, "views": 2}
+
+
 def test_a_cpu_profile_ranks_operators_by_their_own_time(tmp_path, monkeypatch):
     monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
@@ -20,7 +27,8 @@ def test_a_cpu_profile_ranks_operators_by_their_own_time(tmp_path, monkeypatch):
     assert 0 < payload["busy_s"] <= payload["wall_s"]  # exclusive times of sequential operators
     assert sum(row["share_of_busy"] for row in payload["top"]) <= 1
     assert any("convolution" in row["operator"] for row in payload["top"])  # convnet_tiny's main cost
-    assert json.loads((tmp_path / "distill_profile_micro_cpu_keep0.json").read_text())["top"] == payload["top"]
+    assert payload["dispatched"]["operations"] > payload["dispatched"]["views"] > 0
+    assert json.loads((tmp_path / "distill_profile_micro_cpu_keep0_timm.json").read_text())["top"] == payload["top"]
 
 
 class FakeProfiler:
