@@ -3,15 +3,16 @@
     python -m benchmarks.distill_profile --device cuda --config flickr500 [--keep_graphs 8]
     python -m benchmarks.distill_profile --device cpu --config tiny
 
-Builds ours exactly as ``benchmarks.distill_step`` does, runs one warm-up iteration, counts the ATen
-operations one iteration dispatches (views apart, which launch no kernel; the count depends on the
-model and the steps, not on the image size, so ``--config nfnet_small`` gives flickr500's on the CPU),
-then profiles ``--iterations`` more with ``torch.profiler`` and prints, per iteration: the wall time,
-the time the device was busy (on a GPU the sum of its kernels and copies; on the CPU the operators'
-own time), how many kernels and copies a GPU ran, and the operators with the most own device time. A busy
-time well below the wall time means the GPU waits for the host (kernel launches; CUDA graphs would
-help there); a busy time close to it means the kernels themselves are the cost, and the table says
-whose they are. The profiler slows the host side a little, so take wall times from ``distill_step``.
+Builds ours exactly as ``benchmarks.distill_step`` does, runs one warm-up iteration, profiles
+``--iterations`` more with ``torch.profiler`` and prints, per iteration: the wall time, the time the
+device was busy (on a GPU the sum of its kernels and copies; on the CPU the operators' own time), how
+many kernels and copies a GPU ran, the operators with the most own device time, and how many ATen
+operations one more iteration dispatches (views apart, which launch no kernel; the count depends on
+the model and the steps, not on the image size, so ``--config nfnet_small`` gives flickr500's on the
+CPU). A busy time well below the wall time means the GPU waits for the host (kernel launches; CUDA
+graphs would help there); a busy time close to it means the kernels themselves are the cost, and the
+table says whose they are. The profiler slows the host side a little, so take wall times from
+``distill_step``.
 """
 from __future__ import annotations
 
