@@ -26,12 +26,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill_utils.cli import count_or, positive
-from distill_utils.matching import AUTO
+from distill_utils.cli import positive
 from distill_utils.speed import enable_fast_math
 
 from .common import device_name, synchronize, table, write_json
-from .distill_step import CONFIGS, make_inputs, ours
+from .distill_step import CONFIGS, add_ours_args, make_inputs, ours
 
 
 class OperationCount(TorchDispatchMode):
@@ -92,12 +91,7 @@ def summarise(profiler, wall: float, iterations: int, device: torch.device, top:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
-                        help="distill_ptm-st.py's --keep_graphs (a count, or auto)")
-    parser.add_argument("--standardization", default="timm", choices=["timm", "elementwise"],
-                        help="NFNet weight standardisation in steps with a graph (see benchmarks.distill_step)")
+    add_ours_args(parser)
     parser.add_argument("--iterations", type=positive(), default=2, help="profiled iterations after one warm-up")
     parser.add_argument("--top", type=positive(), default=20, help="operators listed")
     args = parser.parse_args(argv)

@@ -247,8 +247,8 @@ def gradient_difference(folder: Path) -> float | None:
     return max_relative_difference(*(torch.load(path) for path in paths))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_ours_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the device, the config and how :func:`ours` runs (shared with distill_profile)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
@@ -257,6 +257,11 @@ def main(argv=None) -> dict:
                         help="NFNet weight standardisation in ours' steps with a graph: timm's batch_norm form "
                              "(as the distiller runs) or the elementwise form, whose double backward has fewer "
                              "operations (networks/weight_standardization.py), to measure it")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_ours_args(parser)
     parser.add_argument("--rounds", type=int, default=1,
                         help="own processes per implementation (memory, gradients, a 2nd timing); the fastest is kept")
     parser.add_argument("--impl", choices=["ours", "reference", "paired"], help=argparse.SUPPRESS)
