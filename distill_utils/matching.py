@@ -11,10 +11,11 @@ computes G, and a second pass recomputes each step with a graph (one at a time) 
 (2/D) v^T g_i into the batch's images, texts and similarity entries. Optionally the first pass
 keeps the graphs of its first ``keep_graphs`` steps, trading memory for not recomputing them;
 ``keep_graphs="auto"`` keeps as many as the GPU's free memory allows (every one on the CPU).
+Steps with a graph run NFNet's standardised layers on their standardised weights (see
+:mod:`networks.weight_standardization`), so the graph differentiated twice holds no standardisation.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -22,7 +23,7 @@ import torch
 from torch.func import functional_call
 
 from networks import SIDES, DualEncoder
-from networks.weight_standardization import ElementwiseStandardization
+from networks.weight_standardization import FactoredStandardization
 
 from .synthetic import SyntheticSet
 
@@ -127,7 +128,8 @@ class MatchResult:
 class _StepGraph:
     """One student step computed with a graph back to the batch's synthetic entries."""
     idx: torch.Tensor
-    grads: Dict[str, torch.Tensor]
+    theta: Dict[str, torch.Tensor]  # where the step started
+    grads: Dict[str, torch.Tensor]  # with the graph, w.r.t. the standardised parameters phi
     inputs: List[torch.Tensor]  # images[idx], texts[idx], then the similarity leaves
 
 
@@ -139,12 +141,12 @@ class TrajectoryMatcher:
     0 gives memory constant in ``syn_steps``. ``"auto"`` measures the first kept graph and keeps
     further ones while :func:`room_for_another_graph` holds for ``memory`` (by default the GPU's
     :class:`CudaMemory`; with no gauge, as on the CPU, every graph is kept).
-    ``elementwise_standardization`` runs NFNet's weight standardisation in steps with a graph in the
-    form :mod:`networks.weight_standardization` describes (same values, exact gradients).
+    ``factor_standardization=False`` leaves NFNet's weight standardisation inside the graphs (as
+    timm's layers run it; for comparison, since it only adds work).
     """
 
     def __init__(self, model: DualEncoder, criterion, syn_steps: int, keep_graphs: Union[int, str] = 0,
-                 memory: Optional[CudaMemory] = None, elementwise_standardization: bool = False):
+                 memory: Optional[CudaMemory] = None, factor_standardization: bool = True):
         if keep_graphs != AUTO and not (isinstance(keep_graphs, int) and keep_graphs >= 0):
             raise ValueError(f"keep_graphs must be a count >= 0 or {AUTO!r}, got {keep_graphs!r}")
         self.model = model.train()
@@ -153,9 +155,8 @@ class TrajectoryMatcher:
         self.syn_steps = syn_steps
         self.keep_graphs = keep_graphs
         self.memory = memory
-        # same values, fewer operations in the double backward of NFNet's layers; off until a GPU
-        # measurement shows it faster (see networks/weight_standardization.py)
-        self.graph_friendly = ElementwiseStandardization(model) if elementwise_standardization else nullcontext()
+        layout = {s: list(zip(self.params.names[s], self.params.sizes[s])) for s in SIDES}
+        self.standardization = FactoredStandardization(model, layout if factor_standardization else {})
 
     def _keeps_another(self, kept: int, graph_bytes: int, memory: Optional[CudaMemory]) -> bool:
         if self.keep_graphs != AUTO:
@@ -174,27 +175,39 @@ class TrajectoryMatcher:
         grads = torch.autograd.grad(loss, [flat_leaves[s] for s in SIDES], create_graph=create_graph)
         return dict(zip(SIDES, grads))
 
+    def _step_grads(self, theta, images, texts, target, create_graph: bool):
+        """The step's gradients w.r.t. phi (theta with NFNet's weights standardised; the graph, if any,
+        holds no standardisation) and g_i w.r.t. theta, without a graph."""
+        theta = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
+        phi = {s: self.standardization.standardize(s, theta[s]) for s in SIDES}
+        leaves = {s: phi[s].detach().requires_grad_(True) for s in SIDES}
+        with self.standardization.given_weights():
+            loss = self._step_loss(leaves, images, texts, target)
+        grads = self._grads(leaves, loss, create_graph)
+        update = {s: grads[s].detach() if phi[s] is theta[s] else
+                  torch.autograd.grad(phi[s], theta[s], grads[s].detach())[0] for s in SIDES}  # J^T grad_phi
+        return grads, update
+
     def _plain_step(self, synthetic: SyntheticSet, theta, idx) -> Dict[str, torch.Tensor]:
         """g_i with no graph to the synthetic data."""
-        leaves = {s: theta[s].requires_grad_(True) for s in SIDES}
         with torch.no_grad():
             block = synthetic.similarity.block(idx)
-        loss = self._step_loss(leaves, synthetic.images.detach()[idx], synthetic.texts.detach()[idx], block)
-        return self._grads(leaves, loss, create_graph=False)
+        return self._step_grads(theta, synthetic.images.detach()[idx], synthetic.texts.detach()[idx], block,
+                                create_graph=False)[1]
 
-    def _graph_step(self, synthetic: SyntheticSet, theta, idx) -> _StepGraph:
+    def _graph_step(self, synthetic: SyntheticSet, theta, idx):
+        """Step i with a graph to the batch's entries, and g_i."""
         images = synthetic.images.detach()[idx].requires_grad_(True)
         texts = synthetic.texts.detach()[idx].requires_grad_(True)
         sim_leaves, compose = synthetic.similarity.gather(idx)
-        leaves = {s: theta[s].requires_grad_(True) for s in SIDES}
-        with self.graph_friendly:  # this graph will be differentiated twice
-            loss = self._step_loss(leaves, images, texts, compose(*sim_leaves))
-        return _StepGraph(idx, self._grads(leaves, loss, create_graph=True), [images, texts, *sim_leaves])
+        grads, update = self._step_grads(theta, images, texts, compose(*sim_leaves), create_graph=True)
+        return _StepGraph(idx, theta, grads, [images, texts, *sim_leaves]), update
 
-    @staticmethod
-    def _push_back(step: _StepGraph, weight: Dict[str, torch.Tensor], synthetic: SyntheticSet) -> None:
-        """Back-propagate (2/D) v^T g_i into the entries of the synthetic set that step i used."""
-        objective = sum((weight[s] * step.grads[s]).sum() for s in SIDES)
+    def _push_back(self, step: _StepGraph, weight: Dict[str, torch.Tensor], synthetic: SyntheticSet) -> None:
+        """Back-propagate (2/D) v^T g_i = (2/D) (J v)^T grad_phi into the entries of the synthetic set
+        that step i used."""
+        objective = sum((self.standardization.push_forward(s, step.theta[s], weight[s]) * step.grads[s]).sum()
+                        for s in SIDES)
         outputs = torch.autograd.grad(objective, step.inputs, allow_unused=True)
         outputs = [torch.zeros_like(x) if g is None else g for x, g in zip(step.inputs, outputs)]
         synthetic.images.grad.index_add_(0, step.idx, outputs[0])
@@ -219,8 +232,8 @@ class TrajectoryMatcher:
             if keeping:
                 measuring = memory is not None and not kept
                 before = memory.allocated() if measuring else 0
-                kept.append(self._graph_step(synthetic, theta, idx))
-                grads = {s: g.detach() for s, g in kept[-1].grads.items()}
+                step, grads = self._graph_step(synthetic, theta, idx)
+                kept.append(step)
             else:
                 rng_states.append(capture_rng_state(device))
                 grads = self._plain_step(synthetic, theta, idx)
@@ -256,10 +269,10 @@ class TrajectoryMatcher:
         theta = {s: theta_after_kept[s].detach().clone() for s in SIDES}
         for idx, state in zip(batches[kept_count:], rng_states):
             restore_rng_state(state, device)
-            step = self._graph_step(synthetic, theta, idx)
+            step, grads = self._graph_step(synthetic, theta, idx)
             self._push_back(step, weight, synthetic)
             with torch.no_grad():
-                theta = {s: theta[s].detach() - eta[s] * step.grads[s].detach() for s in SIDES}
+                theta = {s: theta[s] - eta[s] * grads[s] for s in SIDES}
         restore_rng_state(rng_after, device)
 
         loss_value = sum(per_side.values())
