@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
                "device": device_name(device), **figures}
     launched = "" if figures["device_activities"] is None else \
         f", {figures['device_activities']:.0f} kernels and copies"
-    print(f"ours, config {args.config}, --keep_graphs {args.keep_graphs}, {args.standardization} standardisation, "
+    in_graph = ", weight standardisation inside the graphs" if args.standardization == "timm" else ""
+    print(f"ours, config {args.config}, --keep_graphs {args.keep_graphs}{in_graph}, "
           f"on {payload['device']}: per iteration "
           f"{figures['wall_s']:.3f} s wall (profiled), {figures['busy_s']:.3f} s "
           f"{'device busy' if device.type == 'cuda' else 'in operators'}{launched}; "
@@ -117,7 +118,8 @@ def main(argv=None) -> dict:
     print(table([["operator", "own ms/iteration", "share of busy", "calls/iteration"]] + [
         [row["operator"], f"{row['own_ms']:.2f}", f"{row['share_of_busy']:.1%}", f"{row['calls']:.0f}"]
         for row in figures["top"]]))
-    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}_{args.standardization}"
+    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}" + \
+        ("_timm_standardization" if args.standardization == "timm" else "")
     print(f"written to {write_json(name, payload)}")
     return payload
 

@@ -78,10 +78,10 @@ def make_inputs(config: Config, folder: Path):
 
 
 def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = 0,
-         standardization: str = "timm"):
+         standardization: str = "factored"):
     student = model_config.build(seed=0).to(device)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs,
-                                elementwise_standardization=standardization == "elementwise")
+                                factor_standardization=standardization == "factored")
     expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
     snapshots = SnapshotCache.from_flag(device, None)  # the distiller's default --expert_cache_gb
@@ -253,10 +253,10 @@ def add_ours_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
                         help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto)")
-    parser.add_argument("--standardization", default="timm", choices=["timm", "elementwise"],
-                        help="NFNet weight standardisation in ours' steps with a graph: timm's batch_norm form "
-                             "(as the distiller runs) or the elementwise form, whose double backward has fewer "
-                             "operations (networks/weight_standardization.py), to measure it")
+    parser.add_argument("--standardization", default="factored", choices=["factored", "timm"],
+                        help="NFNet weight standardisation in ours' steps with a graph: factored out of the "
+                             "graph (as the distiller runs; networks/weight_standardization.py) or inside it, "
+                             "as timm's layers compute it, to measure what factoring saves")
 
 
 def main(argv=None) -> dict:
@@ -302,7 +302,7 @@ def main(argv=None) -> dict:
         print(f"{timing}, memory ratio {payload['memory_ratio']:.2f}x, max relative gradient difference "
               f"{'not compared' if difference is None else f'{difference:.2e}'}")
     name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}" + \
-        ("_elementwise_standardization" if args.standardization == "elementwise" else "")
+        ("_timm_standardization" if args.standardization == "timm" else "")
     print(f"written to {write_json(name, payload)}")
     return payload
 

@@ -6,8 +6,8 @@
 #   distill          benchmarks.distill_step, flickr500 config, default --keep_graphs 0
 #   distill_keep8    the same with --keep_graphs 8
 #   distill_auto     the same with --keep_graphs auto (as many graphs as the GPU's memory allows)
-#   distill_ws       distill_auto with NFNet's weight standardisation in elementwise form in the steps
-#                    with a graph (fewer operations in the double backward; off by default until measured)
+#   distill_timm_ws  distill_auto with NFNet's weight standardisation left inside the graphs, as timm's
+#                    layers compute it (what factoring it out saves; see networks/weight_standardization.py)
 #   profile          benchmarks.distill_profile, flickr500, --keep_graphs auto: busy vs wall time, top operators
 #   expert           benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
 #   read             benchmarks.trajectory_read on the GPU (snapshot fetch incl. the host-to-device copy)
@@ -21,7 +21,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the test suite hides GPUs unless this is set
 
-all_steps=(tests distill distill_keep8 distill_auto distill_ws profile expert read)
+all_steps=(tests distill distill_keep8 distill_auto distill_timm_ws profile expert read)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 for step in "${steps[@]}"; do
@@ -52,8 +52,8 @@ run_step() {
     distill) python3 -m benchmarks.distill_step --device cuda --config flickr500 ;;
     distill_keep8) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 8 ;;
     distill_auto) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto ;;
-    distill_ws) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto \
-                  --standardization elementwise ;;
+    distill_timm_ws) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto \
+                       --standardization timm ;;
     profile) python3 -m benchmarks.distill_profile --device cuda --config flickr500 --keep_graphs auto ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;

@@ -84,7 +84,7 @@ def test_ratios_are_ours_over_the_reference_and_absent_after_an_out_of_memory():
 
 
 def test_a_worker_killed_by_the_system_counts_as_out_of_memory(monkeypatch):
-    args = SimpleNamespace(device="cpu", config="tiny", keep_graphs=0, standardization="timm")
+    args = SimpleNamespace(device="cpu", config="tiny", keep_graphs=0, standardization="factored")
     killed = subprocess.CompletedProcess([], -signal.SIGKILL, "", "")
     monkeypatch.setattr(distill_step.subprocess, "run", lambda *a, **k: killed)
     assert distill_step.run_worker("reference", args, "unused")["out_of_memory"]
@@ -123,7 +123,7 @@ def test_both_implementations_give_one_gradient_with_dropout_active(device, tmp_
 def test_the_paired_worker_times_both_implementations_in_one_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
     args = SimpleNamespace(device="cpu", config="micro", impl="paired", folder=str(tmp_path), keep_graphs=0,
-                           standardization="timm")
+                           standardization="factored")
     distill_step.worker(args)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ours"]["repeats"] == result["reference"]["repeats"] == MICRO.repeats
@@ -134,7 +134,7 @@ def test_the_paired_worker_times_both_implementations_in_one_process(tmp_path, m
 def test_ours_reports_the_graphs_it_kept(keep_graphs, kept, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
     args = SimpleNamespace(device="cpu", config="micro", impl="ours", folder=str(tmp_path), keep_graphs=keep_graphs,
-                           standardization="timm")
+                           standardization="factored")
     distill_step.worker(args)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kept_graphs"] == kept and result["graph_mb"] == 0  # no gauge on the CPU: nothing measured
@@ -204,5 +204,5 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
 def test_gpu_checks_help_names_every_step():
     out = run_gpu_checks("--help")
     assert out.returncode == 0
-    for step in ("tests", "distill", "distill_keep8", "distill_auto", "distill_ws", "profile", "expert", "read"):
+    for step in ("tests", "distill", "distill_keep8", "distill_auto", "distill_timm_ws", "profile", "expert", "read"):
         assert f"\n  {step} " in out.stdout
