@@ -226,3 +226,20 @@ def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, t
     monkeypatch.setattr(TrajectoryMatcher, "match", real_match)
     resumed = distill.main(distill_argv(shapes_root, tmp_path, phases, "--resume", name="cut"))
     assert_same_distilled(whole, resumed)
+
+
+def test_an_nfnet_student_distils_with_its_standardisation_factored(shapes_root, tmp_path):
+    """The distiller's default path for NFNet students (weights standardised outside the graphs) end to end,
+    from experts that buffer.py trained through timm's own layers."""
+    nfnet = ("--image_encoder", "test_nfnet", "--out_embedding", "12")
+    experts.main(shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "1", "--train_epochs", "2",
+                             "--eval_freq", "2", "--batch_size_train", "32", "--buffer_path", str(tmp_path / "b"),
+                             *nfnet[2:], image_encoder="test_nfnet"))
+    normal = trajectories.expert_folder(tmp_path / "b", "shapes", "test_nfnet", "tiny_bert", "InfoNCE")
+    argv = distill_argv(shapes_root, tmp_path, [normal], "--sim_type", "full", "--keep_graphs", "1", *nfnet)
+    folder = distill.main(argv)
+    start, end = (torch.load(folder / f"distilled_0_{it}.pt", weights_only=True) for it in (0, 4))
+    assert torch.isfinite(end["image"]).all() and not torch.equal(start["image"], end["image"])
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["matching_loss"] for r in records if r.get("matching_loss") is not None]  # logged at evaluations
+    assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
