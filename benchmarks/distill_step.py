@@ -254,9 +254,9 @@ def add_ours_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
                         help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto)")
     parser.add_argument("--standardization", default="factored", choices=["factored", "timm"],
-                        help="NFNet weight standardisation in ours' steps with a graph: factored out of the "
-                             "graph (as the distiller runs; networks/weight_standardization.py) or inside it, "
-                             "as timm's layers compute it, to measure what factoring saves")
+                        help="NFNet weight standardisation in ours' student steps: factored out of the graphs "
+                             "(as the distiller runs; networks/weight_standardization.py) or inside them, as "
+                             "timm's layers compute it, to measure what factoring saves")
 
 
 def main(argv=None) -> dict:

@@ -11,8 +11,8 @@ computes G, and a second pass recomputes each step with a graph (one at a time) 
 (2/D) v^T g_i into the batch's images, texts and similarity entries. Optionally the first pass
 keeps the graphs of its first ``keep_graphs`` steps, trading memory for not recomputing them;
 ``keep_graphs="auto"`` keeps as many as the GPU's free memory allows (every one on the CPU).
-Steps with a graph run NFNet's standardised layers on their standardised weights (see
-:mod:`networks.weight_standardization`), so the graph differentiated twice holds no standardisation.
+Every step runs NFNet's standardised layers on their standardised weights (see
+:mod:`networks.weight_standardization`), so the graphs differentiated twice hold no standardisation.
 """
 from __future__ import annotations
 
