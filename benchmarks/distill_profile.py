@@ -30,7 +30,7 @@ from distill_utils.cli import positive
 from distill_utils.speed import enable_fast_math
 
 from .common import device_name, synchronize, table, write_json
-from .distill_step import CONFIGS, add_ours_args, make_inputs, ours
+from .distill_step import CONFIGS, add_ours_args, make_inputs, ours, result_name
 
 
 class OperationCount(TorchDispatchMode):
@@ -118,9 +118,7 @@ def main(argv=None) -> dict:
     print(table([["operator", "own ms/iteration", "share of busy", "calls/iteration"]] + [
         [row["operator"], f"{row['own_ms']:.2f}", f"{row['share_of_busy']:.1%}", f"{row['calls']:.0f}"]
         for row in figures["top"]]))
-    name = f"distill_profile_{args.config}_{device.type}_keep{args.keep_graphs}" + \
-        ("_timm_standardization" if args.standardization == "timm" else "")
-    print(f"written to {write_json(name, payload)}")
+    print(f"written to {write_json(result_name('distill_profile', args), payload)}")
     return payload
 
 

@@ -259,6 +259,13 @@ def add_ours_args(parser: argparse.ArgumentParser) -> None:
                              "timm's layers compute it, to measure what factoring saves")
 
 
+def result_name(benchmark: str, args) -> str:
+    """The JSON file name for a run of ``benchmark`` with :func:`add_ours_args`' flags (the default
+    standardisation unnamed)."""
+    suffix = "_timm_standardization" if args.standardization == "timm" else ""
+    return f"{benchmark}_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}{suffix}"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_ours_args(parser)
@@ -301,9 +308,7 @@ def main(argv=None) -> dict:
             timing = f"time ratio {payload['time_ratio']:.2f}x (separate processes {separate:.2f}x)"
         print(f"{timing}, memory ratio {payload['memory_ratio']:.2f}x, max relative gradient difference "
               f"{'not compared' if difference is None else f'{difference:.2e}'}")
-    name = f"distill_step_{args.config}_{torch.device(args.device).type}_keep{args.keep_graphs}" + \
-        ("_timm_standardization" if args.standardization == "timm" else "")
-    print(f"written to {write_json(name, payload)}")
+    print(f"written to {write_json(result_name('distill_step', args), payload)}")
     return payload
 
 
