@@ -91,9 +91,10 @@ class FactoredStandardization:
         self.sizes = {side: [numel for _, numel in entries] for side, entries in layout.items()}
         self.slots: Dict[str, List[_Slot]] = {}
         self.layers: List[nn.Module] = []
+        candidates = scaled_std_convs(model)
         for side, entries in layout.items():
             index = {name: i for i, (name, _) in enumerate(entries)}
-            for name, layer in scaled_std_convs(model).items():
+            for name, layer in candidates.items():
                 prefix = f"{name}." if name else ""
                 weight, gain = index.get(f"{prefix}weight"), index.get(f"{prefix}gain")
                 if weight is None or gain is None:
