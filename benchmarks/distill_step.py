@@ -6,7 +6,7 @@
 The reference-style implementation does what the authors' code does each iteration: rebuild the
 student, read the whole expert file from disk, run the first pass with a double-backward graph that
 it keeps but never uses, then the second pass. Ours runs as distill_ptm-st.py does by default
-(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given). Each runs in its own
+(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given, auto by default). Each runs in its own
 process on identical data, for its peak memory and its gradients (their difference is printed); then
 one process runs them in turn, iteration by iteration, for the time ratio, so that a slow spell of a
 shared machine, which can outlast a whole process, slows both alike.
@@ -77,7 +77,7 @@ def make_inputs(config: Config, folder: Path):
     return model_config, synthetic
 
 
-def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = 0,
+def ours(model_config, synthetic, folder: Path, config: Config, device: torch.device, keep_graphs: int | str = AUTO,
          standardization: str = "factored"):
     student = model_config.build(seed=0).to(device)
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss("WBCE"), config.syn_steps, keep_graphs,
@@ -251,8 +251,8 @@ def add_ours_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the device, the config and how :func:`ours` runs (shared with distill_profile)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
-                        help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto)")
+    parser.add_argument("--keep_graphs", type=count_or(AUTO), default=AUTO,
+                        help="distill_ptm-st.py's --keep_graphs for ours (a count, or auto, its default)")
     parser.add_argument("--standardization", default="factored", choices=["factored", "timm"],
                         help="NFNet weight standardisation in ours' student steps: factored out of the graphs "
                              "(as the distiller runs; networks/weight_standardization.py) or inside them, as "

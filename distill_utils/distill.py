@@ -89,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="low-rank similarity rank per phase (default 5 10 for two phases, else 10)")
     match = parser.add_argument_group("matching")
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
-    match.add_argument("--keep_graphs", type=count_or(AUTO), default=0,
+    match.add_argument("--keep_graphs", type=count_or(AUTO), default=AUTO,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
-                            "(exact; faster, one step's graph of memory each; 0: memory constant in --syn_steps). "
-                            "auto: as many as the GPU's free memory allows, chosen every iteration (every one on "
-                            "the CPU)")
+                            "(exact; faster, one step's graph of memory each). Default auto: as many as the GPU's "
+                            "free memory allows, chosen every iteration (every one on the CPU; never more memory "
+                            "than the reference holds). 0: memory constant in --syn_steps, for a shared GPU")
     match.add_argument("--expert_cache_gb", type=non_negative(float), default=None,
                        help="GiB of expert snapshots kept on the device instead of copied from the host every "
                             "iteration (default: on a GPU half the memory the first iteration left free; 0 on the "

@@ -3,10 +3,11 @@
 # performance section. Each step is its own command, so the steps can be split across short sessions.
 # Usage: bash sh/gpu_checks.sh [STEP ...]     (default: every step, in this order)
 #   tests            pytest -m gpu (CUDA gradients equal the CPU's, dropout replay, speed switches, cache)
-#   distill          benchmarks.distill_step, flickr500 config, default --keep_graphs 0
+#   distill          benchmarks.distill_step, flickr500 config, default --keep_graphs auto (as many graphs
+#                    as the GPU's memory allows)
+#   distill_keep0    the same with --keep_graphs 0 (memory constant in the student steps)
 #   distill_keep8    the same with --keep_graphs 8
-#   distill_auto     the same with --keep_graphs auto (as many graphs as the GPU's memory allows)
-#   distill_timm_ws  distill_auto with NFNet's weight standardisation left inside the graphs, as timm's
+#   distill_timm_ws  distill with NFNet's weight standardisation left inside the graphs, as timm's
 #                    layers compute it (what factoring it out saves; see networks/weight_standardization.py)
 #   profile          benchmarks.distill_profile, flickr500, --keep_graphs auto: busy vs wall time, top operators
 #   expert           benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
@@ -21,7 +22,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the test suite hides GPUs unless this is set
 
-all_steps=(tests distill distill_keep8 distill_auto distill_timm_ws profile expert read)
+all_steps=(tests distill distill_keep0 distill_keep8 distill_timm_ws profile expert read)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 for step in "${steps[@]}"; do
@@ -50,10 +51,9 @@ run_step() {
   case $1 in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider ;;
     distill) python3 -m benchmarks.distill_step --device cuda --config flickr500 ;;
+    distill_keep0) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 0 ;;
     distill_keep8) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs 8 ;;
-    distill_auto) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto ;;
-    distill_timm_ws) python3 -m benchmarks.distill_step --device cuda --config flickr500 --keep_graphs auto \
-                       --standardization timm ;;
+    distill_timm_ws) python3 -m benchmarks.distill_step --device cuda --config flickr500 --standardization timm ;;
     profile) python3 -m benchmarks.distill_profile --device cuda --config flickr500 --keep_graphs auto ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;

@@ -156,7 +156,7 @@ def test_the_time_ratio_comes_from_the_paired_run_when_both_fit_together(togethe
     assert payload["time_ratio_separate_processes"] == pytest.approx(0.4)
     assert ("time ratio 0.45x" in printed) == (together == "fit")
     assert ("separate processes only" in printed) == (together != "fit")
-    assert json.loads((tmp_path / "distill_step_tiny_cpu_keep0.json").read_text())["alternating"] == paired
+    assert json.loads((tmp_path / "distill_step_tiny_cpu_keepauto.json").read_text())["alternating"] == paired
 
 
 def test_no_paired_run_after_an_implementation_ran_out_of_memory_alone(tmp_path, monkeypatch, capsys):
@@ -204,5 +204,5 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
 def test_gpu_checks_help_names_every_step():
     out = run_gpu_checks("--help")
     assert out.returncode == 0
-    for step in ("tests", "distill", "distill_keep8", "distill_auto", "distill_timm_ws", "profile", "expert", "read"):
+    for step in ("tests", "distill", "distill_keep0", "distill_keep8", "distill_timm_ws", "profile", "expert", "read"):
         assert f"\n  {step} " in out.stdout

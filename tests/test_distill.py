@@ -189,6 +189,10 @@ def test_keep_graphs_takes_a_count_or_auto(shapes_root, tmp_path, capsys, value)
     assert f"--keep_graphs: must be auto or a whole number >= 0, got {value}" in capsys.readouterr().err
 
 
+def test_keep_graphs_defaults_to_auto(shapes_root, tmp_path):
+    assert distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path])).keep_graphs == "auto"
+
+
 def test_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, _, shortcut, compact = expert_dirs
     phases = [shortcut, compact]
@@ -201,7 +205,7 @@ def test_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, m
         return result
 
     monkeypatch.setattr(TrajectoryMatcher, "match", counted)
-    auto = distill.main(distill_argv(shapes_root, tmp_path, phases, "--keep_graphs", "auto", name="auto"))
+    auto = distill.main(distill_argv(shapes_root, tmp_path, phases, name="auto"))  # the default
     assert kept == [2] * 8  # --syn_steps 2, two phases of 4 iterations
     assert_same_distilled(every, auto)
 

@@ -28,7 +28,7 @@ def test_a_cpu_profile_ranks_operators_by_their_own_time(tmp_path, monkeypatch):
     assert sum(row["share_of_busy"] for row in payload["top"]) <= 1
     assert any("convolution" in row["operator"] for row in payload["top"])  # convnet_tiny's main cost
     assert payload["dispatched"]["operations"] > payload["dispatched"]["views"] > 0
-    assert json.loads((tmp_path / "distill_profile_micro_cpu_keep0.json").read_text())["top"] == payload["top"]
+    assert json.loads((tmp_path / "distill_profile_micro_cpu_keepauto.json").read_text())["top"] == payload["top"]
 
 
 class FakeProfiler:
