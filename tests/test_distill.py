@@ -193,7 +193,7 @@ def test_keep_graphs_defaults_to_auto(shapes_root, tmp_path):
     assert distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path])).keep_graphs == "auto"
 
 
-def test_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, monkeypatch):
+def test_the_default_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, _, shortcut, compact = expert_dirs
     phases = [shortcut, compact]
     every = distill.main(distill_argv(shapes_root, tmp_path, phases, "--keep_graphs", "2", name="every"))
