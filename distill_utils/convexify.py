@@ -76,14 +76,11 @@ def parameter_names(meta: Optional[dict], side: str, count: int) -> list:
 
 
 def convexify_full(folder: Path, out: Path, index: int, start: int, end: int) -> int:
-    written = 0
-    for side in trajectories.SIDES:
-        source = trajectories.twin_path(folder, side, index)
-        shortcut = [convexify_trajectory(t, start, end) for t in trajectories.load_trajectory_file(source)]
-        target = out / source.name
-        trajectories.save_trajectory_file(shortcut, target)
-        written += target.stat().st_size
-    return written
+    shortcuts = {side: [convexify_trajectory(t, start, end) for t in
+                        trajectories.load_trajectory_file(trajectories.twin_path(folder, side, index))]
+                 for side in trajectories.SIDES}
+    paths = trajectories.save_twin_files(shortcuts["image"], shortcuts["text"], out, index)
+    return sum(path.stat().st_size for path in paths)
 
 
 def convexify_compact(folder: Path, out: Path, index: int, start: int, end: int, dtype: torch.dtype,

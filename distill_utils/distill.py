@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -23,9 +24,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, trajectories
 from .atomic import atomic_write_text
+from .claims import FolderBusy, folder_lock, this_process
 from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists, count_or,
                   non_negative, positive)
 from .context import DataContext, load_data, model_config
+from .data import DataError
+from .errors import UsageError, writable_folder
 from .evaluation import EvalSettings, evaluate_subsets
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import AUTO, MiniBatchSampler, TrajectoryMatcher
@@ -147,11 +151,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"(start snapshots are drawn from [min, max))")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    for k, queries in enumerate(args.num_queries):
+        if args.mini_batch_size > queries:
+            parser.error(f"--mini_batch_size {args.mini_batch_size} exceeds --num_queries {queries} of phase {k}: "
+                         f"a student step draws its mini-batch from the phase's pairs; pass --mini_batch_size "
+                         f"{min(args.num_queries)} or less")
     if args.resume and not args.name:
         parser.error("--resume needs --name (the run folder to continue)")
+    if args.name is not None and not plain_name(args.name):
+        parser.error(f"--name {args.name!r} must be a plain folder name (letters, digits, '.', '_', '-'; not "
+                     f"'.' or '..'): runs go to --logged_dir/DATASET/NAME and a name cannot point elsewhere")
     if args.name is None:
         args.name = f"{args.dataset}_{'_'.join(map(str, args.num_queries))}_{datetime.datetime.now():%Y%m%d_%H%M%S}"
     return args
+
+
+def plain_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9._-]+", name)) and name not in (".", "..") and not name.startswith("-")
 
 
 def phase_specs(args: argparse.Namespace) -> List[PhaseSpec]:
@@ -160,17 +176,14 @@ def phase_specs(args: argparse.Namespace) -> List[PhaseSpec]:
 
 
 def open_buffers(specs: Sequence[PhaseSpec], expert_epochs: int) -> List[trajectories.TrajectoryBuffer]:
-    """Open every phase's folder and check its snapshot count against the start-epoch range."""
+    """Open every phase's folder; every expert must have the snapshots the phase's start range and
+    --expert_epochs reach, finite."""
     buffers = []
     for spec in specs:
         buffer = trajectories.TrajectoryBuffer(Path(spec.buffer_path))
-        count = buffer.experts_in_file(buffer.indices[0])[0].num_snapshots
         needed = spec.max_start - 1 + expert_epochs
-        if needed > count - 1:
-            raise trajectories.TrajectoryError(
-                f"phase {spec.index}: {spec.buffer_path} has {count} snapshots (0..{count - 1}) but --max_start_epoch "
-                f"{spec.max_start} with --expert_epochs {expert_epochs} needs snapshot {needed}; lower "
-                f"--max_start_epoch to at most {count - expert_epochs} or use a longer trajectory")
+        buffer.check_snapshots(needed, f"phase {spec.index} (--max_start_epoch {spec.max_start} with "
+                                       f"--expert_epochs {expert_epochs})")
         buffers.append(buffer)
     return buffers
 
@@ -288,7 +301,7 @@ def save_resume_state(run: Run, phase: int, it: int, finished: List[FrozenSubset
                       loop: Optional[PhaseLoop] = None) -> None:
     """``latest.pt``: where to continue (phase, iteration), the finished subsets and the loop's state."""
     state = {"phase": phase, "iteration": it, "finished": [asdict(s) for s in finished], "args": vars(run.args),
-             "loop": loop.state_dict(run.device) if loop is not None else None}
+             "text_dim": run.data.text_dim, "loop": loop.state_dict(run.device) if loop is not None else None}
     checkpoint.save_state(run.latest, state)
 
 
@@ -384,19 +397,83 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     return FrozenSubset.from_set(ema.copy_to(ema_set))
 
 
-def prepare_folder(args: argparse.Namespace) -> tuple:
-    folder = Path(args.logged_dir) / args.dataset / args.name
-    latest = folder / "latest.pt"
-    if args.resume:
-        if not latest.is_file():
-            raise checkpoint.CheckpointError(f"--resume: {latest} does not exist; nothing to continue (drop --resume "
-                                             f"to start the run)")
-        return folder, checkpoint.load_state(latest)
-    if folder.exists() and any(folder.iterdir()):
-        raise checkpoint.CheckpointError(f"run folder {folder} already exists: pass --resume to continue it, or "
-                                         f"another --name; an earlier run is never overwritten")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder, None
+# Flags that fix the shape or meaning of what a run folder holds; --resume refuses to change them.
+FIXED_ON_RESUME = ("dataset", "image_encoder", "text_encoder", "image_trainable", "out_embedding", "image_size",
+                   "subset_num", "num_queries", "sim_type", "sim_rank", "alpha", "text_dim")
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    return Path(args.logged_dir) / args.dataset / args.name
+
+
+def started(folder: Path) -> bool:
+    """A run has started once it saved a resume state; a folder without one (a start-up that failed
+    before the first checkpoint) is started afresh."""
+    return (folder / "latest.pt").is_file()
+
+
+def previous_state(args: argparse.Namespace, folder: Path) -> Optional[dict]:
+    """The state to resume from (None: start at the beginning); refuses to start over a started run."""
+    if not started(folder):
+        if args.resume:
+            log.warning("--resume: %s has no latest.pt (the run never reached its first checkpoint); starting it "
+                        "from the beginning", folder)
+        return None
+    if not args.resume:
+        raise checkpoint.CheckpointError(
+            f"run folder {folder} already holds a run: pass --resume to continue it, or another --name; an earlier "
+            f"run is never overwritten")
+    return checkpoint.load_state(folder / "latest.pt")
+
+
+def changed_flags(before: dict, now: dict) -> dict:
+    keys = sorted((set(before) | set(now)) - {"resume", "git_sha"})
+    return {k: [before.get(k), now.get(k)] for k in keys if _comparable(before.get(k)) != _comparable(now.get(k))}
+
+
+def _comparable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resumable(state: dict, args: argparse.Namespace, text_dim: int, folder: Path) -> dict:
+    """Refuse flags that would not fit the saved state; return every changed flag {name: [old, new]}."""
+    before = {**state.get("args", {}), "text_dim": state.get("text_dim", text_dim)}
+    changes = changed_flags(before, {**vars(args), "text_dim": text_dim})
+    fixed = {k: v for k, v in changes.items() if k in FIXED_ON_RESUME}
+    if fixed:
+        listed = "; ".join(f"--{k} was {old} and is now {new}" for k, (old, new) in fixed.items())
+        original = " ".join(f"--{k} {_flag_value(old)}" for k, (old, _) in fixed.items() if k != "text_dim")
+        raise checkpoint.CheckpointError(
+            f"--resume of {folder} with flags that do not fit its saved state: {listed}. Resume with the run's "
+            f"own values ({original}), or start a new run with another --name.")
+    return changes
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def record_start(folder: Path, args: argparse.Namespace, state: Optional[dict], changes: dict) -> None:
+    """``args.json`` keeps the flags the run started with; every start, resumes included, adds a line to
+    ``args_history.jsonl`` with the flags it changed."""
+    resolved = {**vars(args), "git_sha": git_sha()}
+    if state is None:
+        atomic_write_text(folder / "args.json", json.dumps(resolved, indent=1, default=str))
+    elif changes:
+        log.warning("--resume with changed flags (recorded in args_history.jsonl): %s",
+                    ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": resolved["git_sha"],
+             "resumed_at": None if state is None else {"phase": state["phase"], "iteration": state["iteration"]},
+             "changed": changes, "args": resolved}
+    with open(folder / "args_history.jsonl", "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(entry, default=str) + "\n")
+
+
+def check_sizes(specs: Sequence[PhaseSpec], train_pairs: int) -> None:
+    for spec in specs:
+        if spec.num_queries > train_pairs:
+            raise DataError(f"--num_queries {spec.num_queries} (phase {spec.index}) exceeds the {train_pairs} "
+                            f"training pairs of the dataset: pass at most {train_pairs}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -404,13 +481,25 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging()
     args = parse_args(argv)
     specs = phase_specs(args)
+    folder = writable_folder(run_folder(args), "--logged_dir")
+    try:
+        with folder_lock(folder, wait=False, owner=this_process()):
+            return distill_in(folder, args, specs)
+    except FolderBusy as busy:
+        raise UsageError(f"run folder {folder} is in use by {busy.owner or 'another process'}: a run (or a resume) "
+                         f"of it is still going. Wait for it to finish, or use another --name.") from None
+
+
+def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec]) -> Path:
+    """The run, with ``folder`` locked: resume state, experts, data, student, then the phases."""
+    state = previous_state(args, folder)
     buffers = open_buffers(specs, args.expert_epochs)
-    folder, state = prepare_folder(args)
     device = resolve_device(args.device)
     enable_fast_math(device)
     torch.manual_seed(args.seed)
-    atomic_write_text(folder / "args.json", json.dumps({**vars(args), "git_sha": git_sha()}, indent=1, default=str))
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
+    check_sizes(specs, len(data.train))
+    changes = check_resumable(state, args, data.text_dim, folder) if state is not None else {}
     config = model_config(args, data.text_dim)
     student = config.build(seed=args.seed).to(device)
     expected = trajectories.ExpectedShapes(
@@ -419,6 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     for buffer in buffers:
         buffer.set_expected(expected)  # every expert checked before the first iteration
     test, val = split_benchmarks(data, args, device)
+    record_start(folder, args, state, changes)
     run = Run(args, folder, data, config, device, test, val,
               MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
               eval_settings(args))

@@ -25,7 +25,8 @@ from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import resolve_device, setup_logging
 from .speed import SpeedOptions, enable_fast_math
 from .synthetic import FrozenSubset
-from .atomic import atomic_write_text
+from .atomic import text_writer, write_all
+from .errors import writable_folder
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
@@ -55,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accepted for the reference's commands; the checkpoint's matrix is used")
     group.add_argument("--out_dir", default=None, help="where eval_results.{json,md} go (default: beside the last checkpoint)")
     return parser
+
+
+def check_phase_order(paths: Sequence[str]) -> None:
+    """Refuse a checkpoint given twice, or phases out of order (each file records its phase)."""
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in paths if resolved.count(Path(p).resolve()) > 1})
+    if twice:
+        raise checkpoint.CheckpointError(f"--ckpt_path names {twice[0]} more than once: give each phase's "
+                                         f"checkpoint once, in phase order")
+    phases = [checkpoint.recorded_phase(Path(p)) for p in paths]
+    if all(phase is not None for phase in phases) and phases != list(range(len(phases))):
+        raise checkpoint.CheckpointError(
+            f"--ckpt_path gives phases {phases} but students train on phases 0, 1, ... in order: pass "
+            f"{' '.join(str(paths[phases.index(k)]) for k in range(len(phases)) if k in phases) or 'them'} "
+            f"(one checkpoint per phase, starting at phase 0)")
 
 
 def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> List[FrozenSubset]:
@@ -114,10 +130,10 @@ def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace)
     table = format_table(rows)
     payload = {"rows": rows, "protocol": args.eval_protocol, "phase_lr": args.phase_lr, "num_eval": args.num_eval,
                "ckpt_path": args.ckpt_path, "epoch_eval_train": args.epoch_eval_train}
-    atomic_write_text(folder / "eval_results.json", json.dumps(payload, indent=1))
-    atomic_write_text(folder / "eval_results.md",
-                      f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n"
-                      f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}\n\n{table}\n")
+    write_all([(folder / "eval_results.json", text_writer(json.dumps(payload, indent=1))),
+               (folder / "eval_results.md", text_writer(
+                   f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n"
+                   f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}\n\n{table}\n"))])
     return folder / "eval_results.md"
 
 
@@ -128,6 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     for path in args.ckpt_path:  # before loading any data
         if not Path(path).is_file():
             raise checkpoint.CheckpointError(f"--ckpt_path {path} does not exist")
+    check_phase_order(args.ckpt_path)
+    out_dir = writable_folder(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, "--out_dir")
     device = resolve_device(args.device)
     enable_fast_math(device)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
@@ -145,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
             reals, config, settings, test, val, device, "random subset")["selected"]
     if "full" in args.baseline:
         rows[f"full training set ({len(data.train)} pairs)"] = full_data_baseline(data, args, config, test, device)["selected"]
-    out = write_results(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, rows, args)
-    print(format_table(rows))
+    print(format_table(rows), flush=True)  # before writing: a failed write must not lose the table
+    out = write_results(out_dir, rows, args)
     print(f"written to {out} and {out.with_suffix('.json')}")
     return rows

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +23,7 @@ from networks import DualEncoder
 from . import trajectories
 from .cli import add_bool_flag, add_data_args, add_model_args, add_runtime_args, positive, non_negative
 from .context import load_data, model_config
+from .errors import writable_folder
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .retrieval import RetrievalBenchmark
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
@@ -108,6 +110,7 @@ def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch
 
 
 def train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
+    """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories."""
     model = config.build(seed=args.seed + expert).to(device)
     speed = SpeedOptions.for_device(device, args.bf16).for_model(model)
     speed.prepare_model(model)
@@ -147,39 +150,55 @@ def expert_meta(args: argparse.Namespace, model: DualEncoder) -> dict:
             "args": vars(args)}
 
 
+def prepare_folder(args: argparse.Namespace) -> Path:
+    """The output folder, proven writable, with what dead writers on this host left removed."""
+    folder = trajectories.expert_folder(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder,
+                                        args.loss_type, args.no_aug)
+    writable_folder(folder, "--buffer_path")
+    trajectories.remove_stale_writes(folder)
+    return folder
+
+
+def train_and_write(args, data, config, benchmark, device, metrics, folder) -> int:
+    """One expert: claim its index first, so its seed (``--seed`` + index) is never used twice in the
+    folder and reruns add new experts instead of repeating old ones; write its pair; release."""
+    index = trajectories.claim_next_index(folder)
+    try:
+        image_traj, text_traj = train_expert(index, args, data, config, benchmark, device, metrics)
+        paths = trajectories.write_expert(folder, index, image_traj, text_traj)
+    finally:
+        trajectories.release_claim(folder, index)
+    log.info("saved expert %d as %s + %s (%.1f MB)", index, paths[0].name, paths[1].name,
+             sum(p.stat().st_size for p in paths) / 1e6)
+    return index
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[int]:
     """Train this process's experts; return the indices written."""
     setup_logging()
     args = parse_args(argv)
     device = resolve_device(args.device)
+    folder = None if args.skip_save else prepare_folder(args)
     enable_fast_math(device)
     torch.manual_seed(args.seed)
     data = load_data(args, device, augment=not args.no_aug, cache_decoded=args.cache_images)
     config = model_config(args, data.text_dim)
-    folder = trajectories.expert_folder(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder,
-                                        args.loss_type, args.no_aug)
-    log.info("experts -> %s (%d train captions, text features %d-d, device %s)", folder, len(data.train),
+    folder_text = folder if folder is not None else "(not saved: --skip_save)"
+    log.info("experts -> %s (%d train captions, text features %d-d, device %s)", folder_text, len(data.train),
              data.text_dim, device)
-    if not args.skip_save:
+    if folder is not None:
         trajectories.write_meta(folder, expert_meta(args, config.build(seed=args.seed)))
-    folder.mkdir(parents=True, exist_ok=True)
     benchmark = RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers)
-    metrics = MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project,
+    log_folder = folder if folder is not None else writable_folder(Path(args.buffer_path), "--buffer_path")
+    metrics = MetricsLogger(log_folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project,
                             f"buffer_{args.dataset}_{args.image_encoder}_{args.text_encoder}", vars(args))
     written = []
     try:
         for expert in my_experts(args.num_experts):
-            image_traj, text_traj = train_expert(expert, args, data, config, benchmark, device, metrics)
-            if args.skip_save:
-                continue
-            index = trajectories.claim_next_index(folder)
-            try:
-                paths = trajectories.write_expert(folder, index, image_traj, text_traj)
-            finally:
-                trajectories.release_claim(folder, index)
-            log.info("saved expert %d as %s (%.1f MB)", expert, paths[0].name,
-                     sum(p.stat().st_size for p in paths) / 1e6)
-            written.append(index)
+            if folder is None:
+                train_expert(expert, args, data, config, benchmark, device, metrics)
+            else:
+                written.append(train_and_write(args, data, config, benchmark, device, metrics, folder))
     finally:
         metrics.close()
     return written

@@ -27,6 +27,8 @@ from .data import shapes
 from .evaluation import format_table
 from .runlog import setup_logging
 from .atomic import atomic_save, atomic_write_text
+from .cli import run_script
+from .errors import writable_folder
 
 log = logging.getLogger("ptmst.quickstart")
 
@@ -194,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parser.parse_args(argv)
     setup_logging()
     settings = PRESETS[args.preset] if args.seed is None else replace(PRESETS[args.preset], seed=args.seed)
-    work = Path(args.workdir)
+    work = writable_folder(Path(args.workdir), "--workdir")
     stamp = f"{datetime.datetime.now():%Y%m%d_%H%M%S}_seed{settings.seed}"
     report = work / "reports" / stamp
     report.mkdir(parents=True, exist_ok=True)
@@ -212,4 +214,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, interrupted="interrupted: the stages that finished (data, pretrained encoder, experts, shortcut "
+                                 "trajectories) are kept in --workdir and reused; run the same command again to go on.")

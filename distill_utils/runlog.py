@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .errors import UsageError
+
 log = logging.getLogger("ptmst")
 
 
@@ -30,9 +32,15 @@ def git_sha() -> str:
 
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name!r} is not a device: pass cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; pass --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pass one of those")
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

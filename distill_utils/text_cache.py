@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes_with
+from .errors import describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def load_or_build(path: Path, captions: Sequence[str], make_encoder: Callable[[]
         log.info("encoding %d captions into %s", len(captions), path)
         embeddings = encoder.encode(list(captions), batch_size=batch_size,
                                     progress=f"text features -> {Path(path).name}").numpy().astype(np.float32)
-        write_atomically(Path(path), embeddings, captions)
+        try:
+            write_atomically(Path(path), embeddings, captions)
+        except OSError as error:  # the features are in memory: a cache that cannot be written costs only time
+            log.warning("text features not cached: %s The run goes on; pass --npz_dir a writable folder to keep "
+                        "them for the next run.", describe_os_error(error))
     return torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .atomic import atomic_save, atomic_write_text
+from . import claims
+from .atomic import atomic_save, atomic_write_text, temporaries_of, torch_writer, write_all
 from .shortcut import shortcut_snapshot
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,6 @@ _TWIN = {"image": "img_replay_buffer_{}.pt", "text": "txt_replay_buffer_{}.pt"}
 _PATTERNS = {"image": re.compile(r"^img_replay_buffer_(\d+)\.pt$"),
              "text": re.compile(r"^txt_replay_buffer_(\d+)\.pt$"),
              "compact": re.compile(r"^shortcut_(\d+)\.pt$")}
-_CLAIM = ".claim_{}"
 
 Snapshot = List[torch.Tensor]
 Trajectory = List[Snapshot]
@@ -70,52 +68,71 @@ def _indices(folder: Path, kind: str) -> List[int]:
     return sorted(int(m.group(1)) for m in (pattern.match(p.name) for p in Path(folder).iterdir()) if m)
 
 
-def twin_indices(folder: Path) -> List[int]:
-    """Indices with both an image and a text file; refuses a folder with unpaired files."""
+def incomplete_twins(folder: Path) -> List[Path]:
+    """Files whose image/text twin is missing: an expert whose writer was killed between its two
+    renames, or an interrupted copy. Readers skip them; their index stays taken."""
     image, text = set(_indices(folder, "image")), set(_indices(folder, "text"))
-    if image != text:
-        lonely = sorted(image ^ text)
-        names = [twin_path(folder, "image" if n in image else "text", n).name for n in lonely[:5]]
-        raise TrajectoryError(
-            f"{folder} has unpaired trajectory files: {', '.join(names)} lack their "
-            f"{'txt' if lonely[0] in image else 'img'}_replay_buffer twin. Every expert n needs both "
-            f"img_replay_buffer_n.pt and txt_replay_buffer_n.pt; move the incomplete ones away (an "
-            f"interrupted copy or download?) and run again.")
-    return sorted(image)
+    return [twin_path(folder, "image" if n in image else "text", n) for n in sorted(image ^ text)]
+
+
+def twin_indices(folder: Path) -> List[int]:
+    """Indices with both an image and a text file. Lone files are named in a warning and skipped
+    (never paired with another index's file)."""
+    image, text = set(_indices(folder, "image")), set(_indices(folder, "text"))
+    lonely = [path for path in incomplete_twins(folder) if not claims.claim_path(folder, _index_of(path)).exists()]
+    if lonely:
+        log.warning("%s: skipping %d incomplete expert(s) whose twin file is missing: %s. A buffer.py killed "
+                    "while writing leaves these; the next buffer.py run on this machine removes those of its dead "
+                    "processes. Otherwise (an interrupted copy?) copy the missing twin or move them away.",
+                    folder, len(lonely), ", ".join(p.name for p in lonely[:5]) + (" ..." if len(lonely) > 5 else ""))
+    return sorted(image & text)
+
+
+def _index_of(path: Path) -> int:
+    return int(re.search(r"_(\d+)\.pt$", Path(path).name).group(1))
 
 
 # ------------------------------------------------------------------------------------ writing
+def _taken_indices(folder: Path) -> List[int]:
+    return _indices(folder, "image") + _indices(folder, "text") + _indices(folder, "compact")
+
+
+def _leftovers(folder: Path, index: int) -> List[Path]:
+    """What a writer of ``index`` killed part-way leaves: its temporaries, and a file without its twin."""
+    paths = [twin_path(folder, side, index) for side in SIDES]
+    found = [temporary for path in paths for temporary in temporaries_of(path)]
+    present = [path for path in paths if path.exists()]
+    return found + (present if len(present) == 1 else [])
+
+
+def remove_stale_writes(folder: Path) -> List[int]:
+    """Remove the claims, temporaries and lone twin files of writers on this host that died."""
+    return claims.remove_stale_claims(folder, lambda index: _leftovers(folder, index))
+
+
 def claim_next_index(folder: Path) -> int:
-    """Reserve the first index with no expert file and no claim, atomically (``O_EXCL``), so that
-    several processes (torchrun ranks, machines on a shared disk) never write the same index."""
+    """Reserve the lowest index that no expert file and no claim uses. Several processes (torchrun
+    ranks, machines on a shared disk, reruns) never get the same index, and an index whose files
+    exist is never claimed again (see :mod:`distill_utils.claims`). Stale claims of dead processes on
+    this host are cleaned first."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    used = set(_indices(folder, "image")) | set(_indices(folder, "text")) | set(_indices(folder, "compact"))
-    index = 0
-    while True:
-        if index not in used:
-            try:
-                fd = os.open(folder / _CLAIM.format(index), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                index += 1
-                continue
-            with os.fdopen(fd, "w") as stream:
-                stream.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            return index
-        index += 1
+    remove_stale_writes(folder)
+    return claims.claim_first_free(folder, lambda: _taken_indices(folder))
 
 
 def release_claim(folder: Path, index: int) -> None:
-    (Path(folder) / _CLAIM.format(index)).unlink(missing_ok=True)
+    claims.release(folder, index)
 
 
 def write_expert(folder: Path, index: int, image_trajectory: Trajectory, text_trajectory: Trajectory) -> Tuple[Path, Path]:
-    """Write one expert as the authors' twin files (each a list holding one trajectory)."""
+    """Write one expert as the authors' twin files (each a list holding one trajectory), as a pair:
+    both temporaries first, then both renames, so a failure leaves neither file."""
     if len(image_trajectory) != len(text_trajectory):
         raise ValueError("image and text trajectories must have the same number of snapshots")
     paths = twin_path(folder, "image", index), twin_path(folder, "text", index)
-    atomic_save([_to_cpu(text_trajectory)], paths[1])
-    atomic_save([_to_cpu(image_trajectory)], paths[0])
+    write_all([(paths[1], torch_writer([_to_cpu(text_trajectory)])),
+               (paths[0], torch_writer([_to_cpu(image_trajectory)]))])
     return paths
 
 
@@ -163,39 +180,78 @@ def _shapes(entries) -> List[Tuple[str, Tuple[int, ...]]]:
 def _load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" in str(error).lower() or "zip" in str(error).lower():
+    except Exception as error:
+        if isinstance(error, RuntimeError) and ("mmap" in str(error).lower() or "zip" in str(error).lower()):
             try:  # files from old torch versions are not zip archives and cannot be memory-mapped
                 return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                pass
-        raise TrajectoryError(f"cannot read trajectory file {path} ({error}); it is corrupt or truncated: "
-                              f"train or download that expert again.") from None
-    except (EOFError, OSError, ValueError) as error:
-        raise TrajectoryError(f"cannot read trajectory file {path} ({type(error).__name__}: {error}); it is "
-                              f"corrupt or truncated: train or download that expert again.") from None
+            except Exception as legacy_error:
+                error = legacy_error
+        if isinstance(error, OSError) and not _is_corruption(error):
+            raise  # a permission or disk problem, reported with the path
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrajectoryError(f"cannot read trajectory file {path} ({type(error).__name__}: {first_line[:200]}); it "
+                              f"is corrupt, truncated or not a trajectory file: train or download that expert again, "
+                              f"or move it out of the folder.") from None
+
+
+def _is_corruption(error: OSError) -> bool:
+    return error.errno is None
+
+
+def _check_trajectories(content, path: Path) -> list:
+    """A list of trajectories, each a non-empty list of snapshots, each a list of tensors."""
+    ok = isinstance(content, list) and bool(content) and all(
+        isinstance(trajectory, list) and trajectory and all(
+            isinstance(snapshot, (list, tuple)) and snapshot and all(isinstance(t, torch.Tensor) for t in snapshot)
+            for snapshot in trajectory) for trajectory in content)
+    if not ok:
+        raise TrajectoryError(f"{path} is not a list of trajectories (lists of snapshots, each a list of tensors): "
+                              f"it is not a trajectory file written by buffer.py or the authors' code; move it out "
+                              f"of the folder.")
+    return content
 
 
 class Expert:
     """One expert trajectory; ``snapshot(side, t)`` returns the list of tensors of snapshot ``t``."""
 
-    def __init__(self, name: str, num_snapshots: int):
+    def __init__(self, name: str, num_snapshots: int, folder: Optional[Path] = None):
         self.name = name
         self.num_snapshots = num_snapshots
+        self.folder = folder
+        self._checked = set()
+
+    @property
+    def where(self) -> str:
+        return f"{self.folder}/{self.name}" if self.folder is not None else self.name
 
     def snapshot(self, side: str, t: int) -> Snapshot:
         raise NotImplementedError
 
     def flat(self, side: str, t: int) -> torch.Tensor:
-        """Snapshot ``t`` of one side as a single float32 vector (parameters() order)."""
-        return torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+        """Snapshot ``t`` of one side as a single float32 vector (parameters() order); the first read of
+        each snapshot checks that it is finite."""
+        vector = torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+        if (side, t) not in self._checked:
+            self.check_finite(side, t, vector)
+        return vector
+
+    def check_finite(self, side: str, t: int, vector: Optional[torch.Tensor] = None) -> None:
+        if vector is None:
+            vector = torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+        if not torch.isfinite(vector).all():
+            raise TrajectoryError(
+                f"{self.where}: {side}-side snapshot {t} holds NaN/Inf values: that expert diverged or the file "
+                f"is damaged. Move its img/txt_replay_buffer pair out of the folder (or train it again) and rerun.")
+        self._checked.add((side, t))
 
 
 class TwinExpert(Expert):
-    def __init__(self, name: str, image: Trajectory, text: Trajectory):
+    def __init__(self, name: str, image: Trajectory, text: Trajectory, folder: Optional[Path] = None):
         if len(image) != len(text):
-            raise TrajectoryError(f"{name}: image trajectory has {len(image)} snapshots but text has {len(text)}")
-        super().__init__(name, len(image))
+            raise TrajectoryError(f"{folder}/{name}: the image trajectory has {len(image)} snapshots but the text "
+                                  f"trajectory has {len(text)}: the twins are from different runs; train that "
+                                  f"expert again or move its pair away.")
+        super().__init__(name, len(image), folder)
         self._sides = {"image": image, "text": text}
 
     def snapshot(self, side: str, t: int) -> Snapshot:
@@ -203,9 +259,9 @@ class TwinExpert(Expert):
 
 
 class CompactExpert(Expert):
-    def __init__(self, name: str, record: dict):
+    def __init__(self, name: str, record: dict, folder: Optional[Path] = None):
         self._record = record
-        super().__init__(name, int(record["image"]["beta"].shape[0]))
+        super().__init__(name, int(record["image"]["beta"].shape[0]), folder)
 
     def snapshot(self, side: str, t: int) -> Snapshot:
         part = self._record[side]
@@ -288,14 +344,12 @@ class TrajectoryBuffer:
 
     def _read_twin(self, index: int) -> List[Expert]:
         paths = {side: twin_path(self.folder, side, index) for side in SIDES}
-        image, text = _load(paths["image"]), _load(paths["text"])
-        for side, content in (("image", image), ("text", text)):
-            if not isinstance(content, list) or not content or not isinstance(content[0], list):
-                raise TrajectoryError(f"{paths[side]} is not a list of trajectories (lists of snapshots of tensors).")
+        image = _check_trajectories(_load(paths["image"]), paths["image"])
+        text = _check_trajectories(_load(paths["text"]), paths["text"])
         if len(image) != len(text):
             raise TrajectoryError(f"{paths['image'].name} holds {len(image)} trajectories but "
                                   f"{paths['text'].name} holds {len(text)}: they are not twins.")
-        return [TwinExpert(f"{paths['image'].name}[{j}]", img, txt) for j, (img, txt) in enumerate(zip(image, text))]
+        return [TwinExpert(f"{paths['image'].name}[{j}]", img, txt, self.folder) for j, (img, txt) in enumerate(zip(image, text))]
 
     def _read_compact(self, index: int) -> List[Expert]:
         path = compact_path(self.folder, index)
@@ -305,7 +359,11 @@ class TrajectoryBuffer:
         if content.get("version", 0) > COMPACT_VERSION:
             raise TrajectoryError(f"{path} has format version {content['version']}, newer than this code "
                                   f"understands ({COMPACT_VERSION}); update the project.")
-        return [CompactExpert(f"{path.name}[{j}]", record) for j, record in enumerate(content["experts"])]
+        try:
+            return [CompactExpert(f"{path.name}[{j}]", record, self.folder) for j, record in enumerate(content["experts"])]
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
+            raise TrajectoryError(f"{path} is damaged (missing {error}); run convexify.py --compact --overwrite "
+                                  f"to write it again.") from None
 
     def _check_shapes(self, expert: Expert) -> None:
         if self.expected is None:
@@ -319,6 +377,20 @@ class TrajectoryBuffer:
                     f"The experts were trained with other encoder flags (--image_encoder, --text_encoder, "
                     f"--image_trainable, --out_embedding); pass the ones buffer.py used.")
 
+    def check_snapshots(self, needed: int, hint: str) -> None:
+        """Every expert has snapshot ``needed`` (the highest a run will use), and it is finite on both
+        sides; a diverged expert is usually non-finite from some epoch on, so the last snapshot used
+        catches most before the first iteration (the others are checked on first use). ``hint`` says
+        which flags asked for ``needed``."""
+        for expert in self.experts():
+            if expert.num_snapshots <= needed:
+                raise TrajectoryError(
+                    f"{expert.where} has {expert.num_snapshots} snapshots (0..{expert.num_snapshots - 1}) but "
+                    f"{hint} needs snapshot {needed}. Move that shorter expert out of the folder, or lower "
+                    f"--max_start_epoch so that every expert has the snapshots it needs.")
+            for side in SIDES:
+                expert.check_finite(side, needed)
+
     def experts(self) -> List[Expert]:
         """Every expert, in index order (loads each file's index lazily)."""
         return [expert for index in self.indices for expert in self.experts_in_file(index)]
@@ -329,14 +401,15 @@ class TrajectoryBuffer:
 
 def load_trajectory_file(path: Path) -> List[Trajectory]:
     """A whole twin-format file (for convexify.py): a list of trajectories."""
-    content = _load(Path(path))
-    if not isinstance(content, list):
-        raise TrajectoryError(f"{path} is not a list of trajectories.")
-    return content
+    return _check_trajectories(_load(Path(path)), Path(path))
 
 
-def save_trajectory_file(trajectories: List[Trajectory], path: Path) -> None:
-    atomic_save([_to_cpu(t) for t in trajectories], Path(path))
+def save_twin_files(image: List[Trajectory], text: List[Trajectory], folder: Path, index: int) -> Tuple[Path, Path]:
+    """Whole twin-format files (for convexify.py), written as a pair."""
+    paths = twin_path(folder, "image", index), twin_path(folder, "text", index)
+    write_all([(paths[1], torch_writer([_to_cpu(t) for t in text])),
+               (paths[0], torch_writer([_to_cpu(t) for t in image]))])
+    return paths
 
 
 def save_compact(path: Path, start: int, end: int, records: Sequence[dict], dtype: torch.dtype) -> None:

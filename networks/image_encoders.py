@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .registry import IMAGE_ENCODERS, PretrainedWeightsUnavailable
+from .registry import IMAGE_ENCODERS, PretrainedWeightsUnavailable, UnknownEncoder
 
 TIMM_ALIASES = {"nfnet": "nfnet_l0"}
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -48,12 +48,21 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             f"{list(unexpected)[:3]}; save model.state_dict() of the same architecture there")
 
 
+def unknown_image_encoder_message(name: str) -> str:
+    return (f"--image_encoder {name!r} is neither built in ({', '.join(sorted(IMAGE_ENCODERS))}) nor a timm model "
+            f"name; pass one of those, 'nfnet' (= nfnet_l0), or a name from timm.list_models()")
+
+
+def is_known_image_encoder(name: str) -> bool:
+    import timm
+    return name in IMAGE_ENCODERS or timm.is_model(timm_name(name))
+
+
 def _timm_encoder(name: str, pretrained: bool, checkpoint_dir: Optional[str]) -> nn.Module:
     import timm
     full_name = timm_name(name)
     if not timm.is_model(full_name):
-        raise ValueError(f"unknown image encoder {name!r}: not built in ({sorted(IMAGE_ENCODERS)}) "
-                         f"and not a timm model name (see timm.list_models())")
+        raise UnknownEncoder(unknown_image_encoder_message(name))
     kwargs = dict(num_classes=0, global_pool="avg")
     if pretrained and checkpoint_dir:
         path = _find_local_checkpoint(checkpoint_dir, name)
@@ -68,8 +77,8 @@ def _timm_encoder(name: str, pretrained: bool, checkpoint_dir: Optional[str]) ->
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. This machine may be "
             f"offline. Either download them once where there is network (they land in the Hugging Face cache, "
             f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) and copy that cache here, or save the "
-            f"weights as {full_name}.pth / .safetensors in a folder and pass --checkpoint_dir FOLDER, or drop "
-            f"--image_pretrained to start from random weights.") from None
+            f"weights as {full_name}.pth / .safetensors in a folder and pass --checkpoint_dir FOLDER, or pass "
+            f"--image_pretrained false to start from random weights.") from None
 
 
 def create_image_encoder(name: str, pretrained: bool = False, checkpoint_dir: Optional[str] = None,
@@ -85,7 +94,8 @@ def create_image_encoder(name: str, pretrained: bool = False, checkpoint_dir: Op
                 if not checkpoint_dir:
                     raise PretrainedWeightsUnavailable(
                         f"the built-in image encoder {name!r} has no published weights: pass --checkpoint_dir with "
-                        f"a {name}.pth state dict (the quick start writes one), or drop --image_pretrained")
+                        f"a {name}.pth state dict (the quick start writes one), or pass --image_pretrained false to start "
+                        f"from random weights")
                 _load_state_dict(model, _find_local_checkpoint(checkpoint_dir, name))
         else:
             model = _timm_encoder(name, pretrained, checkpoint_dir)

@@ -26,5 +26,13 @@ def register_text_encoder(name: str):
     return decorate
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class EncoderError(RuntimeError):
+    """An encoder cannot be built as asked: the message says which flag to change and how."""
+
+
+class PretrainedWeightsUnavailable(EncoderError):
     """Pretrained weights were asked for but could not be found or fetched."""
+
+
+class UnknownEncoder(EncoderError, ValueError):
+    """An encoder name that is neither registered nor (for images) a timm model."""

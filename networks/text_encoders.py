@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .registry import PretrainedWeightsUnavailable, TEXT_ENCODERS, register_text_encoder
+from .registry import PretrainedWeightsUnavailable, TEXT_ENCODERS, UnknownEncoder, register_text_encoder
 
 HUB_NAMES = {
     "bert": "bert-base-uncased",
@@ -134,5 +134,5 @@ def tiny_bert(seed: int = 0, **_):
 
 def create_text_encoder(name: str, checkpoint_dir: Optional[str] = None) -> TextEncoder:
     if name not in TEXT_ENCODERS:
-        raise ValueError(f"unknown text encoder {name!r}; choose one of {sorted(TEXT_ENCODERS)}")
+        raise UnknownEncoder(f"--text_encoder {name!r} is unknown; pass one of {', '.join(sorted(TEXT_ENCODERS))}")
     return TEXT_ENCODERS[name](checkpoint_dir=checkpoint_dir)

@@ -97,13 +97,17 @@ def test_plain_torch_save_of_nested_lists_loads(tmp_path):
     assert torch.equal(found[1].flat("text", 2), torch.cat([t.flatten() for t in fake_trajectory(shapes, 3, 4)[2]]))
 
 
-def test_unpaired_files_are_refused(tmp_path):
+def test_lone_twin_files_are_named_and_skipped_never_paired(tmp_path, caplog):
     shapes = [(2,)]
     torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "img_replay_buffer_0.pt")
     torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "txt_replay_buffer_0.pt")
     torch.save([fake_trajectory(shapes, 2, 0)], tmp_path / "img_replay_buffer_1.pt")
-    with pytest.raises(TrajectoryError, match=r"unpaired.*img_replay_buffer_1\.pt"):
-        TrajectoryBuffer(tmp_path)
+    torch.save([fake_trajectory(shapes, 2, 1)], tmp_path / "txt_replay_buffer_2.pt")
+    with caplog.at_level("WARNING"):
+        buffer = TrajectoryBuffer(tmp_path)
+    assert buffer.indices == [0]
+    assert "img_replay_buffer_1.pt" in caplog.text and "txt_replay_buffer_2.pt" in caplog.text
+    assert trajectories.claim_next_index(tmp_path) == 3  # lone files keep their index taken
 
 
 def test_shape_mismatch_is_refused(tmp_path):
@@ -134,16 +138,15 @@ def test_empty_and_missing_folders(tmp_path):
 def test_interrupted_write_leaves_no_truncated_file(tmp_path, monkeypatch):
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):
-        with open(path, "wb") as stream:
-            stream.write(b"PK\x03\x04 half a file")
+    def dying_save(obj, stream, *args, **kwargs):
+        stream.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         trajectories.write_expert(tmp_path, 0, fake_trajectory([(2,)], 2, 0), fake_trajectory([(2,)], 2, 0))
     monkeypatch.setattr(torch, "save", real_save)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == []
     assert trajectories.claim_next_index(tmp_path) == 0
 
 

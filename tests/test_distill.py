@@ -100,25 +100,21 @@ def test_existing_run_folder_is_never_overwritten(shapes_root, expert_dirs, tmp_
     argv = distill_argv(shapes_root, tmp_path, [normal])
     argv[argv.index("--Iteration") + 1] = "0"
     distill.main(argv)
-    with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a run"):
         distill.main(argv)
 
 
-def test_an_interrupted_resume_keeps_the_runs_args_json(shapes_root, expert_dirs, tmp_path, monkeypatch):
+def test_resume_keeps_args_json_and_records_changed_flags(shapes_root, expert_dirs, tmp_path):
     _, normal, _, _ = expert_dirs
     argv = distill_argv(shapes_root, tmp_path, [normal])
     argv[argv.index("--Iteration") + 1] = "0"
     folder = distill.main(argv)
     written = (folder / "args.json").read_text()
-    assert (folder / "latest.pt").is_file()
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr("os.replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        distill.main(argv + ["--resume"])
+    distill.main(argv + ["--resume", "--eval_it", "3"])
     assert (folder / "args.json").read_text() == written
-    assert not list(folder.glob(".*.tmp"))
+    history = [json.loads(line) for line in (folder / "args_history.jsonl").read_text().splitlines()]
+    assert [h["resumed_at"] for h in history] == [None, {"phase": 1, "iteration": 0}]
+    assert history[1]["changed"] == {"eval_it": [2, 3]} and history[1]["args"]["eval_it"] == 3
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_random_init_is_seeded():
 
 
 def test_unknown_image_encoder_is_refused():
-    with pytest.raises(ValueError, match="unknown image encoder"):
+    with pytest.raises(networks.UnknownEncoder, match="neither built in"):
         networks.create_image_encoder("no_such_net")
 
 

@@ -68,7 +68,43 @@ def load_annotation(path: Path, required: Sequence[str], hint: str) -> List[dict
         if missing:
             raise DataError(f"annotation file {path}, entry {index}, lacks the key(s) {missing} (expected "
                             f"{list(required)}): the file is not in the BLIP/Karpathy layout; {hint}.")
+        problem = _entry_problem(entry)
+        if problem:
+            raise DataError(f"annotation file {path}, entry {index}: {problem}. Fix or remove that entry (every "
+                            f"entry needs an image path and a caption, or a non-empty list of captions), or "
+                            f"download the file again: {hint}.")
     return entries
+
+
+def _entry_problem(entry: dict) -> str:
+    image, caption = entry.get("image"), entry.get("caption")
+    if not isinstance(image, str) or not image.strip():
+        return f"'image' is {image!r}, not a file path"
+    captions = caption if isinstance(caption, list) else [caption]
+    if not captions:
+        return "'caption' is an empty list"
+    bad = [c for c in captions if not isinstance(c, str)]
+    if bad:
+        return f"'caption' holds {bad[0]!r}, not text"
+    return ""
+
+
+def check_images_exist(dataset, name: str, sample: int = 0) -> None:
+    """Fail now, not after captions are encoded or experts trained, when the image root or images are
+    missing: every image of an evaluation split, ``sample`` spread over a training split (0: all)."""
+    paths = sorted(set(dataset.image_paths()))
+    if sample and len(paths) > sample:
+        step = len(paths) / sample
+        paths = [paths[int(i * step)] for i in range(sample)] + [paths[-1]]
+    root = dataset.folder.root
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist ({name} split, {dataset.ann_file.name}): pass "
+                        f"--image_root FOLDER, or download the images (sh/prepare_data.sh DATASET).")
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of the {name} split ({dataset.ann_file.name}) are missing under "
+                        f"{root}, e.g. {root / missing[0]}: check --image_root (annotation paths are relative to "
+                        f"it) or download the images again (sh/prepare_data.sh DATASET).")
 
 
 def load_image(path: Path) -> Image.Image:
@@ -113,6 +149,9 @@ class RetrievalTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    def image_paths(self) -> List[str]:
+        return self.images
+
     def __getitem__(self, index: int):
         return self.transform(self.folder(self.images[index])), index
 
@@ -141,6 +180,9 @@ class RetrievalEvalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image)
 
+    def image_paths(self) -> List[str]:
+        return self.image
+
     def __getitem__(self, index: int):
         return self.transform(self.folder(self.image[index])), index
 
@@ -159,4 +201,6 @@ def build_datasets(dataset: str, image_root: Optional[str] = None, ann_root: Opt
                                   spec.how_to_get, cache_decoded=cache_decoded)
     val = RetrievalEvalDataset(annotations / spec.val, images, test_transform(image_size), spec.how_to_get)
     test = RetrievalEvalDataset(annotations / spec.test, images, test_transform(image_size), spec.how_to_get)
+    check_images_exist(test, "test")
+    check_images_exist(train, "train", sample=200)
     return train, val, test

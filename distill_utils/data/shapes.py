@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
-from ..cli import positive
+from ..cli import positive, run_script
+from ..errors import writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = ShapesConfig(args.num_train, args.num_val, args.num_test, args.image_size, args.seed)
-    root = generate(Path(args.root), config)
+    root = generate(writable_folder(Path(args.root), "--root"), config)
     print(f"shapes dataset at {root}: {config.num_train} train / {config.num_val} val / {config.num_test} test images")
     return root
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, interrupted="interrupted: run the same command again; the dataset counts as written only "
+                                 "once shapes_meta.json exists, so a partial one is drawn again.")
