@@ -182,8 +182,8 @@ def open_buffers(specs: Sequence[PhaseSpec], expert_epochs: int) -> List[traject
     for spec in specs:
         buffer = trajectories.TrajectoryBuffer(Path(spec.buffer_path))
         needed = spec.max_start - 1 + expert_epochs
-        buffer.check_snapshots(needed, f"phase {spec.index} (--max_start_epoch {spec.max_start} with "
-                                       f"--expert_epochs {expert_epochs})")
+        buffer.check_snapshots(spec.min_start, needed, f"phase {spec.index} (--max_start_epoch {spec.max_start} "
+                                                       f"with --expert_epochs {expert_epochs})")
         buffers.append(buffer)
     return buffers
 
@@ -357,42 +357,41 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         log.info("resuming phase %d at iteration %d", spec.index, it)
     ema_set = copy.deepcopy(synthetic)
     loss = None
-    bar = tqdm(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it")
-    while True:
-        due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
-        if due and it != skip_eval_at:
-            evaluate_and_save(run, finished, ema.copy_to(ema_set), spec.index, it, loss)
-            save_resume_state(run, spec.index, it, finished, loop)
-        if it == spec.iterations:
-            break
-        expert = cycle.next()
-        s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
-        start = {side: snapshots.get(expert, side, s) for side in trajectories.SIDES}
-        target = {side: snapshots.get(expert, side, s + args.expert_epochs) for side in trajectories.SIDES}
-        batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            result = matcher.match(synthetic, start, target, batches)
-        except torch.OutOfMemoryError:
-            raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
-        check_finite(result, synthetic, run, spec.index, it)
-        snapshots.settle_budget()
-        optimizer.step()
-        if args.clamp_lr is not None:
-            with torch.no_grad():
-                synthetic.syn_lr_img.clamp_(min=args.clamp_lr)
-                synthetic.syn_lr_txt.clamp_(min=args.clamp_lr)
-        ema.update(synthetic)
-        loss = result.loss
-        it += 1
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}",
-                        kept_graphs=f"{result.kept_graphs}/{args.syn_steps}")
-        if it % 10 == 0:
-            run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
-                             "kept_graphs": result.kept_graphs, **{
-                                 f"loss_{side}": v for side, v in result.per_side.items()}})
-    bar.close()
+    with tqdm(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it") as bar:
+        while True:
+            due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
+            if due and it != skip_eval_at:
+                evaluate_and_save(run, finished, ema.copy_to(ema_set), spec.index, it, loss)
+                save_resume_state(run, spec.index, it, finished, loop)
+            if it == spec.iterations:
+                break
+            expert = cycle.next()
+            s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
+            start = {side: snapshots.get(expert, side, s) for side in trajectories.SIDES}
+            target = {side: snapshots.get(expert, side, s + args.expert_epochs) for side in trajectories.SIDES}
+            batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                result = matcher.match(synthetic, start, target, batches)
+            except torch.OutOfMemoryError:
+                raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
+            check_finite(result, synthetic, run, spec.index, it)
+            snapshots.settle_budget()
+            optimizer.step()
+            if args.clamp_lr is not None:
+                with torch.no_grad():
+                    synthetic.syn_lr_img.clamp_(min=args.clamp_lr)
+                    synthetic.syn_lr_txt.clamp_(min=args.clamp_lr)
+            ema.update(synthetic)
+            loss = result.loss
+            it += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}",
+                            kept_graphs=f"{result.kept_graphs}/{args.syn_steps}")
+            if it % 10 == 0:
+                run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
+                                 "kept_graphs": result.kept_graphs, **{
+                                     f"loss_{side}": v for side, v in result.per_side.items()}})
     log.info("phase %d expert snapshots: %s", spec.index, snapshots.describe())
     return FrozenSubset.from_set(ema.copy_to(ema_set))
 

@@ -377,11 +377,10 @@ class TrajectoryBuffer:
                     f"The experts were trained with other encoder flags (--image_encoder, --text_encoder, "
                     f"--image_trainable, --out_embedding); pass the ones buffer.py used.")
 
-    def check_snapshots(self, needed: int, hint: str) -> None:
-        """Every expert has snapshot ``needed`` (the highest a run will use), and it is finite on both
-        sides; a diverged expert is usually non-finite from some epoch on, so the last snapshot used
-        catches most before the first iteration (the others are checked on first use). ``hint`` says
-        which flags asked for ``needed``."""
+    def check_snapshots(self, first: int, needed: int, hint: str) -> None:
+        """Every expert has snapshot ``needed`` (the highest a run will use, ``hint`` says which flags
+        ask for it), and snapshots ``first..needed`` are finite on both sides. This reads what the run
+        would read anyway, once, before the first iteration, so a damaged expert is named at once."""
         for expert in self.experts():
             if expert.num_snapshots <= needed:
                 raise TrajectoryError(
@@ -389,7 +388,8 @@ class TrajectoryBuffer:
                     f"{hint} needs snapshot {needed}. Move that shorter expert out of the folder, or lower "
                     f"--max_start_epoch so that every expert has the snapshots it needs.")
             for side in SIDES:
-                expert.check_finite(side, needed)
+                for t in range(first, needed + 1):
+                    expert.check_finite(side, t)
 
     def experts(self) -> List[Expert]:
         """Every expert, in index order (loads each file's index lazily)."""

@@ -166,7 +166,7 @@ def tiny_filesystem(tmp_path):
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the injected-OSError tests cover the same paths")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_full_disk_stops_buffer_py_with_a_message_and_keeps_every_finished_expert(
