@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import trajectories
 from .atomic import atomic_write_text
 from .cli import add_bool_flag, non_negative
+from .errors import writable_folder
 from .runlog import setup_logging
 from .shortcut import convexify_trajectory, shortcut_betas
 
@@ -75,9 +76,20 @@ def parameter_names(meta: Optional[dict], side: str, count: int) -> list:
     return [f"param_{i}" for i in range(count)]
 
 
+def load_slice_source(folder: Path, side: str, index: int, end: int) -> list:
+    """The trajectories of one file, each long enough for the slice (ragged experts are named)."""
+    path = trajectories.twin_path(folder, side, index)
+    loaded = trajectories.load_trajectory_file(path)
+    for trajectory in loaded:
+        if len(trajectory) < end:
+            raise trajectories.TrajectoryError(
+                f"{path} holds a trajectory of {len(trajectory)} snapshots, shorter than --end {end}: move that "
+                f"expert's pair out of {folder}, or pass --end {len(trajectory)} or less.")
+    return loaded
+
+
 def convexify_full(folder: Path, out: Path, index: int, start: int, end: int) -> int:
-    shortcuts = {side: [convexify_trajectory(t, start, end) for t in
-                        trajectories.load_trajectory_file(trajectories.twin_path(folder, side, index))]
+    shortcuts = {side: [convexify_trajectory(t, start, end) for t in load_slice_source(folder, side, index, end)]
                  for side in trajectories.SIDES}
     paths = trajectories.save_twin_files(shortcuts["image"], shortcuts["text"], out, index)
     return sum(path.stat().st_size for path in paths)
@@ -85,8 +97,7 @@ def convexify_full(folder: Path, out: Path, index: int, start: int, end: int) ->
 
 def convexify_compact(folder: Path, out: Path, index: int, start: int, end: int, dtype: torch.dtype,
                       meta: Optional[dict]) -> int:
-    sides = {side: trajectories.load_trajectory_file(trajectories.twin_path(folder, side, index))
-             for side in trajectories.SIDES}
+    sides = {side: load_slice_source(folder, side, index, end) for side in trajectories.SIDES}
     records = []
     for image_traj, text_traj in zip(sides["image"], sides["text"]):
         record = {}
@@ -115,8 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parser.parse_args(argv)
     indices = validate(parser, args)
     folder = Path(args.normal_dir)
-    out = Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end, args.compact)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end,
+                                                                                args.compact), "--out_dir")
     meta = trajectories.read_meta(folder)
     if meta is not None:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(

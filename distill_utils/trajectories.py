@@ -85,6 +85,11 @@ def twin_indices(folder: Path) -> List[int]:
                     "while writing leaves these; the next buffer.py run on this machine removes those of its dead "
                     "processes. Otherwise (an interrupted copy?) copy the missing twin or move them away.",
                     folder, len(lonely), ", ".join(p.name for p in lonely[:5]) + (" ..." if len(lonely) > 5 else ""))
+    stale = _unclaimed_temporaries(folder)
+    if stale:
+        log.warning("%s: %d temporary file(s) of interrupted writes (%.1f MB), e.g. %s; no writer holds their "
+                    "index, so they can be deleted (the next buffer.py run on the host that wrote them does it).",
+                    folder, len(stale), sum(p.stat().st_size for p in stale) / 1e6, stale[0].name)
     return sorted(image & text)
 
 
@@ -105,9 +110,22 @@ def _leftovers(folder: Path, index: int) -> List[Path]:
     return found + (present if len(present) == 1 else [])
 
 
+def _unclaimed_temporaries(folder: Path) -> List[Path]:
+    """Temporaries of twin files whose index nobody claims: every writer holds its claim until its
+    temporaries are renamed or deleted, so these belong to no live writer."""
+    return [path for path in Path(folder).glob(".*_replay_buffer_*.pt.*.tmp")
+            if not claims.claim_path(folder, _index_of(path.name.split(".pt.")[0] + ".pt")).exists()]
+
+
 def remove_stale_writes(folder: Path) -> List[int]:
-    """Remove the claims, temporaries and lone twin files of writers on this host that died."""
-    return claims.remove_stale_claims(folder, lambda index: _leftovers(folder, index))
+    """Remove the claims, temporaries and lone twin files of writers on this host that died, and
+    temporaries that no claim covers; return the indices whose claims were stale."""
+    cleaned = claims.remove_stale_claims(folder, lambda index: _leftovers(folder, index))
+    with claims.folder_lock(folder):
+        for path in _unclaimed_temporaries(folder):
+            path.unlink(missing_ok=True)
+            log.warning("%s: removed %s, left by an interrupted write", folder, path.name)
+    return cleaned
 
 
 def claim_next_index(folder: Path) -> int:

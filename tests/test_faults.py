@@ -198,3 +198,15 @@ def test_rerunning_buffer_py_never_repeats_an_expert(shapes_root, tmp_path):
         assert not torch.equal(first.flat(side, 1), second.flat(side, 1))
     seeds = [json.loads(line)["expert"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert seeds == [0, 1]  # metrics name the index, which is the seed offset
+
+
+def test_temporaries_no_writer_holds_are_named_by_readers_and_removed_by_the_next_writer(tmp_path, caplog):
+    trajectories.write_expert(tmp_path, 0, marked_trajectory(1.0), marked_trajectory(-1.0))
+    (tmp_path / ".img_replay_buffer_1.pt.x1y2.tmp").write_bytes(b"\0" * 1000)  # e.g. from an older version
+    (tmp_path / ".claim_2").write_text(f"{os.uname().nodename} pid {os.getpid()}\n")
+    (tmp_path / ".txt_replay_buffer_2.pt.live.tmp").write_bytes(b"being written")  # a live writer's
+    with caplog.at_level("WARNING"):
+        assert TrajectoryBuffer(tmp_path).indices == [0]
+    assert ".img_replay_buffer_1.pt.x1y2.tmp" in caplog.text and ".txt_replay_buffer_2" not in caplog.text
+    assert trajectories.claim_next_index(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".txt_replay_buffer_2.pt.live.tmp"]
