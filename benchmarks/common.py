@@ -55,6 +55,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def allocation_peak_bytes(function: Callable[[], object]) -> int:
+    """Peak of the bytes allocated (and not yet freed) while ``function`` runs, above the level it
+    started at, from the profiler's record of every allocation and free on the CPU and GPU. Exact
+    and deterministic, unlike a process's resident set, so tests can compare how memory grows."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        function()
+    events = sorted((e.start_ns(), e.nbytes()) for e in recorded.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
 def summary(times: List[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 

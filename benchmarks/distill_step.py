@@ -3,9 +3,9 @@
     python -m benchmarks.distill_step --device cpu --config tiny
     python -m benchmarks.distill_step --device cuda --config flickr500
 
-The reference-style implementation does what the authors' code does each iteration: rebuild the
-student, read the whole expert file from disk, run the first pass with a double-backward graph that
-it keeps but never uses, then the second pass. Ours runs as distill_ptm-st.py does by default
+The reference-style implementation is the authors' iteration (benchmarks/authors_step.py): rebuild
+the student and the text encoder from weights on disk, read a whole expert file pair, a first pass
+whose double-backward graphs are dropped step by step, the second pass, the step-size gradients. Ours runs as distill_ptm-st.py does by default
 (snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given, auto by default). Each runs in its own
 process on identical data, for its peak memory and its gradients (their difference is printed); then
 one process runs them in turn, iteration by iteration, for the time ratio, so that a slow spell of a
@@ -24,17 +24,16 @@ from pathlib import Path
 from typing import List
 
 import torch
-from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
 from distill_utils.cli import count_or
-from distill_utils.matching import (AUTO, MatchResult, MiniBatchSampler, StudentParameters, TrajectoryMatcher,
-                                     capture_rng_state, restore_rng_state)
+from distill_utils.matching import AUTO, MatchResult, MiniBatchSampler, TrajectoryMatcher
 from distill_utils.snapshot_cache import SnapshotCache
 from distill_utils.speed import enable_fast_math
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
+from .authors_step import authors_step, prepare_rebuild
 from .common import (alternating_seconds, device_name, median_seconds, paired_ratio, peak_memory_mb, summary, table,
                      write_json)
 
@@ -99,46 +98,14 @@ def ours(model_config, synthetic, folder: Path, config: Config, device: torch.de
 
 
 def reference_style(model_config, synthetic, folder: Path, config: Config, device: torch.device):
+    """The authors' iteration (:mod:`benchmarks.authors_step`) on the same inputs and batches as ours."""
     criterion = MultilabelContrastiveLoss("WBCE")
     sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
+    rebuild = prepare_rebuild(model_config, config.text_dim, folder / "weights")
 
     def iteration():
-        synthetic.zero_grad(set_to_none=True)
-        student = model_config.build(seed=0).to(device).train()  # rebuilt every iteration
-        params = StudentParameters(student)
-        files = {s: torch.load(trajectories.twin_path(folder, s, 0), weights_only=True) for s in SIDES}  # whole files
-        start = {s: torch.cat([p.reshape(-1) for p in files[s][0][1]]).to(device) for s in SIDES}
-        target = {s: torch.cat([p.reshape(-1) for p in files[s][0][2]]).to(device) for s in SIDES}
         batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
-        eta = {s: synthetic.step_size(s).detach() for s in SIDES}
-        torch.manual_seed(7)
-        states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
-        theta = {s: start[s].clone() for s in SIDES}
-        for idx in batches:  # first pass keeps a double-backward graph per step and never uses it
-            states.append(capture_rng_state(device))  # dropout masks, replayed below
-            leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
-            logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
-            grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),
-                                        [leaves[s] for s in SIDES], create_graph=True)
-            kept.append(grads)
-            for s, g in zip(SIDES, grads):
-                total[s] += g.detach()
-                theta[s] = leaves[s].detach() - eta[s] * g.detach()
-        distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
-        residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
-        for s in SIDES:
-            synthetic.step_size(s).grad = (2 / distance[s]) * (residual[s] * -total[s]).sum()
-        weight = {s: (2 / distance[s]) * (-eta[s] * residual[s]) for s in SIDES}
-        theta = {s: start[s].clone() for s in SIDES}
-        for idx, state in zip(batches, states):
-            restore_rng_state(state, device)
-            leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
-            logits = functional_call(student, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
-            grads = torch.autograd.grad(criterion(logits, synthetic.similarity.block(idx)),
-                                        [leaves[s] for s in SIDES], create_graph=True)
-            sum((weight[s] * g).sum() for s, g in zip(SIDES, grads)).backward()
-            theta = {s: leaves[s].detach() - eta[s] * g.detach() for s, g in zip(SIDES, grads)}
-        del kept
+        authors_step(rebuild, synthetic, folder, criterion, batches, start_epoch=1, device=device)
     return iteration
 
 

@@ -20,20 +20,21 @@ def infonce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def cwcl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    rows = target / target.sum(dim=1, keepdim=True)
-    cols = target.t() / target.t().sum(dim=1, keepdim=True)
+    # the reference's denominators: each row's target sum + 1e-6
+    rows = target / (target.sum(dim=1, keepdim=True) + _EPS)
+    cols = target.t() / (target.t().sum(dim=1, keepdim=True) + _EPS)
     return 0.5 * (_soft_cross_entropy(logits, rows) + _soft_cross_entropy(logits.t(), cols))
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Positives (S > 0.5) and negatives are averaged separately so the n-1 negatives per row
-    do not drown the single positive."""
+    do not drown the single positive. Each sum is divided by its count + 1e-6, as the reference does."""
     p = torch.sigmoid(logits)
     bce = -(target * torch.log(p + _EPS) + (1 - target) * torch.log(1 - p + _EPS))
     pos = (target > 0.5).to(bce.dtype)
     neg = 1 - pos
-    pos_mean = (bce * pos).sum() / pos.sum().clamp_min(1)
-    neg_mean = (bce * neg).sum() / neg.sum().clamp_min(1)
+    pos_mean = (bce * pos).sum() / (pos.sum() + _EPS)
+    neg_mean = (bce * neg).sum() / (neg.sum() + _EPS)
     return 0.5 * (pos_mean + neg_mean)
 
 

@@ -23,7 +23,7 @@ def _soft_ce(z, s, normalise_rows=False):
     total = 0.0
     for i in range(n):
         p = _softmax_row(z, i)
-        row_sum = sum(s[i]) if normalise_rows else 1.0
+        row_sum = sum(s[i]) + 1e-6 if normalise_rows else 1.0  # the reference's + 1e-6
         total += -sum(s[i][j] / row_sum * math.log(p[j]) for j in range(n))
     return total / n
 
@@ -42,7 +42,7 @@ def reference(loss_type, z, s):
                 p, t = sig[i][j], s[i][j]
                 value = -(t * math.log(p + 1e-6) + (1 - t) * math.log(1 - p + 1e-6))
                 (pos if t > 0.5 else neg).append(value)
-        return 0.5 * (sum(pos) / len(pos) + sum(neg) / len(neg))
+        return 0.5 * (sum(pos) / (len(pos) + 1e-6) + sum(neg) / (len(neg) + 1e-6))  # the reference's counts
     if loss_type == "BCE":
         return sum(-(s[i][j] * math.log(sig[i][j]) + (1 - s[i][j]) * math.log(1 - sig[i][j]))
                    for i in range(n) for j in range(n)) / n ** 2
