@@ -36,7 +36,7 @@ from torch.func import functional_call
 from distill_utils import trajectories
 from distill_utils.matching import StudentParameters, capture_rng_state, restore_rng_state
 from distill_utils.synthetic import SyntheticSet
-from networks import SIDES, DualEncoderConfig, create_image_encoder
+from networks import SIDES, DualEncoderConfig, PretrainedWeightsUnavailable, create_image_encoder
 
 
 @dataclass
@@ -51,7 +51,8 @@ class Rebuild:
         student = self.model_config.build(seed=0).to(device).train()
         if self.text_folder is not None:
             from transformers import AutoModel, AutoTokenizer
-            AutoTokenizer.from_pretrained(self.text_folder)
+            if (self.text_folder / "tokenizer_config.json").is_file():
+                AutoTokenizer.from_pretrained(self.text_folder)
             AutoModel.from_pretrained(self.text_folder).to(device).eval()
         return student
 
@@ -71,7 +72,10 @@ def prepare_rebuild(model_config: DualEncoderConfig, text_dim: int, folder: Path
                         intermediate_size=inner)
     text_folder = folder / "text_encoder"
     BertModel(config).save_pretrained(text_folder)
-    _vocab_tokenizer().save_pretrained(text_folder)
+    try:
+        _vocab_tokenizer().save_pretrained(text_folder)
+    except PretrainedWeightsUnavailable:  # no vocabulary package on this machine: the model alone (the
+        pass                              # tokenizer's load is about a millisecond of theirs)
     pretrained = replace(model_config, image_pretrained=True, checkpoint_dir=str(folder))
     return Rebuild(pretrained, text_folder)
 

@@ -12,7 +12,10 @@ the model and the steps, not on the image size, so ``--config nfnet_small`` give
 CPU). A busy time well below the wall time means the GPU waits for the host (kernel launches; CUDA
 graphs would help there); a busy time close to it means the kernels themselves are the cost, and the
 table says whose they are. The profiler slows the host side a little, so take wall times from
-``distill_step``.
+``distill_step``. It also counts the iteration's floating-point operations with torch's FLOP counter
+and prints the TFLOP/s achieved in an unprofiled iteration against the device's peak (the TF32
+data-sheet figure of a known GPU, or ``--peak_tflops``), so the distance to the physical limit is a
+number.
 """
 from __future__ import annotations
 
@@ -50,6 +53,56 @@ def count_operations(function) -> dict:
     with OperationCount() as count:
         function()
     return {"operations": count.operations, "views": count.views}
+
+
+# Dense TF32 tensor-core peaks (TFLOP/s) from the vendors' data sheets: the matching runs in float32
+# with TF32 matmuls and convolutions on CUDA (distill_utils.speed.enable_fast_math).
+TF32_PEAK_TFLOPS = {"H200": 494.7, "H100 80GB HBM3": 494.7, "H100 NVL": 417.5, "H100 PCIe": 378.0, "A100": 156.0}
+
+
+class FlopCount(TorchDispatchMode):
+    """Floating-point operations by torch's FLOP formulas (``torch.utils.flop_counter``), counted below
+    autograd so that double backwards count too; unlike ``FlopCounterMode`` it tracks no modules, whose
+    backward hooks ``autograd.grad`` cannot run under."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(function) -> int:
+    """Floating-point operations of one call (matmuls and convolutions, forward, backward and double
+    backward; elementwise work is not counted)."""
+    with FlopCount() as count:
+        function()
+    return count.flops
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in TF32_PEAK_TFLOPS.items() if key in name), None)
+
+
+def unprofiled_seconds(iteration, device: torch.device, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        iteration()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
 
 
 def profile(iteration, device: torch.device, iterations: int):
@@ -94,6 +147,9 @@ def main(argv=None) -> dict:
     add_ours_args(parser)
     parser.add_argument("--iterations", type=positive(), default=2, help="profiled iterations after one warm-up")
     parser.add_argument("--top", type=positive(), default=20, help="operators listed")
+    parser.add_argument("--peak_tflops", type=positive(float), default=None,
+                        help="the device's peak, for the achieved share (default: the TF32 data-sheet peak of a "
+                             "known GPU; none on the CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     enable_fast_math(device)
@@ -104,7 +160,13 @@ def main(argv=None) -> dict:
                          args.standardization)
         profiler, wall = profile(iteration, device, args.iterations)
         dispatched = count_operations(iteration)
-    figures = {**summarise(profiler, wall, args.iterations, device, args.top), "dispatched": dispatched}
+        flops = count_flops(iteration)
+        seconds = unprofiled_seconds(iteration, device)
+    peak = peak_tflops(device, args.peak_tflops)
+    achieved = flops / seconds / 1e12
+    figures = {**summarise(profiler, wall, args.iterations, device, args.top), "dispatched": dispatched,
+               "flops": flops, "unprofiled_s": seconds, "achieved_tflops": achieved, "peak_tflops": peak,
+               "share_of_peak": achieved / peak if peak else None}
     payload = {"config": args.config, "keep_graphs": args.keep_graphs, "standardization": args.standardization,
                "device": device_name(device), **figures}
     launched = "" if figures["device_activities"] is None else \
@@ -115,6 +177,9 @@ def main(argv=None) -> dict:
           f"{figures['wall_s']:.3f} s wall (profiled), {figures['busy_s']:.3f} s "
           f"{'device busy' if device.type == 'cuda' else 'in operators'}{launched}; "
           f"{dispatched['operations']} operations dispatched, {dispatched['views']} of them views")
+    share = f", {figures['share_of_peak']:.1%} of the {peak:g} TFLOP/s peak" if peak else ""
+    print(f"{flops / 1e9:.2f} GFLOP per iteration (matmuls and convolutions) in {seconds:.3f} s unprofiled: "
+          f"{achieved:.3g} TFLOP/s achieved{share}")
     print(table([["operator", "own ms/iteration", "share of busy", "calls/iteration"]] + [
         [row["operator"], f"{row['own_ms']:.2f}", f"{row['share_of_busy']:.1%}", f"{row['calls']:.0f}"]
         for row in figures["top"]]))

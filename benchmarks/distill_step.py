@@ -1,12 +1,13 @@
-"""Seconds per distillation iteration and peak memory: our matching step vs a reference-style one.
+"""Seconds per distillation iteration and peak memory: our matching step vs the authors' iteration.
 
     python -m benchmarks.distill_step --device cpu --config tiny
     python -m benchmarks.distill_step --device cuda --config flickr500
 
-The reference-style implementation is the authors' iteration (benchmarks/authors_step.py): rebuild
-the student and the text encoder from weights on disk, read a whole expert file pair, a first pass
-whose double-backward graphs are dropped step by step, the second pass, the step-size gradients. Ours runs as distill_ptm-st.py does by default
-(snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as given, auto by default). Each runs in its own
+The baseline is the authors' iteration (benchmarks/authors_step.py): rebuild the student and the
+text encoder from weights on disk, read a whole expert file pair, a first pass whose double-backward
+graphs are dropped step by step, the second pass, the step-size gradients. Ours runs as
+distill_ptm-st.py does (snapshots kept on a GPU after the first iteration; ``--keep_graphs`` as
+given, auto by default). Each runs in its own
 process on identical data, for its peak memory and its gradients (their difference is printed); then
 one process runs them in turn, iteration by iteration, for the time ratio, so that a slow spell of a
 shared machine, which can outlast a whole process, slows both alike.
@@ -184,7 +185,7 @@ def faster(a: dict | None, b: dict) -> dict:
 
 
 def compare(ours_r: dict, ref_r: dict, paired: dict | None) -> dict:
-    """Ratios of ours to the reference-style run. ``time_ratio`` comes from the alternating run (the
+    """Ratios of ours to the authors' iteration. ``time_ratio`` comes from the alternating run (the
     median of side-by-side pairs); the separate processes' medians give a second, noisier one. None
     where a run ran out of memory."""
     alone = fitted(ours_r, ref_r)
@@ -263,7 +264,7 @@ def main(argv=None) -> dict:
           f"on {payload['device']}")
     print(table([["implementation", "s/iteration, in turn (median)", "s/iteration, own process", "peak memory MB"],
                  table_row("ours", ours_r, in_turn.get("ours")),
-                 table_row("reference-style", ref_r, in_turn.get("reference"))]))
+                 table_row("authors' iteration", ref_r, in_turn.get("reference"))]))
     if payload["memory_ratio"] is None:
         print("no ratios: an implementation ran out of memory")
     else:

@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
     match.add_argument("--keep_graphs", type=count_or(AUTO), default=AUTO,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
-                            "(exact; faster, one step's graph of memory each). Default auto: as many as the GPU's "
-                            "free memory allows, chosen every iteration (every one on the CPU; never more memory "
-                            "than the reference holds). 0: memory constant in --syn_steps, for a shared GPU")
+                            "(exact; saves recomputing them; one step's graph of memory each). Default auto: as many as the GPU's "
+                            "free memory allows, chosen every iteration (every one on the CPU). Kept graphs hold "
+                            "up to --syn_steps step graphs where the authors' code holds about one; 0: memory "
+                            "constant in --syn_steps, for a shared GPU or a large model on the CPU "
+                            "(benchmarks/README.md has the figures)")
     match.add_argument("--expert_cache_gb", type=non_negative(float), default=None,
                        help="GiB of expert snapshots kept on the device instead of copied from the host every "
                             "iteration (default: on a GPU half the memory the first iteration left free; 0 on the "

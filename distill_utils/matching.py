@@ -1,4 +1,5 @@
-"""One trajectory-matching iteration with exact gradients in memory constant in ``syn_steps``.
+"""One trajectory-matching iteration with exact gradients; with ``keep_graphs=0`` its memory is
+constant in ``syn_steps``, and each kept graph adds one step's graph.
 
 Objective (per side s, student started at the expert's snapshot theta0 and aimed at theta*):
     theta_{i+1} = theta_i - eta_s * g_i,   g_i = grad_theta loss_i(theta_i; X[B_i], Y[B_i], S[B_i, B_i]),
@@ -103,8 +104,8 @@ class CudaMemory:
 
 
 def memory_gauge(device: torch.device) -> Optional[CudaMemory]:
-    """The GPU's gauge; None on the CPU, where ``auto`` keeps every graph (the reference-style
-    implementation holds all of them plus one more, so this never needs more memory than it)."""
+    """The GPU's gauge; None on the CPU, where ``auto`` keeps every graph (``syn_steps`` step graphs;
+    the authors' iteration holds about one at a time)."""
     return CudaMemory(device) if device.type == "cuda" else None
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU: the gpu-marked tests and the GPU benchmarks of the README's
-# performance section. Each step is its own command, so the steps can be split across short sessions.
+# Every check that needs a CUDA GPU: the gpu-marked tests and the GPU benchmarks of
+# benchmarks/README.md. Each step is its own command, so the steps can be split across short sessions.
 # Usage: bash sh/gpu_checks.sh [STEP ...]     (default: every step, in this order)
 #   tests            pytest -m gpu (CUDA gradients equal the CPU's, dropout replay, speed switches, cache)
 #   distill          benchmarks.distill_step, flickr500 config, default --keep_graphs auto (as many graphs

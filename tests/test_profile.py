@@ -56,3 +56,13 @@ def test_a_gpu_profile_counts_each_kernel_once():
     assert [row["operator"] for row in figures["top"]] == ["aten::convolution", "aten::mul"]  # host operators only
     assert figures["top"][0]["own_ms"] == pytest.approx(0.3) and figures["top"][0]["share_of_busy"] == pytest.approx(0.75)
     assert figures["top"][1]["calls"] == 5
+
+
+def test_flops_are_counted_for_the_forward_and_both_backwards():
+    a = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(5, 4)
+    assert distill_profile.count_flops(lambda: a @ b) == 2 * 6 * 5 * 4
+    # forward, and the backward to a (one more matmul of the same size)
+    assert distill_profile.count_flops(lambda: (a @ b).sum().backward()) == 2 * (2 * 6 * 5 * 4)
+    assert distill_profile.peak_tflops(torch.device("cpu"), None) is None
+    assert distill_profile.peak_tflops(torch.device("cpu"), 1.5) == 1.5
