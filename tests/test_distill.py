@@ -9,17 +9,6 @@ from distill_utils.matching import MatchResult, TrajectoryMatcher
 from tests.helpers import shapes_args
 
 
-@pytest.fixture(scope="module")
-def expert_dirs(shapes_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("experts")
-    experts.main(shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "3",
-                             "--eval_freq", "3", "--batch_size_train", "32", "--buffer_path", str(tmp / "buffer")))
-    normal = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
-    shortcut = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "3"])
-    compact = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "4", "--compact"])
-    return tmp, normal, shortcut, compact
-
-
 def distill_argv(shapes_root, tmp, phase_dirs, *extra, name="run"):
     return shapes_args(shapes_root, tmp, "--image_trainable", "--buffer_path", *map(str, phase_dirs),
                        "--subset_num", str(len(phase_dirs)), "--min_start_epoch", *["0"] * len(phase_dirs),

@@ -21,13 +21,9 @@ from tests.helpers import fake_trajectory, shapes_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def experts_made(shapes_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("user_errors")
-    experts.main(shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "3",
-                             "--eval_freq", "3", "--batch_size_train", "64", "--buffer_path", str(tmp / "buffer")))
-    normal = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
-    return tmp, normal
+@pytest.fixture
+def experts_made(expert_dirs):
+    return expert_dirs[0], expert_dirs[1]
 
 
 def distill_argv(shapes_root, tmp, buffer, *extra, name="run", queries="6"):
