@@ -143,7 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     args = build_parser().parse_args(argv)
     for path in args.ckpt_path:  # before loading any data
         if not Path(path).is_file():
-            raise checkpoint.CheckpointError(f"--ckpt_path {path} does not exist")
+            what = "is a folder, not a checkpoint file" if Path(path).is_dir() else "does not exist"
+            raise checkpoint.CheckpointError(f"--ckpt_path {path} {what}: pass the distilled_PHASE_IT.pt files of "
+                                             f"a run (logged_files/DATASET/RUN/), one per phase, in phase order")
     check_phase_order(args.ckpt_path)
     out_dir = writable_folder(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, "--out_dir")
     device = resolve_device(args.device)

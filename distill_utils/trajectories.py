@@ -312,7 +312,8 @@ class TrajectoryBuffer:
     def __init__(self, folder: Path, expected: Optional[ExpectedShapes] = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise TrajectoryError(f"trajectory folder {self.folder} does not exist: train experts with buffer.py "
+            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise TrajectoryError(f"trajectory folder {self.folder} {what}: train experts with buffer.py "
                                   f"(and convexify.py for shortcuts) or fix --buffer_path.")
         self.meta = read_meta(self.folder)
         self.expected = expected

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from distill_utils import checkpoint, convexify, distill, experts, trajectories
+from distill_utils import checkpoint, distill, experts, trajectories
+from distill_utils.cli import run_script
 from distill_utils.matching import MatchResult, TrajectoryMatcher
 from tests.helpers import shapes_args
 
@@ -232,3 +233,25 @@ def test_an_nfnet_student_distils_with_its_standardisation_factored(shapes_root,
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = [r["matching_loss"] for r in records if r.get("matching_loss") is not None]  # logged at evaluations
     assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
+
+
+def test_a_full_disk_mid_run_loses_nothing_and_resume_ends_where_an_uninterrupted_run_ends(
+        shapes_root, expert_dirs, tmp_path, monkeypatch, capsys):
+    _, normal, shortcut, _ = expert_dirs
+    phases = [shortcut, normal]
+    whole = distill.main(distill_argv(shapes_root, tmp_path, phases, name="whole"))
+    real_save, saves = checkpoint.atomic_save, []
+
+    def disk_fills(obj, path):
+        saves.append(path)
+        if len(saves) == 5:  # phase 0, iteration 4: its distilled set; iteration 2's state is on disk
+            raise OSError(28, "No space left on device", str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_save", disk_fills)
+    with pytest.raises(SystemExit) as stopped:
+        run_script(lambda: distill.main(distill_argv(shapes_root, tmp_path, phases, name="full")))
+    assert stopped.value.code == 2 and "no space left on the device while writing" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "atomic_save", real_save)
+    resumed = distill.main(distill_argv(shapes_root, tmp_path, phases, "--resume", name="full"))
+    assert_same_distilled(whole, resumed)

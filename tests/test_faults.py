@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import claims, experts, trajectories
+from distill_utils import experts, trajectories
 from distill_utils.atomic import write_all, torch_writer
 from distill_utils.cli import run_script
 from distill_utils.trajectories import TrajectoryBuffer

@@ -14,8 +14,7 @@ import torch
 
 from distill_utils import checkpoint, convexify, distill, evaluate, experts, trajectories
 from distill_utils.cli import run_script
-from distill_utils.data import DataError, shapes
-from distill_utils.evaluation import EvalSettings  # noqa: F401  (evaluate's settings type)
+from distill_utils.data import shapes
 from tests.helpers import fake_trajectory, shapes_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -56,7 +56,8 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 def load_annotation(path: Path, required: Sequence[str], hint: str) -> List[dict]:
     if not path.is_file():
-        raise DataError(f"annotation file {path} does not exist: {hint}.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"annotation file {path} {what}: {hint}.")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
