@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import trajectories
 from .atomic import atomic_write_text
 from .cli import add_bool_flag, non_negative
 from .errors import writable_folder
+from .progress import progress
 from .runlog import setup_logging
 from .shortcut import convexify_trajectory, shortcut_betas
 
@@ -133,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(
             {**meta, "shortcut": {"start": args.start, "end": args.end, "compact": args.compact}}, indent=1, default=str))
     written = skipped = full_bytes = 0
-    for index in tqdm(indices, desc=f"convexify [{args.start}:{args.end}] -> {out.name}", unit="expert"):
+    for index in progress(indices, desc=f"convexify [{args.start}:{args.end}] -> {out.name}", unit="expert"):
         done = (trajectories.compact_path(out, index).is_file() if args.compact else
                 all(trajectories.twin_path(out, side, index).is_file() for side in trajectories.SIDES))
         if done and not args.overwrite:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint, trajectories
 from .atomic import atomic_write_text
@@ -33,6 +32,7 @@ from .errors import UsageError, writable_folder
 from .evaluation import EvalSettings, evaluate_subsets
 from .losses import LOSSES, MultilabelContrastiveLoss
 from .matching import AUTO, MiniBatchSampler, TrajectoryMatcher
+from .progress import progress
 from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from .snapshot_cache import GIB, SnapshotCache
@@ -359,7 +359,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         log.info("resuming phase %d at iteration %d", spec.index, it)
     ema_set = copy.deepcopy(synthetic)
     loss = None
-    with tqdm(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it") as bar:
+    with progress(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it") as bar:
         while True:
             due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
             if due and it != skip_eval_at:

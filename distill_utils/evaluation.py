@@ -17,11 +17,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from networks import DualEncoderConfig
 
 from .losses import MultilabelContrastiveLoss
+from .progress import progress
 from .retrieval import RetrievalBenchmark
 from .synthetic import FrozenSubset
 
@@ -131,7 +131,7 @@ def evaluate_subsets(subsets: Sequence[FrozenSubset], config: DualEncoderConfig,
                 raise FloatingPointError(f"learned step size {name} = {value} cannot train a student; "
                                          f"set --clamp_lr to keep step sizes positive")
     runs = [train_student(subsets, config, settings, test, val, run, device)
-            for run in tqdm(range(settings.num_eval), desc=desc, unit="student", leave=False)]
+            for run in progress(range(settings.num_eval), desc=desc, unit="student", leave=False, inner=True)]
     summary = summarise(runs)
     summary["runs"] = [{"selected": r.selected, "last": r.last, "history": r.history} for r in runs]
     return summary

@@ -16,7 +16,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from networks import DualEncoder
 
@@ -25,6 +24,7 @@ from .cli import add_bool_flag, add_data_args, add_model_args, add_runtime_args,
 from .context import load_data, model_config
 from .errors import writable_folder
 from .losses import LOSSES, MultilabelContrastiveLoss
+from .progress import progress as progress_bar
 from .retrieval import RetrievalBenchmark
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from .speed import SpeedOptions, enable_fast_math
@@ -95,7 +95,7 @@ def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch
                     progress: bool = True) -> float:
     model.train()
     total, batches = 0.0, 0
-    for images, caption_index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+    for images, caption_index in progress_bar(loader, desc=desc, unit="batch", leave=False, disable=not progress, inner=True):
         images = speed.prepare_images(images.to(device, non_blocking=True))
         texts = text_features[caption_index].to(device, non_blocking=True)
         with speed.autocast(device):
@@ -132,6 +132,8 @@ def train_expert(expert: int, args, data, config, benchmark, device, metrics) ->
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.train_epochs:
             record.update(benchmark.evaluate(model))
             log.info("expert %d epoch %d loss %.4f (%.1fs) | %s", expert, epoch + 1, loss, seconds, format_recall(record))
+        else:
+            log.info("expert %d epoch %d loss %.4f (%.1fs)", expert, epoch + 1, loss, seconds)
         metrics.log(record)
         for snapshot, store in zip(side_snapshot(model), (image_snapshots, text_snapshots)):
             store.append(snapshot)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -52,8 +53,9 @@ class TextEncoder(nn.Module):
     def encode(self, captions: Sequence[str], batch_size: int = 256, progress: str = "encoding captions") -> torch.Tensor:
         """Embed captions in batches (on the model's device) and return a CPU float tensor."""
         chunks: List[torch.Tensor] = []
+        # no per-batch bar in a log file (stderr not a terminal): the caller logs the encoding once
         for start in tqdm(range(0, len(captions), batch_size), desc=progress, unit="batch",
-                          disable=len(captions) <= batch_size):
+                          disable=len(captions) <= batch_size or not sys.stderr.isatty()):
             chunks.append(self(captions[start:start + batch_size]).cpu())
         if not chunks:
             return torch.empty(0, self.num_features)

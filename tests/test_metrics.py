@@ -64,3 +64,21 @@ def test_ties_count_against_the_ground_truth():
     result = itm_eval(flat, flat.T, txt2img, img2txt)
     assert result["txt_r1"] == 0.0 and result["img_r1"] == 0.0
     assert result["img_r5"] == 100.0  # rank 2 of 3 images (0-based) is inside the top 5
+
+
+def test_the_authors_dicts_are_accepted_and_recalls_are_exact_counts():
+    rng = np.random.default_rng(1)
+    n_img, per = 37, 5  # 37 images: count/37*100 is not a float32-exact number
+    img2txt = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
+    txt2img = [i for i in range(n_img) for _ in range(per)]
+    img = rng.normal(size=(n_img, 8))
+    i2t = img @ (img[txt2img] + rng.normal(scale=2.0, size=(n_img * per, 8))).T
+    as_lists = itm_eval(i2t, i2t.T, txt2img, img2txt)
+    as_dicts = itm_eval(i2t, i2t.T, {t: i for t, i in enumerate(txt2img)}, {i: c for i, c in enumerate(img2txt)})
+    assert as_dicts == as_lists
+    want = brute_force(i2t, i2t.T, txt2img, img2txt)
+    for key in ("txt_r1", "txt_r5", "txt_r10"):
+        count = round(want[key] * n_img / 100)
+        assert as_lists[key] == count / n_img * 100  # exactly, not float32-rounded
+    with pytest.raises(ValueError, match="keys 0..36"):
+        itm_eval(i2t, i2t.T, txt2img, {i + 1: c for i, c in enumerate(img2txt)})

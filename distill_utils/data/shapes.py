@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from ..cli import positive, run_script
 from ..errors import writable_folder
+from ..progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def generate(root: Path, config: ShapesConfig = ShapesConfig(), progress: bool =
     rng = random.Random(config.seed)
     splits = {"train": config.num_train, "val": config.num_val, "test": config.num_test}
     annotations = {}
-    bar = tqdm(total=sum(splits.values()), desc=f"drawing shapes -> {root}", unit="img", disable=not progress)
+    bar = progress_bar(total=sum(splits.values()), desc=f"drawing shapes -> {root}", unit="img", disable=not progress)
     for split, count in splits.items():
         entries = []
         for index in range(count):
