@@ -387,9 +387,9 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             ema.update(synthetic)
             loss = result.loss
             it += 1
-            bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}",
-                            kept_graphs=f"{result.kept_graphs}/{args.syn_steps}")
+                            kept_graphs=f"{result.kept_graphs}/{args.syn_steps}", refresh=False)
+            bar.update()  # redraws at the bar's own pace (a log file: once a minute)
             if it % 10 == 0:
                 run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
                                  "kept_graphs": result.kept_graphs, **{

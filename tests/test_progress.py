@@ -36,3 +36,15 @@ def test_buffer_py_logged_to_a_file_stays_readable(shapes_root, tmp_path, capsys
     assert "\r" not in err and "batch/s" not in err  # 15 batches per epoch, no per-batch updates
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("expert 0 epoch")]
     assert len(epochs) == 3  # one line per epoch instead
+
+
+def test_a_distillation_logged_to_a_file_writes_a_few_lines_per_phase(shapes_root, expert_dirs, tmp_path, capsys):
+    from distill_utils import distill
+    from tests.test_distill import distill_argv
+    _, normal, shortcut, _ = expert_dirs
+    argv = distill_argv(shapes_root, tmp_path, [shortcut, normal], "--eval_it", "6")
+    argv[argv.index("--Iteration") + 1:argv.index("--Iteration") + 3] = ["6", "6"]
+    distill.main(argv)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert sum(line.startswith("phase 0:") for line in err.splitlines()) <= 3  # 6 iterations, not 6 lines
