@@ -20,6 +20,7 @@ def distill_argv(shapes_root, tmp, phase_dirs, *extra, name="run"):
                        "--name", name, *extra)
 
 
+@pytest.mark.slow
 def test_two_phases_write_checkpoints_with_reference_keys(shapes_root, expert_dirs, tmp_path):
     _, _, shortcut, compact = expert_dirs
     folder = distill.main(distill_argv(shapes_root, tmp_path, [shortcut, compact], "--sim_type", "lowrank"))
@@ -42,6 +43,7 @@ def test_two_phases_write_checkpoints_with_reference_keys(shapes_root, expert_di
     assert json.loads((folder / "args.json").read_text())["subset_num"] == 2
 
 
+@pytest.mark.slow
 def test_frozen_encoder_mode_runs(shapes_root, tmp_path):
     tmp = tmp_path
     experts.main(shapes_args(shapes_root, tmp, "--num_experts", "1", "--train_epochs", "2", "--eval_freq", "2",
@@ -150,6 +152,7 @@ def assert_same_distilled(run_a, run_b):
             assert torch.equal(a[key], b[key]), (name, key)
 
 
+@pytest.mark.slow
 def test_snapshots_kept_in_memory_give_the_same_run(shapes_root, expert_dirs, tmp_path, caplog):
     _, _, shortcut, compact = expert_dirs
     phases = [shortcut, compact]
@@ -179,6 +182,7 @@ def test_keep_graphs_defaults_to_auto(shapes_root, tmp_path):
     assert distill.parse_args(distill_argv(shapes_root, tmp_path, [tmp_path])).keep_graphs == "auto"
 
 
+@pytest.mark.slow
 def test_the_default_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, _, shortcut, compact = expert_dirs
     phases = [shortcut, compact]
@@ -196,6 +200,7 @@ def test_the_default_auto_keeps_every_graph_on_the_cpu(shapes_root, expert_dirs,
     assert_same_distilled(every, auto)
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, tmp_path, monkeypatch):
     _, normal, shortcut, _ = expert_dirs
     phases = [shortcut, normal]
@@ -218,6 +223,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(shapes_root, expert_dirs, t
     assert_same_distilled(whole, resumed)
 
 
+@pytest.mark.slow
 def test_an_nfnet_student_distils_with_its_standardisation_factored(shapes_root, tmp_path):
     """The distiller's default path for NFNet students (weights standardised outside the graphs) end to end,
     from experts that buffer.py trained through timm's own layers."""
@@ -235,6 +241,7 @@ def test_an_nfnet_student_distils_with_its_standardisation_factored(shapes_root,
     assert len(losses) == 2 and all(0 < loss < float("inf") for loss in losses)
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_loses_nothing_and_resume_ends_where_an_uninterrupted_run_ends(
         shapes_root, expert_dirs, tmp_path, monkeypatch, capsys):
     _, normal, shortcut, _ = expert_dirs

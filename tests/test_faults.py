@@ -48,6 +48,7 @@ def markers(folder: Path):
     return found
 
 
+@pytest.mark.slow
 def test_racing_writers_never_overwrite_an_expert(tmp_path):
     """Several processes claim and write at once: every expert written survives, each image file sits
     beside its own text file. (The claim-then-list race lost 5-29 of 160-300 experts this way.)"""
@@ -111,6 +112,7 @@ trajectories.write_expert(folder, index, t, t)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["while writing", "between renames"])
 def test_a_writer_killed_mid_expert_leaves_nothing_that_blocks_the_folder(tmp_path, point, caplog):
     trajectories.write_expert(tmp_path, 0, marked_trajectory(1.0), marked_trajectory(-1.0))
@@ -169,6 +171,7 @@ def tiny_filesystem(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_buffer_py_with_a_message_and_keeps_every_finished_expert(
         shapes_root, tmp_path, tiny_filesystem, capsys):
     (tiny_filesystem / "filler").write_bytes(b"\0" * 700_000)

@@ -38,6 +38,7 @@ def test_buffer_py_logged_to_a_file_stays_readable(shapes_root, tmp_path, capsys
     assert len(epochs) == 3  # one line per epoch instead
 
 
+@pytest.mark.slow
 def test_a_distillation_logged_to_a_file_writes_a_few_lines_per_phase(shapes_root, expert_dirs, tmp_path, capsys):
     from distill_utils import distill
     from tests.test_distill import distill_argv

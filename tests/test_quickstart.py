@@ -1,7 +1,10 @@
 """A reduced quick start (a handful of steps) runs every stage and writes the report."""
+import pytest
+
 from distill_utils import quickstart
 
 
+@pytest.mark.slow
 def test_smoke_quickstart_writes_the_report(tmp_path, capsys):
     report = quickstart.main(["--workdir", str(tmp_path), "--preset", "smoke"])
     text = report.read_text()

@@ -110,6 +110,7 @@ with folder_lock(folder, wait=False, owner=this_process()):
 """
 
 
+@pytest.mark.slow
 def test_a_run_folder_in_use_is_refused_and_a_killed_holder_does_not_block_it(shapes_root, experts_made, tmp_path,
                                                                                 capsys):
     _, normal = experts_made
