@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from .cli import add_data_args, add_model_args, add_runtime_args, positive
 from .context import DataContext, load_data, model_config
+from .data import DataError
 from .distill import add_eval_args, eval_settings
 from .evaluation import StudentRun, evaluate_subsets, format_table, summarise
 from .losses import MultilabelContrastiveLoss
@@ -37,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train fresh students on distilled sets and report retrieval recall (mean ± std), "
                     "beside baselines of the same size.",
-        epilog="Example: python eval.py --dataset flickr --ckpt_path logged_files/flickr/RUN/distilled_0_2000.pt "
+        epilog="Examples: python eval.py --run logged_files/flickr/flickr500 (flags and checkpoints from the run's "
+               "args.json); python eval.py --dataset flickr --ckpt_path logged_files/flickr/RUN/distilled_0_2000.pt "
                "logged_files/flickr/RUN/distilled_1_2000.pt --image_trainable --baseline random")
     add_data_args(parser)
     add_model_args(parser)
     add_runtime_args(parser)
     add_eval_args(parser)
     group = parser.add_argument_group("what to evaluate")
-    group.add_argument("--ckpt_path", nargs="+", required=True, help="distilled_*.pt of each phase, in phase order")
+    group.add_argument("--run", default=None,
+                       help="a distill_ptm-st.py run folder: its args.json gives the data and model flags and "
+                            "the last checkpoint of every phase (flags given here still win)")
+    group.add_argument("--ckpt_path", nargs="+", default=None, help="distilled_*.pt of each phase, in phase order")
     group.add_argument("--baseline", nargs="*", default=["random"], choices=["random", "full"],
                        help="reference rows: a random real subset of the same sizes, the full training set")
     group.add_argument("--lr_teacher_img", type=positive(float), default=0.1, help="baseline image-side lr")
@@ -73,6 +78,48 @@ def check_phase_order(paths: Sequence[str]) -> None:
             f"(one checkpoint per phase, starting at phase 0)")
 
 
+# Flags a run folder's args.json supplies to eval.py (what the distiller used), unless given on the command line.
+RUN_FLAGS = ("dataset", "image_root", "ann_root", "image_size", "npz_dir", "image_encoder", "text_encoder",
+             "image_pretrained", "image_trainable", "checkpoint_dir", "out_embedding", "temperature", "loss_type",
+             "lr_teacher_img", "lr_teacher_txt", "seed")
+
+
+def run_checkpoints(folder: Path, recorded: dict) -> List[str]:
+    """The last checkpoint of every phase: distilled_{k}_{Iteration[k]}.pt."""
+    paths = [folder / f"distilled_{k}_{n}.pt" for k, n in enumerate(recorded["Iteration"])]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise checkpoint.CheckpointError(
+            f"--run {folder}: {', '.join(missing)} not there yet (the run has not finished every phase); finish it "
+            f"with distill_ptm-st.py ... --name {folder.name} --resume, or pass --ckpt_path with the checkpoints "
+            f"to evaluate")
+    return [str(p) for p in paths]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Flags; with ``--run``, what the run's args.json recorded fills every flag not given here."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.run is None:
+        if not args.ckpt_path:
+            parser.error("pass --run RUN_FOLDER (logged_files/DATASET/RUN) or --ckpt_path with a checkpoint per phase")
+        return args
+    folder = Path(args.run)
+    recorded_path = folder / "args.json"
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"--run {folder} has no args.json: pass the folder distill_ptm-st.py wrote "
+                                         f"(logged_files/DATASET/RUN)") from None
+    except json.JSONDecodeError as error:
+        raise checkpoint.CheckpointError(f"--run: {recorded_path} is not valid JSON ({error})") from None
+    parser.set_defaults(**{k: recorded[k] for k in RUN_FLAGS if k in recorded})
+    args = parser.parse_args(argv)
+    if not args.ckpt_path:
+        args.ckpt_path = run_checkpoints(folder, recorded)
+    return args
+
+
 def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> List[FrozenSubset]:
     subsets = []
     for path in paths:
@@ -93,10 +140,20 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
 
 def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
                    generator: torch.Generator) -> List[FrozenSubset]:
-    """Real training pairs (test-time transform), distinct across phases, identity similarity."""
-    picks = torch.randperm(len(data.train), generator=generator)[:sum(sizes)]
+    """Real training pairs (test-time transform), identity similarity; distinct across phases when the
+    training set holds enough pairs, else distinct within each phase."""
+    available = len(data.train)
+    if sum(sizes) <= available:
+        chunks = torch.randperm(available, generator=generator)[:sum(sizes)].split(list(sizes))
+    else:
+        if max(sizes) > available:
+            raise DataError(f"the random baseline needs {max(sizes)} distinct training pairs for one phase but the "
+                            f"dataset has {available}: drop --baseline random or use a larger training set")
+        log.warning("the training set has %d pairs, fewer than the %d the phases hold together: each phase's "
+                    "random subset is drawn on its own, so they may share pairs", available, sum(sizes))
+        chunks = [torch.randperm(available, generator=generator)[:size] for size in sizes]
     subsets = []
-    for chunk in picks.split(list(sizes)):
+    for chunk in chunks:
         images = torch.stack([data.train[i][0] for i in chunk.tolist()])
         subsets.append(FrozenSubset(images, data.train_text[chunk].clone(), torch.eye(len(chunk)), lr_img, lr_txt))
     return subsets
@@ -140,7 +197,7 @@ def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace)
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     """Evaluate; return ``{row name: {"mean": ..., "std": ...}}``."""
     setup_logging()
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     for path in args.ckpt_path:  # before loading any data
         if not Path(path).is_file():
             what = "is a folder, not a checkpoint file" if Path(path).is_dir() else "does not exist"

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Shortcut trajectories for both phases of the paper's recipes. Usage: bash sh/convexify.sh [DATASET]
+# Shortcut trajectories for both phases of the paper's recipes: convexified_0_6 (phase 0) and
+# convexified_0_8 (phase 1) beside $BUFFER_ROOT/DATASET/nfnet_bert/InfoNCE/normal/. Files already
+# converted are skipped, so a rerun after an interruption continues.
+# Usage: bash sh/convexify.sh DATASET [convexify.py flags...]   (DATASET: flickr, coco or cc3m)
+#   e.g. bash sh/convexify.sh flickr --compact --dtype float16   (endpoints + pace table only)
 set -euo pipefail
-DATASET="${1:-flickr}"
-NORMAL_DIR="./buffer/${DATASET}/nfnet_bert/InfoNCE/normal"
+source "$(dirname "$0")/_common.sh"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help "sh/convexify.sh"; exit 0; fi
+if [[ $# -lt 1 ]]; then show_help "sh/convexify.sh" >&2; exit 2; fi
+DATASET="$1"
+shift
+image_root_of "$DATASET" >/dev/null
+NORMAL_DIR="$(normal_dir_of "$DATASET")"
 
-python convexify.py --normal_dir "$NORMAL_DIR" --start 0 --end 6   # phase 0 -> convexified_0_6
-python convexify.py --normal_dir "$NORMAL_DIR" --start 0 --end 8   # phase 1 -> convexified_0_8
-# Compact encoding (endpoints + beta table, read transparently by the distiller):
-# python convexify.py --normal_dir "$NORMAL_DIR" --start 0 --end 6 --compact --dtype float16
+for end in "${ENDS[@]}"; do  # 6 and 8 unless SHORTCUT_ENDS says otherwise
+  ${PYTHON:-python} convexify.py --normal_dir "$NORMAL_DIR" --start 0 --end "$end" "$@"
+done

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Evaluate a finished run against a random real subset of the same size. Usage: bash sh/eval.sh GPU_ID [RUN]
+# Evaluate a finished recipe's run beside a random real subset of the same size: the data and model
+# flags and the last checkpoint of every phase come from the run's args.json (eval.py --run).
+# Usage: bash sh/eval.sh GPU RECIPE [eval.py flags...]
+#   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
+#   flags    override, e.g. --eval_protocol val --phase_lr own (choose on val, report test),
+#            --baseline random full, --num_eval 3
+# Paper protocol by default (the authors'; what the paper tables report).
 set -euo pipefail
-export CUDA_VISIBLE_DEVICES="${1:?usage: bash sh/eval.sh GPU_ID [RUN]}"
-RUN="${2:-flickr500}"
-DATASET=flickr
-RUN_DIR="./logged_files/${DATASET}/${RUN}"
-ITERATION=2000
+source "$(dirname "$0")/_common.sh"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/eval.sh; exit 0; fi
+if [[ $# -lt 2 ]]; then show_help sh/eval.sh >&2; exit 2; fi
+export CUDA_VISIBLE_DEVICES="$1"
+RECIPE="$2"
+shift 2
+DATASET="$(dataset_of_recipe "$RECIPE")"
 
-# Paper protocol (the reference's; what the paper tables report):
-python eval.py --dataset "$DATASET" --image_encoder nfnet --text_encoder bert --image_trainable \
-    --ckpt_path "$RUN_DIR/distilled_0_${ITERATION}.pt" "$RUN_DIR/distilled_1_${ITERATION}.pt" \
-    --loss_type WBCE --num_eval 5 --epoch_eval_train 100 --baseline random --disabled_wandb true
-
-# Held-out selection (choose the epoch on val, report test), each phase at its own step sizes:
-# python eval.py --dataset "$DATASET" --image_encoder nfnet --text_encoder bert --image_trainable \
-#     --ckpt_path "$RUN_DIR/distilled_0_${ITERATION}.pt" "$RUN_DIR/distilled_1_${ITERATION}.pt" \
-#     --eval_protocol val --phase_lr own --baseline random full --disabled_wandb true
+${PYTHON:-python} eval.py --run "$LOGGED_DIR/$DATASET/$RECIPE" --num_eval 5 --epoch_eval_train 100 \
+    --baseline random --disabled_wandb true "$@"

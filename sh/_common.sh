@@ -1,0 +1,45 @@
+# Shared by the recipes in sh/ (sourced, not run). Each recipe's usage is `bash sh/SCRIPT GPU DATASET|RECIPE
+# [flags...]`: flags after the positional arguments go to the Python script, and argparse keeps the last
+# value of a repeated flag, so any flag a recipe sets can be overridden.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Paths, each overridable from the environment (the scripts pass them as flags):
+ANN_ROOT="${ANN_ROOT:-./data/Annotation/}"     # annotation JSON files
+BUFFER_ROOT="${BUFFER_ROOT:-./buffer}"          # expert and shortcut trajectories
+LOGGED_DIR="${LOGGED_DIR:-./logged_files}"      # distillation runs
+ENCODERS="${ENCODERS:-nfnet_bert}"              # the IMAGE_TEXT folder buffer.py names after the encoders
+read -r -a ENDS <<< "${SHORTCUT_ENDS:-6 8}"  # phase k matches convexified_0_{ENDS[k]}; an array of its own: arrays are not exported
+RECIPES=(flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100)
+
+show_help() {  # the calling script's header comment
+  sed -n '2,/^set -euo/p' "$1" | sed '$d; s/^# \{0,1\}//'
+}
+
+image_root_of() {  # IMAGE_ROOT overrides the dataset's default image folder
+  if [[ -n "${IMAGE_ROOT:-}" ]]; then echo "$IMAGE_ROOT"; return; fi
+  case "$1" in
+    flickr) echo "./distill_utils/data/Flickr30k/" ;;
+    coco) echo "./distill_utils/data/COCO/" ;;
+    cc3m) echo "./distill_utils/data/CC3M/" ;;
+    *) echo "unknown dataset '$1': pass flickr, coco or cc3m" >&2; return 2 ;;
+  esac
+}
+
+dataset_of_recipe() {  # flickr500 -> flickr
+  local recipe="$1"
+  if [[ ! " ${RECIPES[*]} " =~ " ${recipe} " ]]; then
+    echo "unknown recipe '$recipe': pass one of ${RECIPES[*]}" >&2
+    return 2
+  fi
+  echo "${recipe:0:${#recipe}-3}"  # the size is the last three characters
+}
+
+normal_dir_of() { echo "$BUFFER_ROOT/$1/$ENCODERS/InfoNCE/normal"; }
+
+launcher() {  # NPROC=N runs the Python script under torchrun on N processes (one per visible GPU)
+  if [[ -n "${NPROC:-}" && "${NPROC}" != "1" ]]; then
+    echo "torchrun --standalone --nproc_per_node ${NPROC}"
+  else
+    echo "${PYTHON:-python}"
+  fi
+}

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One paper row from nothing to an evaluated table: data -> experts -> shortcut trajectories ->
+# distillation -> evaluation. Every stage that is already done is skipped, and an interrupted one
+# continues, so calling it again after an interruption picks up where it stopped:
+#   data          sh/prepare_data.sh DATASET (idempotent)
+#   experts       sh/buffer.sh, only for the experts missing from the folder (NUM_EXPERTS, default 20)
+#   shortcuts     sh/convexify.sh (skips converted files)
+#   distillation  sh/distill.sh, with --resume when the run has a checkpoint; skipped once its last
+#                 phase's final checkpoint exists
+#   evaluation    sh/eval.sh, every time (mean ± std over fresh students)
+# Usage: bash sh/reproduce.sh GPU RECIPE
+#   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
+# Extra flags per stage: BUFFER_FLAGS, CONVEXIFY_FLAGS, DISTILL_FLAGS, EVAL_FLAGS (space-separated),
+# e.g. DISTILL_FLAGS="--keep_graphs 0" bash sh/reproduce.sh 0 flickr500. SKIP_DATA=1 skips the download
+# step (data already in place).
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/reproduce.sh; exit 0; fi
+if [[ $# -lt 2 ]]; then show_help sh/reproduce.sh >&2; exit 2; fi
+GPU="$1"
+RECIPE="$2"
+DATASET="$(dataset_of_recipe "$RECIPE")"
+NUM_EXPERTS="${NUM_EXPERTS:-20}"
+read -r -a BUFFER_EXTRA <<< "${BUFFER_FLAGS:-}"
+read -r -a CONVEXIFY_EXTRA <<< "${CONVEXIFY_FLAGS:-}"
+read -r -a DISTILL_EXTRA <<< "${DISTILL_FLAGS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_FLAGS:-}"
+stage() { echo "== reproduce $RECIPE: $*" >&2; }
+
+if [[ -z "${SKIP_DATA:-}" ]]; then
+  stage "data"
+  bash sh/prepare_data.sh "$DATASET"
+fi
+
+HAVE="$(${PYTHON:-python} -c "import sys; from pathlib import Path; from distill_utils.trajectories import twin_indices
+p = Path(sys.argv[1]); print(len(twin_indices(p)) if p.is_dir() else 0)" "$(normal_dir_of "$DATASET")")"
+if (( HAVE < NUM_EXPERTS )); then
+  stage "experts: $HAVE of $NUM_EXPERTS in $(normal_dir_of "$DATASET"), training $((NUM_EXPERTS - HAVE))"
+  bash sh/buffer.sh "$GPU" "$DATASET" "${BUFFER_EXTRA[@]}" --num_experts "$((NUM_EXPERTS - HAVE))"
+else
+  stage "experts: $HAVE of $NUM_EXPERTS already there"
+fi
+
+stage "shortcut trajectories"
+bash sh/convexify.sh "$DATASET" "${CONVEXIFY_EXTRA[@]}"
+
+RUN="$LOGGED_DIR/$DATASET/$RECIPE"
+FINISHED="$(${PYTHON:-python} -c "import json, sys; from pathlib import Path
+run = Path(sys.argv[1]); args = run / 'args.json'
+done = args.is_file() and all((run / f'distilled_{k}_{n}.pt').is_file()
+                              for k, n in enumerate(json.loads(args.read_text())['Iteration']))
+print(int(done))" "$RUN")"
+if [[ "$FINISHED" == 1 ]]; then
+  stage "distillation: $RUN is finished"
+elif [[ -f "$RUN/latest.pt" ]]; then
+  stage "distillation: resuming $RUN"
+  bash sh/distill.sh "$GPU" "$RECIPE" "${DISTILL_EXTRA[@]}" --resume
+else
+  stage "distillation -> $RUN"
+  bash sh/distill.sh "$GPU" "$RECIPE" "${DISTILL_EXTRA[@]}"
+fi
+
+stage "evaluation"
+bash sh/eval.sh "$GPU" "$RECIPE" "${EVAL_EXTRA[@]}"
