@@ -134,29 +134,70 @@ def test_the_nine_recipes_run_end_to_end_and_a_second_call_continues(stand_in_da
     assert "2 expert(s) written" not in again.stdout  # shortcut files were skipped, not redone
 
 
-@pytest.mark.slow
-def test_a_recipe_runs_with_the_real_nfnet_l0_and_bert_base_read_as_downloads_are(stand_in_data, tmp_path):
-    """Random weights written where a download would be found: an NFNet-L0 state dict in --checkpoint_dir
+@pytest.fixture(scope="module")
+def stand_in_weights(tmp_path_factory):
+    """Random weights written where a download would be found: an NFNet-L0 state dict for --checkpoint_dir
     and a BERT-base folder from save_pretrained (with the bert-base-uncased vocabulary the MiniLM package
     ships), read through the same code path as real ones."""
     from transformers import BertConfig, BertModel
 
     from networks import create_image_encoder
     from networks.text_encoders import _vocab_tokenizer
-    weights = tmp_path / "weights"
-    weights.mkdir()
+    weights = tmp_path_factory.mktemp("weights")
     torch.save(create_image_encoder("nfnet_l0").state_dict(), weights / "nfnet_l0.pth")
     BertModel(BertConfig()).save_pretrained(weights / "bert-base-uncased")
     _vocab_tokenizer().save_pretrained(weights / "bert-base-uncased")
-    data = (f"--image_size 32 --num_workers 0 --npz_dir {tmp_path / 'npz'} --checkpoint_dir {weights}")
-    flags = {"SHORTCUT_ENDS": "3 3", "BUFFER_ROOT": str(tmp_path / "buffer"), "LOGGED_DIR": str(tmp_path / "logged"),
-             "BUFFER_FLAGS": f"{data} --train_epochs 2 --eval_freq 2 --batch_size_train 128",
-             "DISTILL_FLAGS": f"{data} --Iteration 2 --eval_it 2 --num_eval 1 --epoch_eval_train 1 --syn_steps 2 "
-                              f"--mini_batch_size 8 --lr_img 0.1 --lr_txt 0.1 --lr_sim 0.01 --lr_lr 0",
-             "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 1 --num_workers 0"}
-    done = reproduce(stand_in_data, "flickr100", "", flags)
+    return weights
+
+
+def real_model_flags(weights, tmp_path, train_epochs=2):
+    data = f"--image_size 32 --num_workers 0 --npz_dir {tmp_path / 'npz'} --checkpoint_dir {weights}"
+    return {"SHORTCUT_ENDS": "3 3", "BUFFER_ROOT": str(tmp_path / "buffer"), "LOGGED_DIR": str(tmp_path / "logged"),
+            "BUFFER_FLAGS": f"{data} --train_epochs {train_epochs} --eval_freq 2 --batch_size_train 128",
+            "DISTILL_FLAGS": f"{data} --Iteration 2 --eval_it 2 --num_eval 1 --epoch_eval_train 1 --syn_steps 2 "
+                             f"--mini_batch_size 8 --lr_img 0.1 --lr_txt 0.1 --lr_sim 0.01 --lr_lr 0",
+            "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 1 --num_workers 0"}
+
+
+@pytest.mark.slow
+def test_a_recipe_runs_with_the_real_nfnet_l0_and_bert_base(stand_in_data, stand_in_weights, tmp_path):
+    done = reproduce(stand_in_data, "flickr100", "", real_model_flags(stand_in_weights, tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((tmp_path / "buffer/flickr/nfnet_bert/InfoNCE/normal/meta.json").read_text())
     assert meta["image_encoder"] == "nfnet" and len(meta["image_params"]) > 100  # the whole NFNet-L0
     assert sum(torch.Size(shape).numel() for _, shape in meta["image_params"]) > 30_000_000
+    assert "PTM-ST (99 pairs)" in (tmp_path / "logged/flickr/flickr100/eval_results.md").read_text()
+
+
+def authors_text_head(generator):
+    """Their text projection head from 768-d BERT features to NFNet-L0's 2304, in its parameter order:
+    projection.weight, projection.bias, fc.weight, fc.bias, layer_norm.weight, layer_norm.bias."""
+    shapes = [(2304, 768), (2304,), (2304, 2304), (2304,), (2304,), (2304,)]
+    return [torch.randn(shape, generator=generator) * 0.02 for shape in shapes]
+
+
+@pytest.mark.slow
+def test_trajectories_written_as_the_authors_buffer_py_writes_them_run_through_every_stage(
+        stand_in_data, stand_in_weights, tmp_path):
+    """One trajectory per file, plain torch.save of [trajectory], no meta.json, parameters in the order of
+    their model: timm nfnet_l0 (num_classes=0, average pooling) inside their image wrapper, then their
+    text projection head. reproduce.sh finds the expert there (NUM_EXPERTS=1) and trains none."""
+    import timm
+    normal = tmp_path / "buffer/flickr/nfnet_bert/InfoNCE/normal"
+    normal.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    image = [p.detach().clone() for p in timm.create_model("nfnet_l0", num_classes=0, global_pool="avg").parameters()]
+    text = authors_text_head(generator)
+    image_trajectory, text_trajectory = [], []
+    for _ in range(3):  # epochs 0, 1, 2
+        image_trajectory.append([p.clone() for p in image])
+        text_trajectory.append([p.clone() for p in text])
+        image = [p + 1e-3 * torch.randn(p.shape, generator=generator) for p in image]
+        text = [p + 1e-3 * torch.randn(p.shape, generator=generator) for p in text]
+    torch.save([image_trajectory], normal / "img_replay_buffer_0.pt")
+    torch.save([text_trajectory], normal / "txt_replay_buffer_0.pt")
+    done = reproduce(stand_in_data, "flickr100", "", real_model_flags(stand_in_weights, tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "experts: 1 of 1 already there" in done.stderr
+    assert (tmp_path / "buffer/flickr/nfnet_bert/InfoNCE/convexified_0_3/img_replay_buffer_0.pt").is_file()
     assert "PTM-ST (99 pairs)" in (tmp_path / "logged/flickr/flickr100/eval_results.md").read_text()
