@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Expert trajectories of the paper (NFNet-L0 trained + frozen BERT features, 20 experts x 10 epochs,
 # InfoNCE) for one dataset, into $BUFFER_ROOT/DATASET/nfnet_bert/InfoNCE/normal/.
-# Usage: bash sh/buffer.sh GPU DATASET [buffer.py flags...]
+# Usage: bash sh/buffer.sh GPU [DATASET [buffer.py flags...]]   (DATASET default: flickr)
 #   GPU       CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1,2,3
 #   DATASET   flickr, coco or cc3m
 #   flags     passed to buffer.py after the recipe's own, so they override them (e.g. --num_experts 5)
@@ -10,10 +10,10 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help "sh/buffer.sh"; exit 0; fi
-if [[ $# -lt 2 ]]; then show_help "sh/buffer.sh" >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then show_help "sh/buffer.sh" >&2; exit 2; fi
 export CUDA_VISIBLE_DEVICES="$1"
-DATASET="$2"
-shift 2
+DATASET="${2:-flickr}"
+shift $(( $# < 2 ? $# : 2 ))
 IMAGE_ROOT="$(image_root_of "$DATASET")"
 
 $(launcher) buffer.py --dataset "$DATASET" --image_root "$IMAGE_ROOT" --ann_root "$ANN_ROOT" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every distillation recipe of the paper, one per table row.
-# Usage: bash sh/distill.sh GPU RECIPE [distill_ptm-st.py flags...]
+# Usage: bash sh/distill.sh GPU [RECIPE [distill_ptm-st.py flags...]]   (RECIPE default: flickr500)
 #   GPU      CUDA_VISIBLE_DEVICES, e.g. 0
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
 #   flags    passed after the recipe's own, so they override them (e.g. --keep_graphs 0, --resume)
@@ -10,10 +10,10 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/distill.sh; exit 0; fi
-if [[ $# -lt 2 ]]; then show_help sh/distill.sh >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then show_help sh/distill.sh >&2; exit 2; fi
 export CUDA_VISIBLE_DEVICES="$1"
-RECIPE="$2"
-shift 2
+RECIPE="${2:-flickr500}"
+shift $(( $# < 2 ? $# : 2 ))
 DATASET="$(dataset_of_recipe "$RECIPE")"
 SHORTCUTS="$(dirname "$(normal_dir_of "$DATASET")")"
 FIRST="$SHORTCUTS/convexified_0_${ENDS[0]}"                # convexified_0_6

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate a finished recipe's run beside a random real subset of the same size: the data and model
 # flags and the last checkpoint of every phase come from the run's args.json (eval.py --run).
-# Usage: bash sh/eval.sh GPU RECIPE [eval.py flags...]
+# Usage: bash sh/eval.sh GPU [RECIPE [eval.py flags...]]   (RECIPE default: flickr500)
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
 #   flags    override, e.g. --eval_protocol val --phase_lr own (choose on val, report test),
 #            --baseline random full, --num_eval 3
@@ -9,10 +9,10 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/eval.sh; exit 0; fi
-if [[ $# -lt 2 ]]; then show_help sh/eval.sh >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then show_help sh/eval.sh >&2; exit 2; fi
 export CUDA_VISIBLE_DEVICES="$1"
-RECIPE="$2"
-shift 2
+RECIPE="${2:-flickr500}"
+shift $(( $# < 2 ? $# : 2 ))
 DATASET="$(dataset_of_recipe "$RECIPE")"
 
 ${PYTHON:-python} eval.py --run "$LOGGED_DIR/$DATASET/$RECIPE" --num_eval 5 --epoch_eval_train 100 \

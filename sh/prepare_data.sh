@@ -1,16 +1,77 @@
 #!/usr/bin/env bash
-# Download annotations and images into the folders the scripts expect. Idempotent: finished steps
-# leave a marker and are skipped on rerun. Needs network, `hf` (pip install huggingface_hub), wget, unzip.
-# Usage: bash sh/prepare_data.sh [flickr] [coco] [cc3m]   (default: flickr)
+# Download annotations and images into the folders the scripts expect, one dataset or several.
+# Idempotent: finished steps leave a marker (or their files) and are skipped on rerun, so a rerun
+# after an interruption continues, and a rerun with everything in place needs no network.
+# Needs network, `hf` (pip install huggingface_hub), wget, unzip. Without network it stops at once and
+# says what to download and where to put it.
+# Usage: bash sh/prepare_data.sh DATASET [DATASET ...]   (flickr, coco, cc3m; default: flickr)
 set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' sh/prepare_data.sh | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 ANN_ROOT=./data/Annotation
 FLICKR_ROOT=./distill_utils/data/Flickr30k
 COCO_ROOT=./distill_utils/data/COCO
 CC3M_ROOT=./distill_utils/data/CC3M
+CHECK_URL="${CHECK_URL:-https://huggingface.co}"
 DATASETS=("${@:-flickr}")
 
 done_marker() { [ -f "$1/.prepared" ]; }
 mark_done() { touch "$1/.prepared"; }
+root_of() { case "$1" in flickr) echo "$FLICKR_ROOT" ;; coco) echo "$COCO_ROOT" ;; cc3m) echo "$CC3M_ROOT" ;; esac; }
+
+for dataset in "${DATASETS[@]}"; do
+  case "$dataset" in
+    flickr|coco|cc3m) ;;
+    *) echo "unknown dataset '$dataset': pass flickr, coco or cc3m" >&2; exit 2 ;;
+  esac
+done
+
+needed=()
+[ -f "$ANN_ROOT/flickr30k_train.json" ] || needed+=(annotations)
+for dataset in "${DATASETS[@]}"; do
+  done_marker "$(root_of "$dataset")" || needed+=("$dataset")
+done
+if [ ${#needed[@]} -eq 0 ]; then
+  echo "data ready: annotations in $ANN_ROOT; ${DATASETS[*]} images in place (nothing to download)"
+  exit 0
+fi
+
+where_to_put() {
+  case "$1" in
+    annotations) echo "  annotations: hf download previsior/PTM-ST --repo-type dataset --include 'Annotation/*' --local-dir ./data  -> $ANN_ROOT/*.json" ;;
+    flickr) echo "  flickr: flickr30k-images.zip (Hugging Face dataset nlphuji/flickr30k) unzipped -> $FLICKR_ROOT/flickr30k-images/*.jpg, then: touch $FLICKR_ROOT/.prepared" ;;
+    coco) echo "  coco: train2014.zip and val2014.zip from images.cocodataset.org unzipped -> $COCO_ROOT/train2014/, $COCO_ROOT/val2014/, then: touch $COCO_ROOT/.prepared" ;;
+    cc3m) echo "  cc3m: the images listed in $ANN_ROOT/cc3m_captions_*.json (img2dataset) -> $CC3M_ROOT/<each entry's image path>, then: touch $CC3M_ROOT/.prepared" ;;
+  esac
+}
+
+if ! ${PYTHON:-python3} - "$CHECK_URL" <<'PY'
+import sys
+import urllib.error
+import urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=10)
+except urllib.error.HTTPError:
+    pass  # an answer, even an error page, means the network works
+except Exception:
+    sys.exit(1)
+PY
+then
+  {
+    echo "error: cannot reach $CHECK_URL: this machine seems to have no network. Download these where there is"
+    echo "network (or run this script there) and copy them into this checkout, then run it again (finished"
+    echo "steps are skipped):"
+    for item in "${needed[@]}"; do where_to_put "$item"; done
+  } >&2
+  exit 1
+fi
+if ! command -v hf >/dev/null; then
+  echo "error: the 'hf' command is missing: pip install huggingface_hub, then run this again" >&2
+  exit 1
+fi
 
 if [ ! -f "$ANN_ROOT/flickr30k_train.json" ]; then
   mkdir -p ./data
@@ -45,7 +106,6 @@ for dataset in "${DATASETS[@]}"; do
         echo "then run: touch $CC3M_ROOT/.prepared" >&2
         exit 1
       fi ;;
-    *) echo "unknown dataset $dataset (flickr, coco, cc3m)" >&2; exit 2 ;;
   esac
 done
 echo "data ready: annotations in $ANN_ROOT"

@@ -8,7 +8,7 @@
 #   distillation  sh/distill.sh, with --resume when the run has a checkpoint; skipped once its last
 #                 phase's final checkpoint exists
 #   evaluation    sh/eval.sh, every time (mean ± std over fresh students)
-# Usage: bash sh/reproduce.sh GPU RECIPE
+# Usage: bash sh/reproduce.sh GPU [RECIPE]   (RECIPE default: flickr500)
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
 # Extra flags per stage: BUFFER_FLAGS, CONVEXIFY_FLAGS, DISTILL_FLAGS, EVAL_FLAGS (space-separated),
 # e.g. DISTILL_FLAGS="--keep_graphs 0" bash sh/reproduce.sh 0 flickr500. SKIP_DATA=1 skips the download
@@ -16,9 +16,9 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/reproduce.sh; exit 0; fi
-if [[ $# -lt 2 ]]; then show_help sh/reproduce.sh >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then show_help sh/reproduce.sh >&2; exit 2; fi
 GPU="$1"
-RECIPE="$2"
+RECIPE="${2:-flickr500}"
 DATASET="$(dataset_of_recipe "$RECIPE")"
 NUM_EXPERTS="${NUM_EXPERTS:-20}"
 read -r -a BUFFER_EXTRA <<< "${BUFFER_FLAGS:-}"

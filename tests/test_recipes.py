@@ -55,8 +55,10 @@ def test_buffer_recipe_takes_one_dataset_and_torchrun_on_request(tmp_path):
     assert args.image_root == "./distill_utils/data/COCO/"
     done, _ = recorded_argv(tmp_path, "buffer.sh", "0", "imagenet")
     assert done.returncode == 2 and "unknown dataset 'imagenet'" in done.stderr
-    done, _ = recorded_argv(tmp_path, "buffer.sh", "0")
-    assert done.returncode == 2 and "Usage: bash sh/buffer.sh GPU DATASET" in done.stderr
+    done, calls = recorded_argv(tmp_path, "buffer.sh", "0")  # the authors' `bash sh/buffer.sh 0`: Flickr only
+    assert done.returncode == 0 and len(calls) == 1 and experts.parse_args(calls[0][1:]).dataset == "flickr"
+    done, _ = recorded_argv(tmp_path, "buffer.sh")
+    assert done.returncode == 2 and "Usage: bash sh/buffer.sh GPU [DATASET" in done.stderr
 
 
 def test_eval_and_convexify_recipes(tmp_path):
@@ -201,3 +203,29 @@ def test_trajectories_written_as_the_authors_buffer_py_writes_them_run_through_e
     assert "experts: 1 of 1 already there" in done.stderr
     assert (tmp_path / "buffer/flickr/nfnet_bert/InfoNCE/convexified_0_3/img_replay_buffer_0.pt").is_file()
     assert "PTM-ST (99 pairs)" in (tmp_path / "logged/flickr/flickr100/eval_results.md").read_text()
+
+
+def run_prepare(tmp_path, *datasets):
+    (tmp_path / "sh").mkdir(exist_ok=True)
+    shutil.copy(ROOT / "sh" / "prepare_data.sh", tmp_path / "sh")
+    env = {**os.environ, "CHECK_URL": "http://127.0.0.1:9", "PYTHON": sys.executable}  # a closed port: offline
+    return subprocess.run(["bash", str(tmp_path / "sh" / "prepare_data.sh"), *datasets], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_prepare_data_offline_says_what_to_download_and_where(tmp_path):
+    done = run_prepare(tmp_path, "coco")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot reach http://127.0.0.1:9" in done.stderr
+    assert "./data/Annotation" in done.stderr and "./distill_utils/data/COCO/train2014/" in done.stderr
+    assert "flickr:" not in done.stderr  # only what was asked for
+    assert run_prepare(tmp_path, "imagenet").returncode == 2
+
+
+def test_prepare_data_with_everything_in_place_needs_no_network(tmp_path):
+    (tmp_path / "data" / "Annotation").mkdir(parents=True)
+    (tmp_path / "data" / "Annotation" / "flickr30k_train.json").write_text("[]")
+    (tmp_path / "distill_utils" / "data" / "Flickr30k").mkdir(parents=True)
+    (tmp_path / "distill_utils" / "data" / "Flickr30k" / ".prepared").touch()
+    done = run_prepare(tmp_path, "flickr")
+    assert done.returncode == 0 and "nothing to download" in done.stdout
