@@ -43,3 +43,16 @@ launcher() {  # NPROC=N runs the Python script under torchrun on N processes (on
     echo "${PYTHON:-python}"
   fi
 }
+
+# `positional SCRIPT DEFAULT "$@"`: --help prints the script's header; no argument at all prints it as
+# a usage error. Then GPU is the first argument, NAME the second (DATASET or RECIPE; DEFAULT when
+# absent) and REST the flags after them, for the Python script.
+positional() {
+  local script="$1" default="$2"
+  shift 2
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help "$script"; exit 0; fi
+  if [[ $# -lt 1 ]]; then show_help "$script" >&2; exit 2; fi
+  GPU="$1"
+  NAME="${2:-$default}"
+  REST=("${@:3}")
+}

@@ -9,18 +9,16 @@
 # Reruns add experts (new indices and seeds); they never overwrite or repeat one.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help "sh/buffer.sh"; exit 0; fi
-if [[ $# -lt 1 ]]; then show_help "sh/buffer.sh" >&2; exit 2; fi
-export CUDA_VISIBLE_DEVICES="$1"
-DATASET="${2:-flickr}"
-shift $(( $# < 2 ? $# : 2 ))
+positional sh/buffer.sh flickr "$@"
+export CUDA_VISIBLE_DEVICES="$GPU"
+DATASET="$NAME"
 IMAGE_ROOT="$(image_root_of "$DATASET")"
 
 $(launcher) buffer.py --dataset "$DATASET" --image_root "$IMAGE_ROOT" --ann_root "$ANN_ROOT" \
     --image_encoder nfnet --text_encoder bert --image_pretrained true --image_trainable \
     --image_size 224 --num_experts 20 --train_epochs 10 \
     --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --batch_size_train 128 --loss_type InfoNCE \
-    --eval_freq 5 --buffer_path "$BUFFER_ROOT" --disabled_wandb true "$@"
+    --eval_freq 5 --buffer_path "$BUFFER_ROOT" --disabled_wandb true "${REST[@]}"
 
 # DINOv2 + BGE (frozen image encoder, 768-d projections), as in the authors' buffer.sh:
 #   bash sh/buffer.sh 0 coco --image_encoder vit_base_patch14_dinov2 --text_encoder bge \

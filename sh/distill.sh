@@ -9,11 +9,9 @@
 # phase; here they are single-phase (--subset_num 1).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/distill.sh; exit 0; fi
-if [[ $# -lt 1 ]]; then show_help sh/distill.sh >&2; exit 2; fi
-export CUDA_VISIBLE_DEVICES="$1"
-RECIPE="${2:-flickr500}"
-shift $(( $# < 2 ? $# : 2 ))
+positional sh/distill.sh flickr500 "$@"
+export CUDA_VISIBLE_DEVICES="$GPU"
+RECIPE="$NAME"
 DATASET="$(dataset_of_recipe "$RECIPE")"
 SHORTCUTS="$(dirname "$(normal_dir_of "$DATASET")")"
 FIRST="$SHORTCUTS/convexified_0_${ENDS[0]}"                # convexified_0_6
@@ -38,4 +36,4 @@ ${PYTHON:-python} distill_ptm-st.py --dataset "$DATASET" --image_root "$(image_r
     --ann_root "$ANN_ROOT" --image_encoder nfnet --text_encoder bert --image_trainable \
     --lr_img 1000 --lr_txt 1000 --lr_lr 0.01 --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --sim_type full \
     --ema_decay 0.99 --logged_dir "$LOGGED_DIR" --name "$RECIPE" \
-    "${RECIPE_ARGS[@]}" "$@"
+    "${RECIPE_ARGS[@]}" "${REST[@]}"

@@ -8,12 +8,10 @@
 # Paper protocol by default (the authors'; what the paper tables report).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/eval.sh; exit 0; fi
-if [[ $# -lt 1 ]]; then show_help sh/eval.sh >&2; exit 2; fi
-export CUDA_VISIBLE_DEVICES="$1"
-RECIPE="${2:-flickr500}"
-shift $(( $# < 2 ? $# : 2 ))
+positional sh/eval.sh flickr500 "$@"
+export CUDA_VISIBLE_DEVICES="$GPU"
+RECIPE="$NAME"
 DATASET="$(dataset_of_recipe "$RECIPE")"
 
 ${PYTHON:-python} eval.py --run "$LOGGED_DIR/$DATASET/$RECIPE" --num_eval 5 --epoch_eval_train 100 \
-    --baseline random --disabled_wandb true "$@"
+    --baseline random --disabled_wandb true "${REST[@]}"

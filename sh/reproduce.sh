@@ -15,10 +15,8 @@
 # step (data already in place).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help sh/reproduce.sh; exit 0; fi
-if [[ $# -lt 1 ]]; then show_help sh/reproduce.sh >&2; exit 2; fi
-GPU="$1"
-RECIPE="${2:-flickr500}"
+positional sh/reproduce.sh flickr500 "$@"
+RECIPE="$NAME"
 DATASET="$(dataset_of_recipe "$RECIPE")"
 NUM_EXPERTS="${NUM_EXPERTS:-20}"
 read -r -a BUFFER_EXTRA <<< "${BUFFER_FLAGS:-}"
