@@ -138,8 +138,9 @@ class TrajectoryMatcher:
     """Computes the matching loss and writes exact gradients into the synthetic set's ``.grad``.
 
     ``keep_graphs`` steps (the first ones) keep their first-pass graph for the second pass instead
-    of recomputing it: about a quarter less time per kept step, one step's graph of memory each.
-    0 gives memory constant in ``syn_steps``. ``"auto"`` measures the first kept graph and keeps
+    of recomputing it: no second forward and backward for those steps, one step's graph of memory
+    each (benchmarks/README.md has what that saves, and where it does not). 0 gives memory constant
+    in ``syn_steps``. ``"auto"`` measures the first kept graph and keeps
     further ones while :func:`room_for_another_graph` holds for ``memory`` (by default the GPU's
     :class:`CudaMemory`; with no gauge, as on the CPU, every graph is kept).
     ``factor_standardization=False`` leaves NFNet's weight standardisation inside the graphs (as
