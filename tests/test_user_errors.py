@@ -3,6 +3,7 @@ traceback, nothing half-written; cheap checks run before expensive work; runs ne
 import datetime
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -301,3 +302,39 @@ def test_ctrl_c_in_the_quick_start_is_one_line_and_a_rerun_goes_on(tmp_path):
     assert process.returncode == 130 and "Traceback" not in err and "run the same command again" in err
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+
+def test_a_dataloader_worker_error_shows_its_own_message_first(shapes_root, tmp_path, capsys):
+    images = tmp_path / "images_copy"
+    shutil.copytree(shapes_root / "images", images / "images")
+    (images / "images" / "train_00003.png").write_bytes(b"not a png")
+    argv = shapes_args(shapes_root, tmp_path, "--image_root", str(images), "--num_experts", "1", "--train_epochs", "1",
+                       "--batch_size_train", "64", "--buffer_path", str(tmp_path / "b"))
+    argv[argv.index("--num_workers") + 1] = "1"
+    err = script_error(experts.main, argv, capsys)
+    assert "train_00003.png cannot be decoded" in err and "DataLoader worker" in err
+    assert "Original Traceback" not in err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only filesystem (refuses root too), or a skip where mounting one is not allowed."""
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_read_only_output_folders_are_refused_before_any_work(shapes_root, expert_dirs, tmp_path, read_only_folder,
+                                                              capsys):
+    _, normal = expert_dirs[:2]
+    err = script_error(experts.main, shapes_args(shapes_root, tmp_path, "--num_experts", "1", "--buffer_path",
+                                                 str(read_only_folder / "b")), capsys)
+    assert "--buffer_path" in err and "Read-only file system" in err
+    err = script_error(distill.main, distill_argv(shapes_root, tmp_path, normal, "--logged_dir",
+                                                  str(read_only_folder / "runs")), capsys)
+    assert "--logged_dir" in err and "Read-only file system" in err
+    assert not (tmp_path / "npz").exists()  # refused before any caption was encoded
