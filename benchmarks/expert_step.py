@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.experts import make_optimizer, train_one_epoch
+from distill_utils.experts import ExpertOptim, make_optimizer, train_one_epoch
 from distill_utils.speed import SpeedOptions
 from networks import DualEncoderConfig
 
@@ -71,8 +71,7 @@ class Variant:
         self.model = model_config.build(seed=0).to(device)
         self.speed = speed.for_model(self.model)
         self.speed.prepare_model(self.model)
-        hyper = argparse.Namespace(lr_teacher_img=0.01, lr_teacher_txt=0.01, mom=0.9, l2=5e-4, decay=False,
-                                   train_epochs=1)
+        hyper = ExpertOptim(0.01, 0.01, momentum=0.9, weight_decay=5e-4)
         self.optimizer, _ = make_optimizer(self.model, hyper, self.speed)
         self.criterion = MultilabelContrastiveLoss("InfoNCE")
 

@@ -12,12 +12,13 @@ import torch
 
 from .synthetic import FrozenSubset, SyntheticSet
 from .atomic import atomic_save
+from .errors import UsageError
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError):
     """A distilled-set checkpoint is missing, corrupt or does not fit the chosen model."""
 
 

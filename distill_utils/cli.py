@@ -6,7 +6,14 @@ habits write them bare (``--no_aug``); :func:`add_bool_flag` accepts both, stric
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
+
+from networks import EncoderError
+
+from .errors import UsageError, describe_os_error
+from .evaluation import EvalSettings
+from .losses import LOSSES
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -141,6 +148,27 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--wandb_project", default="PTM-ST", help="wandb project name")
 
 
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("student evaluation")
+    group.add_argument("--eval_protocol", default="paper", choices=["paper", "val"],
+                       help="paper: the reference's protocol (best point chosen on test, as paper tables); "
+                            "val: choose on the val split, report test")
+    group.add_argument("--phase_lr", default="current", choices=["current", "own"],
+                       help="current: every phase trains at the last phase's learned step sizes (paper); "
+                            "own: each phase at its own")
+    group.add_argument("--num_eval", type=positive(), default=5, help="fresh students per evaluation (mean ± std)")
+    group.add_argument("--epoch_eval_train", type=positive(), default=100, help="student epochs per subset")
+    group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
+    group.add_argument("--batch_size_test", type=positive(), default=128, help="batch size when embedding test images")
+    group.add_argument("--loss_type", default="WBCE", choices=sorted(LOSSES), help="loss of students and matching steps")
+
+
+def eval_settings(args: argparse.Namespace) -> EvalSettings:
+    """The student-evaluation flags of :func:`add_eval_args` as settings."""
+    return EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
+                        args.eval_protocol, args.phase_lr, args.seed)
+
+
 def user_message(error: BaseException) -> str:
     """The error's own text; for an error re-raised from a DataLoader worker ("Caught X in DataLoader
     worker process N. Original Traceback ..."), the original message, not the worker's traceback."""
@@ -156,18 +184,9 @@ def run_script(main, interrupted: str = "interrupted: files already written are 
                                           "atomically); run the same command again to continue.") -> None:
     """Run a script's ``main()``; user errors and OS errors (a full disk, a read-only folder) become
     one paragraph on stderr and exit status 2, not a stack trace."""
-    import sys
-
-    from networks import EncoderError
-
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .errors import UsageError, describe_os_error
-    from .trajectories import TrajectoryError
     try:
         main()
-    except (UsageError, DataError, TrajectoryError, CheckpointError, EncoderError, FloatingPointError,
-            MemoryError) as error:
+    except (UsageError, EncoderError, FloatingPointError, MemoryError) as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as error:

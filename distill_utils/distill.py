@@ -24,13 +24,13 @@ import torch
 from . import checkpoint, trajectories
 from .atomic import atomic_write_text
 from .claims import FolderBusy, folder_lock, this_process
-from .cli import (add_bool_flag, add_data_args, add_model_args, add_runtime_args, check_per_phase_lists, count_or,
-                  non_negative, positive)
+from .cli import (add_bool_flag, add_data_args, add_eval_args, add_model_args, add_runtime_args, check_per_phase_lists,
+                  count_or, eval_settings, non_negative, positive)
 from .context import DataContext, load_data, model_config
 from .data import DataError
 from .errors import UsageError, writable_folder
 from .evaluation import EvalSettings, evaluate_subsets
-from .losses import LOSSES, MultilabelContrastiveLoss
+from .losses import MultilabelContrastiveLoss
 from .matching import AUTO, MiniBatchSampler, TrajectoryMatcher
 from .progress import progress
 from .retrieval import RetrievalBenchmark, split_benchmarks
@@ -42,27 +42,6 @@ from .visualize import nearest_captions, save_grid, write_captions
 
 log = logging.getLogger("ptmst.distill")
 PER_PHASE = ("buffer_path", "min_start_epoch", "max_start_epoch", "num_queries", "Iteration", "sim_rank")
-
-
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("student evaluation")
-    group.add_argument("--eval_protocol", default="paper", choices=["paper", "val"],
-                       help="paper: the reference's protocol (best point chosen on test, as paper tables); "
-                            "val: choose on the val split, report test")
-    group.add_argument("--phase_lr", default="current", choices=["current", "own"],
-                       help="current: every phase trains at the last phase's learned step sizes (paper); "
-                            "own: each phase at its own")
-    group.add_argument("--num_eval", type=positive(), default=5, help="fresh students per evaluation (mean ± std)")
-    group.add_argument("--epoch_eval_train", type=positive(), default=100, help="student epochs per subset")
-    group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
-    group.add_argument("--batch_size_test", type=positive(), default=128, help="batch size when embedding test images")
-    group.add_argument("--loss_type", default="WBCE", choices=sorted(LOSSES), help="loss of students and matching steps")
-
-
-def eval_settings(args: argparse.Namespace) -> EvalSettings:
-    """The student-evaluation flags of :func:`add_eval_args` as settings."""
-    return EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
-                        args.eval_protocol, args.phase_lr, args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

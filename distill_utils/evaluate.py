@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint
-from .cli import add_data_args, add_model_args, add_runtime_args, positive
+from .cli import add_data_args, add_eval_args, add_model_args, add_runtime_args, eval_settings, positive
 from .context import DataContext, load_data, model_config
 from .data import DataError
-from .distill import add_eval_args, eval_settings
 from .evaluation import StudentRun, evaluate_subsets, format_table, summarise
+from .experts import ExpertOptim, make_optimizer, train_one_epoch
 from .losses import MultilabelContrastiveLoss
 from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import resolve_device, setup_logging
@@ -161,7 +161,6 @@ def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_tx
 
 def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark, device) -> dict:
     """Students trained on the whole training set (expert recipe, test-time transform), evaluated at the end."""
-    from .experts import make_optimizer, train_one_epoch
     runs = []
     for run in range(args.num_eval):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -169,9 +168,8 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
             model = config.build(seed=args.seed + run).to(device)
             speed = SpeedOptions.for_device(device).for_model(model)
             speed.prepare_model(model)
-            expert_like = argparse.Namespace(lr_teacher_img=args.lr_teacher_img, lr_teacher_txt=args.lr_teacher_txt,
-                                             mom=0.0, l2=0.0, decay=False, train_epochs=args.full_epochs)
-            optimizer, _ = make_optimizer(model, expert_like, speed)
+            optimizer, _ = make_optimizer(model, ExpertOptim(args.lr_teacher_img, args.lr_teacher_txt,
+                                                             epochs=args.full_epochs), speed)
             loader = DataLoader(data.train, batch_size=args.batch_train, shuffle=True, num_workers=args.num_workers,
                                 generator=torch.Generator().manual_seed(args.seed + run))
             for epoch in range(args.full_epochs):

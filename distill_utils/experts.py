@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -81,12 +82,27 @@ def side_snapshot(model: DualEncoder) -> Tuple[List[torch.Tensor], List[torch.Te
             [p.detach().cpu().clone() for p in model.side_parameters("text")])
 
 
-def make_optimizer(model: DualEncoder, args: argparse.Namespace, speed: SpeedOptions = SpeedOptions()):
+@dataclass(frozen=True)
+class ExpertOptim:
+    """The SGD an expert (or the full-data baseline) trains with."""
+    lr_img: float
+    lr_txt: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    decay: bool = False  # x0.1 at epoch epochs // 2 + 1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ExpertOptim":
+        return cls(args.lr_teacher_img, args.lr_teacher_txt, args.mom, args.l2, args.train_epochs, args.decay)
+
+
+def make_optimizer(model: DualEncoder, optim: ExpertOptim, speed: SpeedOptions = SpeedOptions()):
     optimizer = torch.optim.SGD([
-        {"params": model.side_parameters("image"), "lr": args.lr_teacher_img},
-        {"params": model.side_parameters("text"), "lr": args.lr_teacher_txt},
-    ], lr=0.0, momentum=args.mom, weight_decay=args.l2, fused=speed.sgd_fused_flag())
-    milestones = [args.train_epochs // 2 + 1] if args.decay else []
+        {"params": model.side_parameters("image"), "lr": optim.lr_img},
+        {"params": model.side_parameters("text"), "lr": optim.lr_txt},
+    ], lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay, fused=speed.sgd_fused_flag())
+    milestones = [optim.epochs // 2 + 1] if optim.decay else []
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
 
 
@@ -114,7 +130,7 @@ def train_expert(expert: int, args, data, config, benchmark, device, metrics) ->
     model = config.build(seed=args.seed + expert).to(device)
     speed = SpeedOptions.for_device(device, args.bf16).for_model(model)
     speed.prepare_model(model)
-    optimizer, scheduler = make_optimizer(model, args, speed)
+    optimizer, scheduler = make_optimizer(model, ExpertOptim.from_args(args), speed)
     criterion = MultilabelContrastiveLoss(args.loss_type)
     generator = torch.Generator().manual_seed(args.seed + expert)
     loader = DataLoader(data.train, batch_size=args.batch_size_train, shuffle=True, drop_last=False,

@@ -25,6 +25,7 @@ import torch
 from . import claims
 from .atomic import atomic_save, atomic_write_text, temporaries_of, torch_writer, write_all
 from .shortcut import shortcut_snapshot
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ Trajectory = List[Snapshot]
 ShapeList = List[Tuple[str, Tuple[int, ...]]]
 
 
-class TrajectoryError(RuntimeError):
+class TrajectoryError(UsageError):
     """A trajectory folder or file is missing, unpaired, corrupt or does not fit the model."""
 
 

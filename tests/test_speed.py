@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.experts import make_optimizer, train_one_epoch
+from distill_utils.experts import ExpertOptim, make_optimizer, train_one_epoch
 from distill_utils.speed import SpeedOptions
 from networks import DualEncoderConfig
 
@@ -34,7 +34,7 @@ def train_a_little(speed: SpeedOptions, device: torch.device = torch.device("cpu
     model = DualEncoderConfig("convnet_tiny", 12, image_trainable=True).build(seed=0).to(device)
     speed = speed.for_model(model)
     speed.prepare_model(model)
-    hyper = argparse.Namespace(lr_teacher_img=0.01, lr_teacher_txt=0.01, mom=0.9, l2=5e-4, decay=False, train_epochs=1)
+    hyper = ExpertOptim(0.01, 0.01, momentum=0.9, weight_decay=5e-4)
     optimizer, _ = make_optimizer(model, hyper, speed)
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 3, 32, 32, generator=generator), torch.arange(8 * b, 8 * b + 8)) for b in range(3)]

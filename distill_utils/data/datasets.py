@@ -14,11 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
 from .captions import pre_caption
 from .transforms import test_transform, train_transform
 
 
-class DataError(RuntimeError):
+class DataError(UsageError):
     """A dataset file is missing or malformed; the message names the file and the fix."""
 
 
