@@ -116,6 +116,42 @@ def room_for_another_graph(graph_bytes: int, available: int, total: int) -> bool
     return available >= 2 * graph_bytes + MEMORY_MARGIN * total
 
 
+class GraphKeeping:
+    """Which first-pass steps keep their graph for the second pass: always a prefix of the steps, at
+    most ``keep_graphs`` of them, or under ``"auto"`` as long as ``memory`` (a GPU's gauge) leaves room
+    for another graph of the size the first kept one measured (with no gauge, every step)."""
+
+    def __init__(self, keep_graphs: Union[int, str], memory: Optional[CudaMemory] = None):
+        self.limit = keep_graphs
+        self.memory = memory
+        self.kept = 0
+        self.graph_bytes = 0  # what the first kept graph took, its gradients and the next theta included
+        self._open = True
+        self._before = 0
+
+    def keep_next(self) -> bool:
+        """Whether the next step keeps its graph; once one does not, no later one does."""
+        self._open = self._open and self._room_for_one_more()
+        if self._open and self.memory is not None and self.kept == 0:
+            self._before = self.memory.allocated()
+        return self._open
+
+    def kept_one(self) -> None:
+        """A step kept its graph (and the next theta exists): count it, measure the first."""
+        if self.memory is not None and self.kept == 0:
+            self.graph_bytes = self.memory.allocated() - self._before
+        self.kept += 1
+
+    def _room_for_one_more(self) -> bool:
+        if self.limit != AUTO:
+            return self.kept < self.limit
+        # the first graph adds little to the peak, which holds one graph anyway (pass 2 frees the kept
+        # ones before recomputing any other step); keeping it also measures what a graph takes
+        if self.memory is None or self.kept == 0:
+            return True
+        return room_for_another_graph(self.graph_bytes, self.memory.available(), self.memory.total)
+
+
 @dataclass
 class MatchResult:
     loss: float
@@ -159,15 +195,6 @@ class TrajectoryMatcher:
         self.memory = memory
         layout = {s: list(zip(self.params.names[s], self.params.sizes[s])) for s in SIDES}
         self.standardization = FactoredStandardization(model, layout if factor_standardization else {})
-
-    def _keeps_another(self, kept: int, graph_bytes: int, memory: Optional[CudaMemory]) -> bool:
-        if self.keep_graphs != AUTO:
-            return kept < self.keep_graphs
-        # the first graph adds little to the peak, which holds one graph anyway (pass 2 frees the kept
-        # ones before recomputing any other step); keeping it also measures what a graph takes
-        if memory is None or kept == 0:
-            return True
-        return room_for_another_graph(graph_bytes, memory.available(), memory.total)
 
     def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target) -> torch.Tensor:
         logits = functional_call(self.model, self.params.as_dict(flat), (images, texts))
@@ -222,18 +249,17 @@ class TrajectoryMatcher:
         device = synthetic.images.device
         eta = {side: synthetic.step_size(side).detach() for side in SIDES}
         distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
-        memory = (self.memory or memory_gauge(device)) if self.keep_graphs == AUTO else None
+        policy = GraphKeeping(self.keep_graphs,
+                              (self.memory or memory_gauge(device)) if self.keep_graphs == AUTO else None)
 
         # Pass 1: the trajectory; graphs only for the kept steps (a prefix of them); remember the RNG
         # state of each step that pass 2 will recompute.
         rng_states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
-        theta_after_kept, keeping, graph_bytes = theta, True, 0
+        theta_after_kept = theta
         for idx in batches:
-            keeping = keeping and self._keeps_another(len(kept), graph_bytes, memory)
+            keeping = policy.keep_next()
             if keeping:
-                measuring = memory is not None and not kept
-                before = memory.allocated() if measuring else 0
                 step, grads = self._graph_step(synthetic, theta, idx)
                 kept.append(step)
             else:
@@ -245,9 +271,8 @@ class TrajectoryMatcher:
                     total[s] += grads[s]
             if keeping:
                 theta_after_kept = theta
-                if measuring:  # the graph, its gradients and the next theta
-                    graph_bytes = memory.allocated() - before
-        kept_count = len(kept)
+                policy.kept_one()
+        kept_count, graph_bytes = len(kept), policy.graph_bytes
         rng_after = capture_rng_state(device)
 
         residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
