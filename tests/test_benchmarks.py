@@ -200,9 +200,3 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
     assert out.returncode != 0 and "no CUDA device is visible" in out.stderr
     assert "== tests ==" not in out.stdout
 
-
-def test_gpu_checks_help_names_every_step():
-    out = run_gpu_checks("--help")
-    assert out.returncode == 0
-    for step in ("tests", "distill", "distill_keep0", "distill_keep8", "distill_timm_ws", "profile", "expert", "read"):
-        assert f"\n  {step} " in out.stdout
