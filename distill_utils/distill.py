@@ -37,7 +37,7 @@ from .retrieval import RetrievalBenchmark, split_benchmarks
 from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from .snapshot_cache import GIB, SnapshotCache
 from .speed import enable_fast_math
-from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticSet, make_similarity
+from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
 from .visualize import nearest_captions, save_grid, write_captions
 
 log = logging.getLogger("ptmst.distill")
@@ -314,11 +314,16 @@ def out_of_memory_message(run: Run, phase: int, it: int, cached_bytes: int = 0) 
             f"--name {args.name}: it continues from the last checkpoint ({last_checkpoint(run, phase)}).")
 
 
+def synthetic_rates(args: argparse.Namespace) -> SyntheticRates:
+    return SyntheticRates(args.lr_img, args.lr_txt, args.lr_lr, args.lr_sim, args.momentum_syn, args.momentum_lr,
+                          args.momentum_sim)
+
+
 def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer) -> PhaseLoop:
     args = run.args
     generator = torch.Generator().manual_seed(args.seed * 1000 + spec.index)
     synthetic = initial_set(spec, args, run.data, generator).to(run.device)
-    return PhaseLoop(synthetic, torch.optim.SGD(synthetic.param_groups(args), lr=0.0),
+    return PhaseLoop(synthetic, torch.optim.SGD(synthetic.param_groups(synthetic_rates(args)), lr=0.0),
                      ExponentialMovingAverage(synthetic, args.ema_decay),
                      MiniBatchSampler(spec.num_queries, args.mini_batch_size, generator),
                      ExpertCycle(buffer.experts(), generator), generator)
@@ -487,7 +492,7 @@ def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec
         text=trajectories.parameter_shapes(student.side_named_parameters("text")))
     for buffer in buffers:
         buffer.set_expected(expected)  # every expert checked before the first iteration
-    test, val = split_benchmarks(data, args, device)
+    test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     record_start(folder, args, state, changes)
     run = Run(args, folder, data, config, device, test, val,
               MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),

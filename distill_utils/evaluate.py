@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     subsets = load_checkpoints(args.ckpt_path, args, data.text_dim)
     config = model_config(args, data.text_dim)
-    test, val = split_benchmarks(data, args, device)
+    test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
     rows = {f"PTM-ST ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,

@@ -81,9 +81,9 @@ def _image_head(model: DualEncoder, features: torch.Tensor) -> torch.Tensor:
     return features if model.image_projection is None else model.image_projection(features)
 
 
-def split_benchmarks(data, args, device: torch.device):
+def split_benchmarks(data, device: torch.device, batch_size: int, num_workers: int):
     """``(test, val)`` benchmarks of a :class:`~distill_utils.context.DataContext`; val is None when its
     caption features were not loaded."""
     def build(split, features):
-        return RetrievalBenchmark(split, features, device, args.batch_size_test, args.num_workers)
+        return RetrievalBenchmark(split, features, device, batch_size, num_workers)
     return build(data.test, data.test_text), (build(data.val, data.val_text) if data.val_text is not None else None)

@@ -98,14 +98,26 @@ class SyntheticSet(nn.Module):
     def step_size(self, side: str) -> nn.Parameter:
         return self.syn_lr_img if side == "image" else self.syn_lr_txt
 
-    def param_groups(self, args) -> List[Dict]:
+    def param_groups(self, rates: "SyntheticRates") -> List[Dict]:
         """SGD groups: images, texts, step sizes, similarity parameters, each with its lr and momentum."""
         return [
-            {"params": [self.images], "lr": args.lr_img, "momentum": args.momentum_syn},
-            {"params": [self.texts], "lr": args.lr_txt, "momentum": args.momentum_syn},
-            {"params": [self.syn_lr_img, self.syn_lr_txt], "lr": args.lr_lr, "momentum": args.momentum_lr},
-            {"params": list(self.similarity.parameters()), "lr": args.lr_sim, "momentum": args.momentum_sim},
+            {"params": [self.images], "lr": rates.lr_img, "momentum": rates.momentum_syn},
+            {"params": [self.texts], "lr": rates.lr_txt, "momentum": rates.momentum_syn},
+            {"params": [self.syn_lr_img, self.syn_lr_txt], "lr": rates.lr_lr, "momentum": rates.momentum_lr},
+            {"params": list(self.similarity.parameters()), "lr": rates.lr_sim, "momentum": rates.momentum_sim},
         ]
+
+
+@dataclass(frozen=True)
+class SyntheticRates:
+    """Learning rates and momenta of the synthetic set's four parameter groups."""
+    lr_img: float
+    lr_txt: float
+    lr_lr: float
+    lr_sim: float
+    momentum_syn: float = 0.5
+    momentum_lr: float = 0.5
+    momentum_sim: float = 0.5
 
 
 class ExponentialMovingAverage:
