@@ -4,8 +4,8 @@
 
 Several GPUs: torchrun --nproc_per_node 4 buffer.py ... (each rank trains its own experts).
 """
-from distill_utils.cli import run_script
-from distill_utils.experts import main
+from distill_utils.app.cli import run_script
+from distill_utils.app.buffer import main
 
 if __name__ == "__main__":
     run_script(main)

@@ -5,8 +5,8 @@
         --min_start_epoch 0 1 --max_start_epoch 2 3 --num_queries 200 299 --Iteration 2000 2000 --subset_num 2 \
         --sim_type full --lr_sim 10 --mini_batch_size 40 --ema_decay 0.99 --image_trainable
 """
-from distill_utils.cli import run_script
-from distill_utils.distill import main
+from distill_utils.app.cli import run_script
+from distill_utils.app.distill import main
 
 if __name__ == "__main__":
     run_script(main)

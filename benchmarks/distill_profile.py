@@ -29,7 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill_utils.cli import positive
+from distill_utils.app.cli import positive
 from distill_utils.speed import enable_fast_math
 
 from .common import device_name, synchronize, table, write_json

@@ -27,7 +27,7 @@ from typing import List
 import torch
 
 from distill_utils import MultilabelContrastiveLoss, trajectories
-from distill_utils.cli import count_or
+from distill_utils.app.cli import count_or
 from distill_utils.matching import AUTO, MatchResult, MiniBatchSampler, TrajectoryMatcher
 from distill_utils.snapshot_cache import SnapshotCache
 from distill_utils.speed import enable_fast_math

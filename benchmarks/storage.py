@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 
-from distill_utils import convexify, trajectories
+from distill_utils import trajectories
+from distill_utils.app import convexify
 from networks import SIDES, DualEncoderConfig
 
 from .common import table, write_json

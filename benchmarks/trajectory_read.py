@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from distill_utils import convexify, trajectories
+from distill_utils import trajectories
+from distill_utils.app import convexify
 from distill_utils.snapshot_cache import GIB, SnapshotCache
 from networks import SIDES, DualEncoderConfig
 

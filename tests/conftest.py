@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill_utils import convexify, experts, trajectories  # noqa: E402
+from distill_utils import trajectories  # noqa: E402
+from distill_utils.app import buffer, convexify
 from distill_utils.data import shapes  # noqa: E402
 from tests.helpers import shapes_args  # noqa: E402
 
@@ -50,7 +51,7 @@ def _seeded():
 def expert_dirs(shapes_root, tmp_path_factory):
     """Two 3-epoch experts on shapes: (folder, normal/, convexified_0_3/, convexified_0_4_compact/)."""
     tmp = tmp_path_factory.mktemp("experts")
-    experts.main(shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "3",
+    buffer.main(shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "3",
                              "--eval_freq", "3", "--batch_size_train", "32", "--buffer_path", str(tmp / "buffer")))
     normal = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
     shortcut = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "3"])

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from distill_utils import experts, trajectories
+from distill_utils import trajectories
+from distill_utils.app import buffer
 from distill_utils.data import DataError
 from distill_utils.trajectories import TrajectoryBuffer, TrajectoryError
 from tests.helpers import fake_trajectory, shapes_args
@@ -15,7 +16,7 @@ def tiny_buffer(shapes_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("buffer")
     argv = shapes_args(shapes_root, tmp, "--image_trainable", "--num_experts", "2", "--train_epochs", "2",
                        "--eval_freq", "1", "--batch_size_train", "32", "--buffer_path", str(tmp / "buffer"))
-    written = experts.main(argv)
+    written = buffer.main(argv)
     folder = trajectories.expert_folder(tmp / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
     return folder, written, argv
 
@@ -54,15 +55,15 @@ def test_rerun_appends_with_the_next_index(tiny_buffer):
     argv[argv.index("--num_experts") + 1] = "1"
     argv[argv.index("--train_epochs") + 1] = "1"
     with pytest.raises(TrajectoryError, match="another model"):  # 1 epoch is fine; a different model is not
-        experts.main(argv + ["--image_trainable", "false"])
-    assert experts.main(argv) == [2]
+        buffer.main(argv + ["--image_trainable", "false"])
+    assert buffer.main(argv) == [2]
     assert trajectories.twin_indices(folder) == [0, 1, 2]
 
 
 def test_torchrun_ranks_split_the_experts(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "1")
-    assert experts.my_experts(7) == [1, 4]
+    assert buffer.my_experts(7) == [1, 4]
 
 
 def test_claims_never_collide(tmp_path):
@@ -154,11 +155,11 @@ def test_missing_dataset_fails_clearly(tmp_path):
     argv = shapes_args(tmp_path / "nowhere", tmp_path, "--num_experts", "1", "--train_epochs", "1",
                        "--buffer_path", str(tmp_path / "b"))
     with pytest.raises(DataError, match=r"shapes_train\.json does not exist"):
-        experts.main(argv)
+        buffer.main(argv)
 
 
 def test_strict_boolean_flags():
-    parse = experts.build_parser().parse_args
+    parse = buffer.build_parser().parse_args
     assert parse(["--no_aug"]).no_aug is True
     assert parse(["--no_aug", "false"]).no_aug is False
     assert parse(["--disabled_wandb", "True"]).disabled_wandb is True

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from distill_utils import convexify, trajectories
+from distill_utils import trajectories
+from distill_utils.app import convexify
 from distill_utils.shortcut import convexify_trajectory
 from distill_utils.trajectories import TrajectoryBuffer
 from tests.helpers import fake_trajectory

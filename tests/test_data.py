@@ -68,7 +68,7 @@ def _copy(shapes_root, tmp_path):
 
 
 def test_missing_annotation_file_names_it(tmp_path):
-    with pytest.raises(DataError, match=r"shapes_train\.json does not exist.*distill_utils\.data\.shapes"):
+    with pytest.raises(DataError, match=r"shapes_train\.json does not exist.*distill_utils\.app\.shapes"):
         build_datasets("shapes", str(tmp_path), str(tmp_path))
     with pytest.raises(DataError, match=r"flickr30k_train\.json does not exist.*hf download"):
         build_datasets("flickr", str(tmp_path), str(tmp_path))

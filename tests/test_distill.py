@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from distill_utils import checkpoint, distill, experts, trajectories
-from distill_utils.cli import run_script
+from distill_utils import checkpoint, trajectories
+from distill_utils.app import buffer, distill
+from distill_utils.app.cli import run_script
 from distill_utils.matching import MatchResult, TrajectoryMatcher
 from tests.helpers import shapes_args
 
@@ -46,7 +47,7 @@ def test_two_phases_write_checkpoints_with_reference_keys(shapes_root, expert_di
 @pytest.mark.slow
 def test_frozen_encoder_mode_runs(shapes_root, tmp_path):
     tmp = tmp_path
-    experts.main(shapes_args(shapes_root, tmp, "--num_experts", "1", "--train_epochs", "2", "--eval_freq", "2",
+    buffer.main(shapes_args(shapes_root, tmp, "--num_experts", "1", "--train_epochs", "2", "--eval_freq", "2",
                              "--out_embedding", "12", "--batch_size_train", "32", "--buffer_path", str(tmp / "b")))
     normal = trajectories.expert_folder(tmp / "b", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
     argv = distill_argv(shapes_root, tmp, [normal], "--out_embedding", "12", "--sim_type", "full")
@@ -228,7 +229,7 @@ def test_an_nfnet_student_distils_with_its_standardisation_factored(shapes_root,
     """The distiller's default path for NFNet students (weights standardised outside the graphs) end to end,
     from experts that buffer.py trained through timm's own layers."""
     nfnet = ("--image_encoder", "test_nfnet", "--out_embedding", "12")
-    experts.main(shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "1", "--train_epochs", "2",
+    buffer.main(shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "1", "--train_epochs", "2",
                              "--eval_freq", "2", "--batch_size_train", "32", "--buffer_path", str(tmp_path / "b"),
                              *nfnet[2:], image_encoder="test_nfnet"))
     normal = trajectories.expert_folder(tmp_path / "b", "shapes", "test_nfnet", "tiny_bert", "InfoNCE")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill_utils import checkpoint, evaluate
+from distill_utils import checkpoint
+from distill_utils.app import evaluate
 from distill_utils.evaluation import (EvalSettings, StudentRun, measurement_epochs, summarise, train_student)
 from distill_utils.synthetic import FrozenSubset, SyntheticSet, make_similarity
 from networks import DualEncoderConfig
@@ -92,7 +93,7 @@ def test_mean_and_std_over_runs():
 
 def test_random_baseline_draws_distinct_pairs_of_the_right_sizes(shapes_root, tmp_path):
     args = evaluate.build_parser().parse_args(shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt"))
-    from distill_utils.context import load_data
+    from distill_utils.app.context import load_data
     data = load_data(args, torch.device("cpu"), augment=False)
     reals = evaluate.random_subsets(data, [7, 5], 0.1, 0.2, torch.Generator().manual_seed(0))
     assert [len(s) for s in reals] == [7, 5]

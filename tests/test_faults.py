@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import experts, trajectories
+from distill_utils import trajectories
+from distill_utils.app import buffer
 from distill_utils.atomic import write_all, torch_writer
-from distill_utils.cli import run_script
+from distill_utils.app.cli import run_script
 from distill_utils.trajectories import TrajectoryBuffer
 from tests.helpers import shapes_args
 
@@ -178,7 +179,7 @@ def test_a_full_disk_stops_buffer_py_with_a_message_and_keeps_every_finished_exp
     argv = shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "6", "--train_epochs", "1",
                        "--eval_freq", "1", "--batch_size_train", "64", "--buffer_path", str(tiny_filesystem / "b"))
     with pytest.raises(SystemExit) as stopped:
-        run_script(lambda: experts.main(argv))
+        run_script(lambda: buffer.main(argv))
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert "no space left on the device while writing" in error and "unexpected pos" not in error
@@ -192,8 +193,8 @@ def test_a_full_disk_stops_buffer_py_with_a_message_and_keeps_every_finished_exp
 def test_rerunning_buffer_py_never_repeats_an_expert(shapes_root, tmp_path):
     argv = shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "1", "--train_epochs", "1",
                        "--eval_freq", "1", "--batch_size_train", "64", "--buffer_path", str(tmp_path / "b"))
-    assert experts.main(argv) == [0]
-    assert experts.main(argv) == [1]  # a rerun, e.g. after the interrupt message invited one
+    assert buffer.main(argv) == [0]
+    assert buffer.main(argv) == [1]  # a rerun, e.g. after the interrupt message invited one
     folder = trajectories.expert_folder(tmp_path / "b", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
     first, second = TrajectoryBuffer(folder).experts()
     for side in ("image", "text"):

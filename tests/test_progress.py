@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from distill_utils import experts, progress
+from distill_utils import progress
+from distill_utils.app import buffer
 from tests.helpers import shapes_args
 
 
@@ -31,7 +32,7 @@ def test_buffer_py_logged_to_a_file_stays_readable(shapes_root, tmp_path, capsys
     argv = shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_experts", "1", "--train_epochs", "3",
                        "--eval_freq", "3", "--batch_size_train", "8", "--buffer_path", str(tmp_path / "b"))
     with caplog.at_level("INFO", logger="ptmst"):
-        experts.main(argv)  # stderr is captured here, as in a log file: not a terminal
+        buffer.main(argv)  # stderr is captured here, as in a log file: not a terminal
     err = capsys.readouterr().err
     assert "\r" not in err and "batch/s" not in err  # 15 batches per epoch, no per-batch updates
     epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("expert 0 epoch")]
@@ -40,7 +41,7 @@ def test_buffer_py_logged_to_a_file_stays_readable(shapes_root, tmp_path, capsys
 
 @pytest.mark.slow
 def test_a_distillation_logged_to_a_file_writes_a_few_lines_per_phase(shapes_root, expert_dirs, tmp_path, capsys):
-    from distill_utils import distill
+    from distill_utils.app import distill
     from tests.test_distill import distill_argv
     _, normal, shortcut, _ = expert_dirs
     argv = distill_argv(shapes_root, tmp_path, [shortcut, normal], "--eval_it", "6")

@@ -1,7 +1,7 @@
 """A reduced quick start (a handful of steps) runs every stage and writes the report."""
 import pytest
 
-from distill_utils import quickstart
+from distill_utils.app import quickstart
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import distill, evaluate, experts
+from distill_utils.app import buffer, distill, evaluate
 from distill_utils.data import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +50,13 @@ def test_buffer_recipe_takes_one_dataset_and_torchrun_on_request(tmp_path):
     done, calls = recorded_argv(tmp_path, "buffer.sh", "0", "coco", "--num_experts", "3")
     assert done.returncode == 0, done.stderr
     (script, *argv), = calls
-    args = experts.parse_args(argv)
+    args = buffer.parse_args(argv)
     assert script == "buffer.py" and args.dataset == "coco" and args.num_experts == 3
     assert args.image_root == "./distill_utils/data/COCO/"
     done, _ = recorded_argv(tmp_path, "buffer.sh", "0", "imagenet")
     assert done.returncode == 2 and "unknown dataset 'imagenet'" in done.stderr
     done, calls = recorded_argv(tmp_path, "buffer.sh", "0")  # the authors' `bash sh/buffer.sh 0`: Flickr only
-    assert done.returncode == 0 and len(calls) == 1 and experts.parse_args(calls[0][1:]).dataset == "flickr"
+    assert done.returncode == 0 and len(calls) == 1 and buffer.parse_args(calls[0][1:]).dataset == "flickr"
     done, _ = recorded_argv(tmp_path, "buffer.sh")
     assert done.returncode == 2 and "Usage: bash sh/buffer.sh GPU [DATASET" in done.stderr
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import checkpoint, convexify, distill, evaluate, experts, trajectories
-from distill_utils.cli import run_script
-from distill_utils.data import shapes
+from distill_utils import checkpoint, trajectories
+from distill_utils.app import buffer, convexify, distill, evaluate
+from distill_utils.app import shapes as shapes_app
+from distill_utils.app.cli import run_script
 from tests.helpers import fake_trajectory, shapes_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,9 +198,9 @@ def test_the_pretrained_error_of_a_built_in_encoder_names_a_fix_that_works(shape
                        "--batch_size_train", "64", "--buffer_path", str(tmp_path / "b"))
     argv.remove("--image_pretrained")
     argv.remove("false")  # the default: true
-    err = script_error(experts.main, argv, capsys)
+    err = script_error(buffer.main, argv, capsys)
     assert "--image_pretrained false" in err
-    assert experts.main(argv + ["--image_pretrained", "false"]) == [0]
+    assert buffer.main(argv + ["--image_pretrained", "false"]) == [0]
 
 
 # --------------------------------------------------------------------------- item 10: sizes
@@ -228,9 +229,9 @@ def test_buffer_py_user_errors(shapes_root, tmp_path, capsys, flags, needle):
     argv = shapes_args(shapes_root, tmp_path, "--num_experts", "1", "--train_epochs", "1", "--buffer_path",
                        str(tmp_path / "b"), *flags)
     if needle is None:  # an unwritable text cache costs time only: the run goes on
-        assert experts.main(argv) == [0]
+        assert buffer.main(argv) == [0]
         return
-    err = script_error(experts.main, argv, capsys)
+    err = script_error(buffer.main, argv, capsys)
     assert needle in err
 
 
@@ -264,7 +265,7 @@ def test_malformed_annotation_entries_are_named(shapes_root, tmp_path, capsys, e
         (ann / f"shapes_{split}.json").write_text(json.dumps(entries))
     argv = shapes_args(shapes_root, tmp_path, "--ann_root", str(ann), "--num_experts", "1", "--train_epochs", "1",
                        "--buffer_path", str(tmp_path / "b"))
-    err = script_error(experts.main, argv, capsys)
+    err = script_error(buffer.main, argv, capsys)
     assert "shapes_train.json, entry 3" in err and needle in err
 
 
@@ -276,23 +277,23 @@ def test_missing_images_are_found_before_captions_are_encoded(shapes_root, tmp_p
             (images / "images" / path.name).write_bytes(path.read_bytes())
     argv = shapes_args(shapes_root, tmp_path, "--image_root", str(images), "--num_experts", "1",
                        "--train_epochs", "1", "--buffer_path", str(tmp_path / "b"))
-    err = script_error(experts.main, argv, capsys)
+    err = script_error(buffer.main, argv, capsys)
     assert "test_00005.png" in err and "--image_root" in err
     assert not (tmp_path / "npz").exists()  # no caption was encoded
 
 
 def test_output_roots_of_the_generator_and_the_quick_start(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
-    err = script_error(shapes.main, ["--root", str(tmp_path / "a_file" / "shapes")], capsys)
+    err = script_error(shapes_app.main, ["--root", str(tmp_path / "a_file" / "shapes")], capsys)
     assert "--root" in err
-    from distill_utils import quickstart
+    from distill_utils.app import quickstart
     err = script_error(quickstart.main, ["--workdir", str(tmp_path / "a_file"), "--preset", "smoke"], capsys)
     assert "--workdir" in err
 
 
 @pytest.mark.slow
 def test_ctrl_c_in_the_quick_start_is_one_line_and_a_rerun_goes_on(tmp_path):
-    command = [sys.executable, "-m", "distill_utils.quickstart", "--workdir", str(tmp_path / "q"), "--preset", "smoke"]
+    command = [sys.executable, "-m", "distill_utils.app.quickstart", "--workdir", str(tmp_path / "q"), "--preset", "smoke"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "q").glob("buffer/**/img_replay_buffer_0.pt")):
@@ -311,7 +312,7 @@ def test_a_dataloader_worker_error_shows_its_own_message_first(shapes_root, tmp_
     argv = shapes_args(shapes_root, tmp_path, "--image_root", str(images), "--num_experts", "1", "--train_epochs", "1",
                        "--batch_size_train", "64", "--buffer_path", str(tmp_path / "b"))
     argv[argv.index("--num_workers") + 1] = "1"
-    err = script_error(experts.main, argv, capsys)
+    err = script_error(buffer.main, argv, capsys)
     assert "train_00003.png cannot be decoded" in err and "DataLoader worker" in err
     assert "Original Traceback" not in err
 
@@ -331,7 +332,7 @@ def read_only_folder(tmp_path):
 def test_read_only_output_folders_are_refused_before_any_work(shapes_root, expert_dirs, tmp_path, read_only_folder,
                                                               capsys):
     _, normal = expert_dirs[:2]
-    err = script_error(experts.main, shapes_args(shapes_root, tmp_path, "--num_experts", "1", "--buffer_path",
+    err = script_error(buffer.main, shapes_args(shapes_root, tmp_path, "--num_experts", "1", "--buffer_path",
                                                  str(read_only_folder / "b")), capsys)
     assert "--buffer_path" in err and "Read-only file system" in err
     err = script_error(distill.main, distill_argv(shapes_root, tmp_path, normal, "--logged_dir",

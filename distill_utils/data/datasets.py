@@ -35,7 +35,7 @@ class DatasetSpec:
 
 _ANNOTATIONS_HINT = ("download the annotations with `hf download previsior/PTM-ST --repo-type dataset "
                      "--include 'Annotation/*' --local-dir ./data` (or pass --ann_root FOLDER)")
-_SHAPES_HINT = "generate it with `python -m distill_utils.data.shapes --root ./data/shapes` (or pass --ann_root/--image_root)"
+_SHAPES_HINT = "generate it with `python -m distill_utils.app.shapes --root ./data/shapes` (or pass --ann_root/--image_root)"
 
 DATASETS: Dict[str, DatasetSpec] = {
     "flickr": DatasetSpec("flickr30k_train.json", "flickr30k_val.json", "flickr30k_test.json",

@@ -8,23 +8,20 @@ background, with five paraphrased captions. Output, under ``--root``::
     shapes_val.json     one entry per image: image, caption (list of 5)
     shapes_test.json
 
-Example: ``python -m distill_utils.data.shapes --root ./data/shapes --num_train 1000``
+Example: ``python -m distill_utils.app.shapes --root ./data/shapes --num_train 1000``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..atomic import atomic_write_text
-from ..cli import positive, run_script
-from ..errors import writable_folder
 from ..progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -176,24 +173,3 @@ def generate(root: Path, config: ShapesConfig = ShapesConfig(), progress: bool =
         _atomic_write_json(root / f"shapes_{split}.json", entries)
     _atomic_write_json(meta_path, asdict(config))  # last: its presence means the set is complete
     return root
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="./data/shapes", help="output folder (images and JSON files)")
-    parser.add_argument("--num_train", type=positive(), default=1000, help="training images (5 captions each)")
-    parser.add_argument("--num_val", type=positive(), default=100, help="validation images")
-    parser.add_argument("--num_test", type=positive(), default=100, help="test images")
-    parser.add_argument("--image_size", type=positive(), default=32, help="side of the square PNGs, in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = ShapesConfig(args.num_train, args.num_val, args.num_test, args.image_size, args.seed)
-    root = generate(writable_folder(Path(args.root), "--root"), config)
-    print(f"shapes dataset at {root}: {config.num_train} train / {config.num_val} val / {config.num_test} test images")
-    return root
-
-
-if __name__ == "__main__":
-    run_script(main, interrupted="interrupted: run the same command again; the dataset counts as written only "
-                                 "once shapes_meta.json exists, so a partial one is drawn again.")

@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import convexify, distill, evaluate, experts, trajectories
-from .data import shapes
-from .evaluation import format_table
-from .runlog import setup_logging
-from .atomic import atomic_save, atomic_write_text
+from .. import trajectories
+from ..atomic import atomic_save, atomic_write_text
+from ..data import shapes
+from ..errors import writable_folder
+from ..evaluation import format_table
+from ..runlog import setup_logging
+
+from . import buffer, convexify, distill, evaluate
 from .cli import run_script
-from .errors import writable_folder
 
 log = logging.getLogger("ptmst.quickstart")
 
@@ -112,7 +114,7 @@ def pretrain_encoder(s: Settings, work: Path) -> Path:
     target = work / "checkpoints" / f"{s.image_encoder}.pth"
     if target.is_file():
         return target
-    experts.main(expert_flags(s, work, work / "pretrain", 1, s.pretrain_epochs, s.seed + 1000, pretrained=False))
+    buffer.main(expert_flags(s, work, work / "pretrain", 1, s.pretrain_epochs, s.seed + 1000, pretrained=False))
     folder = trajectories.expert_folder(work / "pretrain", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
     expert = trajectories.TrajectoryBuffer(folder).experts()[-1]
     prefix = "image_encoder."
@@ -126,7 +128,7 @@ def train_experts(s: Settings, work: Path) -> Path:
     folder = trajectories.expert_folder(work / "buffer", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
-        experts.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed + have,
+        buffer.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed + have,
                                   pretrained=True))
     return folder
 

@@ -21,24 +21,25 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, trajectories
-from .atomic import atomic_write_text
-from .claims import FolderBusy, folder_lock, this_process
+from .. import checkpoint, trajectories
+from ..atomic import atomic_write_text
+from ..claims import FolderBusy, folder_lock, this_process
+from ..data import DataError
+from ..errors import UsageError, writable_folder
+from ..evaluation import EvalSettings, evaluate_subsets
+from ..losses import MultilabelContrastiveLoss
+from ..matching import AUTO, MiniBatchSampler, TrajectoryMatcher
+from ..progress import progress
+from ..retrieval import RetrievalBenchmark, split_benchmarks
+from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from ..snapshot_cache import GIB, SnapshotCache
+from ..speed import enable_fast_math
+from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
+from ..visualize import nearest_captions, save_grid, write_captions
+
 from .cli import (add_bool_flag, add_data_args, add_eval_args, add_model_args, add_runtime_args, check_per_phase_lists,
                   count_or, eval_settings, non_negative, positive)
 from .context import DataContext, load_data, model_config
-from .data import DataError
-from .errors import UsageError, writable_folder
-from .evaluation import EvalSettings, evaluate_subsets
-from .losses import MultilabelContrastiveLoss
-from .matching import AUTO, MiniBatchSampler, TrajectoryMatcher
-from .progress import progress
-from .retrieval import RetrievalBenchmark, split_benchmarks
-from .runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
-from .snapshot_cache import GIB, SnapshotCache
-from .speed import enable_fast_math
-from .synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
-from .visualize import nearest_captions, save_grid, write_captions
 
 log = logging.getLogger("ptmst.distill")
 PER_PHASE = ("buffer_path", "min_start_epoch", "max_start_epoch", "num_queries", "Iteration", "sim_rank")

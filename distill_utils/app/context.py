@@ -9,8 +9,8 @@ import torch
 
 from networks import DualEncoderConfig, create_text_encoder
 
-from . import text_cache
-from .data import RetrievalEvalDataset, RetrievalTrainDataset, build_datasets
+from .. import text_cache
+from ..data import RetrievalEvalDataset, RetrievalTrainDataset, build_datasets
 
 
 @dataclass

@@ -15,19 +15,20 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint
+from .. import checkpoint
+from ..atomic import text_writer, write_all
+from ..data import DataError
+from ..errors import writable_folder
+from ..evaluation import StudentRun, evaluate_subsets, format_table, summarise
+from ..experts import ExpertOptim, make_optimizer, train_one_epoch
+from ..losses import MultilabelContrastiveLoss
+from ..retrieval import RetrievalBenchmark, split_benchmarks
+from ..runlog import resolve_device, setup_logging
+from ..speed import SpeedOptions, enable_fast_math
+from ..synthetic import FrozenSubset
+
 from .cli import add_data_args, add_eval_args, add_model_args, add_runtime_args, eval_settings, positive
 from .context import DataContext, load_data, model_config
-from .data import DataError
-from .evaluation import StudentRun, evaluate_subsets, format_table, summarise
-from .experts import ExpertOptim, make_optimizer, train_one_epoch
-from .losses import MultilabelContrastiveLoss
-from .retrieval import RetrievalBenchmark, split_benchmarks
-from .runlog import resolve_device, setup_logging
-from .speed import SpeedOptions, enable_fast_math
-from .synthetic import FrozenSubset
-from .atomic import text_writer, write_all
-from .errors import writable_folder
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")

@@ -11,9 +11,9 @@ from typing import Sequence
 
 from networks import EncoderError
 
-from .errors import UsageError, describe_os_error
-from .evaluation import EvalSettings
-from .losses import LOSSES
+from ..errors import UsageError, describe_os_error
+from ..evaluation import EvalSettings
+from ..losses import LOSSES
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
