@@ -57,3 +57,24 @@ def expert_dirs(shapes_root, tmp_path_factory):
     shortcut = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "3"])
     compact = convexify.main(["--normal_dir", str(normal), "--start", "0", "--end", "4", "--compact"])
     return tmp, normal, shortcut, compact
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs(name, options)``: a tmpfs under tmp_path (e.g. ``"size=1m"``, ``"ro,size=1m"``), or a skip
+    where this machine does not allow mounting one (it needs root); unmounted at teardown."""
+    import subprocess
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root); the injected-OSError tests cover the same paths")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

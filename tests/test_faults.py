@@ -161,15 +161,9 @@ def test_a_failed_rename_removes_the_first_file_of_the_pair(tmp_path, monkeypatc
 
 
 @pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 1 MiB tmpfs, or a skip where this machine does not allow mounting one."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root); the injected-OSError tests cover the same paths")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+def tiny_filesystem(mount_tmpfs):
+    """A 1 MiB filesystem."""
+    return mount_tmpfs("tiny", "size=1m")
 
 
 @pytest.mark.slow

@@ -318,15 +318,9 @@ def test_a_dataloader_worker_error_shows_its_own_message_first(shapes_root, tmp_
 
 
 @pytest.fixture
-def read_only_folder(tmp_path):
-    """A read-only filesystem (refuses root too), or a skip where mounting one is not allowed."""
-    mount = tmp_path / "read_only"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+def read_only_folder(mount_tmpfs):
+    """A read-only filesystem: it refuses root too."""
+    return mount_tmpfs("read_only", "ro,size=1m")
 
 
 def test_read_only_output_folders_are_refused_before_any_work(shapes_root, expert_dirs, tmp_path, read_only_folder,
