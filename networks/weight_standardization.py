@@ -10,11 +10,9 @@ convolution), differentiate twice with respect to ``W^`` alone, and push ``v`` f
 ``J`` once per step (:func:`standardization_jvp`, a few operations per layer, no images). The
 student's own gradient ``J^T a`` is a first-order backward through ``W^`` alone.
 
-Inside the graph, the derivative of batch_norm's backward expands to about 95 small operations per
-layer. Over an NFNet-L0 matching iteration with every graph kept (57 layers, 8 steps) factoring takes
-the kernels from 65.5k to 35.9k (``benchmarks.distill_profile --config nfnet_small --keep_graphs 8``,
-``--standardization timm`` for the former); on the CPU, bound there by passes over the weights, the
-time stays the same.
+Inside the graph, the derivative of batch_norm's backward expands to many small operations per
+layer; factored out, the graphs differentiated twice hold none of them (benchmarks/README.md has the
+operation counts and times).
 """
 from __future__ import annotations
 
