@@ -24,21 +24,18 @@ from ..retrieval import RetrievalBenchmark
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 
-from .cli import add_bool_flag, add_data_args, add_model_args, add_runtime_args, positive, non_negative
+from .cli import add_bool_flag, non_negative, positive, script_parser
 from .context import load_data, model_config
 
 log = logging.getLogger("ptmst.buffer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="buffer.py", description="Train expert trajectories (snapshots of both parameter sides every epoch).",
-        epilog="Example: python buffer.py --dataset flickr --image_encoder nfnet --text_encoder bert "
-               "--num_experts 20 --train_epochs 10 --buffer_path ./buffer",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
+    parser = script_parser(
+        "buffer.py",
+        "Train expert trajectories (snapshots of both parameter sides every epoch).",
+        "Example: python buffer.py --dataset flickr --image_encoder nfnet --text_encoder bert "
+        "--num_experts 20 --train_epochs 10 --buffer_path ./buffer")
     group = parser.add_argument_group("experts")
     group.add_argument("--num_experts", type=positive(), default=100, help="experts to train (over all ranks)")
     group.add_argument("--train_epochs", type=positive(), default=50, help="epochs per expert (snapshots = epochs + 1)")

@@ -111,6 +111,19 @@ def device_name(text: str) -> str:
     return text
 
 
+def script_parser(prog: str, description: str, epilog: str, student_evaluation: bool = False) -> argparse.ArgumentParser:
+    """A training script's parser with the flag groups every one of them shares: data, model, runtime,
+    and optionally student evaluation. Defaults are shown in --help."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    if student_evaluation:
+        add_eval_args(parser)
+    return parser
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],

@@ -37,8 +37,7 @@ from ..speed import enable_fast_math
 from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
 from ..visualize import nearest_captions, save_grid, write_captions
 
-from .cli import (add_bool_flag, add_data_args, add_eval_args, add_model_args, add_runtime_args, check_per_phase_lists,
-                  count_or, eval_settings, non_negative, positive)
+from .cli import add_bool_flag, check_per_phase_lists, count_or, eval_settings, non_negative, positive, script_parser
 from .context import DataContext, load_data, model_config
 
 log = logging.getLogger("ptmst.distill")
@@ -46,19 +45,15 @@ PER_PHASE = ("buffer_path", "min_start_epoch", "max_start_epoch", "num_queries",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distill_ptm-st.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Phased trajectory matching with shortcut trajectories: distil a dataset into a few "
-                    "hundred image/text-feature pairs, a similarity matrix and learned step sizes.",
-        epilog="Example (Flickr, 500 pairs): python distill_ptm-st.py --dataset flickr --buffer_path "
-               "./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_6 ./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_8 "
-               "--min_start_epoch 0 1 --max_start_epoch 2 3 --num_queries 200 299 --Iteration 2000 2000 "
-               "--subset_num 2 --sim_type full --lr_sim 10 --mini_batch_size 40 --image_trainable. "
-               "Per-phase flags take one value per phase (--subset_num of them).")
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
-    add_eval_args(parser)
+    parser = script_parser(
+        "distill_ptm-st.py",
+        "Phased trajectory matching with shortcut trajectories: distil a dataset into a few "
+        "hundred image/text-feature pairs, a similarity matrix and learned step sizes.",
+        "Example (Flickr, 500 pairs): python distill_ptm-st.py --dataset flickr --buffer_path "
+        "./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_6 ./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_8 "
+        "--min_start_epoch 0 1 --max_start_epoch 2 3 --num_queries 200 299 --Iteration 2000 2000 "
+        "--subset_num 2 --sim_type full --lr_sim 10 --mini_batch_size 40 --image_trainable. "
+        "Per-phase flags take one value per phase (--subset_num of them).", student_evaluation=True)
     phases = parser.add_argument_group("phases (one value per phase)")
     phases.add_argument("--subset_num", type=positive(), default=2, help="number of phases")
     phases.add_argument("--buffer_path", nargs="+", required=True, help="trajectory folder of each phase")

@@ -27,7 +27,7 @@ from ..runlog import resolve_device, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 from ..synthetic import FrozenSubset
 
-from .cli import add_data_args, add_eval_args, add_model_args, add_runtime_args, eval_settings, positive
+from .cli import eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config
 
 log = logging.getLogger("ptmst.eval")
@@ -35,17 +35,13 @@ MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train fresh students on distilled sets and report retrieval recall (mean ± std), "
-                    "beside baselines of the same size.",
-        epilog="Examples: python eval.py --run logged_files/flickr/flickr500 (flags and checkpoints from the run's "
-               "args.json); python eval.py --dataset flickr --ckpt_path logged_files/flickr/RUN/distilled_0_2000.pt "
-               "logged_files/flickr/RUN/distilled_1_2000.pt --image_trainable --baseline random")
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
-    add_eval_args(parser)
+    parser = script_parser(
+        "eval.py",
+        "Train fresh students on distilled sets and report retrieval recall (mean ± std), "
+        "beside baselines of the same size.",
+        "Examples: python eval.py --run logged_files/flickr/flickr500 (flags and checkpoints from the run's "
+        "args.json); python eval.py --dataset flickr --ckpt_path logged_files/flickr/RUN/distilled_0_2000.pt "
+        "logged_files/flickr/RUN/distilled_1_2000.pt --image_trainable --baseline random", student_evaluation=True)
     group = parser.add_argument_group("what to evaluate")
     group.add_argument("--run", default=None,
                        help="a distill_ptm-st.py run folder: its args.json gives the data and model flags and "
