@@ -43,11 +43,8 @@ stage "shortcut trajectories"
 bash sh/convexify.sh "$DATASET" "${CONVEXIFY_EXTRA[@]}"
 
 RUN="$LOGGED_DIR/$DATASET/$RECIPE"
-FINISHED="$(${PYTHON:-python} -c "import json, sys; from pathlib import Path
-run = Path(sys.argv[1]); args = run / 'args.json'
-done = args.is_file() and all((run / f'distilled_{k}_{n}.pt').is_file()
-                              for k, n in enumerate(json.loads(args.read_text())['Iteration']))
-print(int(done))" "$RUN")"
+FINISHED="$(${PYTHON:-python} -c "import sys; from pathlib import Path
+from distill_utils.app.distill import run_finished; print(int(run_finished(Path(sys.argv[1]))))" "$RUN")"
 if [[ "$FINISHED" == 1 ]]; then
   stage "distillation: $RUN is finished"
 elif [[ -f "$RUN/latest.pt" ]]; then

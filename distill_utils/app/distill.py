@@ -450,6 +450,36 @@ def record_start(folder: Path, args: argparse.Namespace, state: Optional[dict], 
         stream.write(json.dumps(entry, default=str) + "\n")
 
 
+def recorded_args(folder: Path) -> dict:
+    """The flags of a run's latest start: the last line of args_history.jsonl (a resume may have changed
+    --Iteration), else args.json."""
+    history = folder / "args_history.jsonl"
+    try:
+        if history.is_file():
+            lines = [line for line in history.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if lines:
+                return json.loads(lines[-1])["args"]
+        return json.loads((folder / "args.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"{folder} has no args.json: pass a folder distill_ptm-st.py wrote "
+                                         f"(logged_files/DATASET/RUN)") from None
+    except (json.JSONDecodeError, KeyError) as error:
+        raise checkpoint.CheckpointError(f"{folder}: its args.json or args_history.jsonl is damaged ({error}); "
+                                         f"pass eval.py --ckpt_path with the checkpoints instead") from None
+
+
+def final_checkpoints(folder: Path, recorded: dict) -> List[Path]:
+    """The last checkpoint of every phase: distilled_{k}_{Iteration[k]}.pt."""
+    return [folder / f"distilled_{k}_{n}.pt" for k, n in enumerate(recorded["Iteration"])]
+
+
+def run_finished(folder: Path) -> bool:
+    try:
+        return all(path.is_file() for path in final_checkpoints(folder, recorded_args(folder)))
+    except checkpoint.CheckpointError:
+        return False
+
+
 def check_sizes(specs: Sequence[PhaseSpec], train_pairs: int) -> None:
     for spec in specs:
         if spec.num_queries > train_pairs:

@@ -29,6 +29,7 @@ from ..synthetic import FrozenSubset
 
 from .cli import eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config
+from .distill import final_checkpoints, recorded_args
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
@@ -82,8 +83,8 @@ RUN_FLAGS = ("dataset", "image_root", "ann_root", "image_size", "npz_dir", "imag
 
 
 def run_checkpoints(folder: Path, recorded: dict) -> List[str]:
-    """The last checkpoint of every phase: distilled_{k}_{Iteration[k]}.pt."""
-    paths = [folder / f"distilled_{k}_{n}.pt" for k, n in enumerate(recorded["Iteration"])]
+    """The last checkpoint of every phase, all of which must exist."""
+    paths = final_checkpoints(folder, recorded)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise checkpoint.CheckpointError(
@@ -94,7 +95,7 @@ def run_checkpoints(folder: Path, recorded: dict) -> List[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Flags; with ``--run``, what the run's args.json recorded fills every flag not given here."""
+    """Flags; with ``--run``, what the run's latest start recorded fills every flag not given here."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.run is None:
@@ -102,14 +103,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error("pass --run RUN_FOLDER (logged_files/DATASET/RUN) or --ckpt_path with a checkpoint per phase")
         return args
     folder = Path(args.run)
-    recorded_path = folder / "args.json"
-    try:
-        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise checkpoint.CheckpointError(f"--run {folder} has no args.json: pass the folder distill_ptm-st.py wrote "
-                                         f"(logged_files/DATASET/RUN)") from None
-    except json.JSONDecodeError as error:
-        raise checkpoint.CheckpointError(f"--run: {recorded_path} is not valid JSON ({error})") from None
+    recorded = recorded_args(folder)
     parser.set_defaults(**{k: recorded[k] for k in RUN_FLAGS if k in recorded})
     args = parser.parse_args(argv)
     if not args.ckpt_path:
