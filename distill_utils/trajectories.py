@@ -397,10 +397,12 @@ class TrajectoryBuffer:
                     f"The experts were trained with other encoder flags (--image_encoder, --text_encoder, "
                     f"--image_trainable, --out_embedding); pass the ones buffer.py used.")
 
-    def check_snapshots(self, first: int, needed: int, hint: str) -> None:
-        """Every expert has snapshot ``needed`` (the highest a run will use, ``hint`` says which flags
-        ask for it), and snapshots ``first..needed`` are finite on both sides. This reads what the run
-        would read anyway, once, before the first iteration, so a damaged expert is named at once."""
+    def check_snapshots(self, needed: int, hint: str) -> None:
+        """Every expert has snapshot ``needed`` (the highest a run will use; ``hint`` says which flags ask
+        for it), finite on both sides. An expert that diverged stays non-finite from then on, and a
+        shortcut through a non-finite snapshot is non-finite inside, so this one snapshot per expert
+        names almost every damaged one before the first iteration at a third of the reading; the rest
+        are checked when first used (:meth:`Expert.flat`)."""
         for expert in self.experts():
             if expert.num_snapshots <= needed:
                 raise TrajectoryError(
@@ -408,8 +410,7 @@ class TrajectoryBuffer:
                     f"{hint} needs snapshot {needed}. Move that shorter expert out of the folder, or lower "
                     f"--max_start_epoch so that every expert has the snapshots it needs.")
             for side in SIDES:
-                for t in range(first, needed + 1):
-                    expert.check_finite(side, t)
+                expert.check_finite(side, needed)
 
     def experts(self) -> List[Expert]:
         """Every expert, in index order (loads each file's index lazily)."""

@@ -166,3 +166,14 @@ def test_strict_boolean_flags():
     assert parse(["--image_pretrained", "False"]).image_pretrained is False
     with pytest.raises(SystemExit):
         parse(["--no_aug", "maybe"])
+
+
+def test_a_non_finite_snapshot_is_named_when_first_used(tmp_path):
+    image = fake_trajectory([(2,)], 3, 0)
+    image[1] = [torch.full((2,), float("inf"))]  # damaged in the middle only: found on first use
+    torch.save([image], tmp_path / "img_replay_buffer_0.pt")
+    torch.save([fake_trajectory([(2,)], 3, 1)], tmp_path / "txt_replay_buffer_0.pt")
+    expert = TrajectoryBuffer(tmp_path).experts()[0]
+    expert.flat("image", 2)
+    with pytest.raises(TrajectoryError, match=r"img_replay_buffer_0\.pt\[0\]: image-side snapshot 1 holds NaN/Inf"):
+        expert.flat("image", 1)

@@ -169,11 +169,12 @@ def test_nan_and_ragged_experts_are_named_when_the_folder_is_opened(shapes_root,
     image = [good.snapshot("image", t) for t in range(4)]
     text = [good.snapshot("text", t) for t in range(4)]
     write_pair(damaged, 0, image, text)
-    nan_image = [list(s) for s in image]
-    nan_image[1] = [t.clone().fill_(float("nan")) for t in nan_image[1]]
-    write_pair(damaged, 1, nan_image, text)
+    diverged = [list(s) for s in image]
+    for t in (1, 2, 3):  # diverged in epoch 1: non-finite from then on
+        diverged[t] = [p.clone().fill_(float("nan")) for p in diverged[t]]
+    write_pair(damaged, 1, diverged, text)
     err = script_error(distill.main, distill_argv(shapes_root, tmp_path, damaged), capsys)
-    assert "img_replay_buffer_1.pt" in err and "NaN/Inf" in err and "snapshot 1" in err
+    assert "img_replay_buffer_1.pt" in err and "NaN/Inf" in err and "snapshot 2" in err  # the last one used
     assert not (tmp_path / "logged" / "shapes" / "run" / "args.json").exists()
     write_pair(damaged, 1, image[:2], text[:2])
     err = script_error(distill.main, distill_argv(shapes_root, tmp_path, damaged), capsys)

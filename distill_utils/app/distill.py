@@ -159,8 +159,8 @@ def open_buffers(specs: Sequence[PhaseSpec], expert_epochs: int) -> List[traject
     for spec in specs:
         buffer = trajectories.TrajectoryBuffer(Path(spec.buffer_path))
         needed = spec.max_start - 1 + expert_epochs
-        buffer.check_snapshots(spec.min_start, needed, f"phase {spec.index} (--max_start_epoch {spec.max_start} "
-                                                       f"with --expert_epochs {expert_epochs})")
+        buffer.check_snapshots(needed, f"phase {spec.index} (--max_start_epoch {spec.max_start} with "
+                                       f"--expert_epochs {expert_epochs})")
         buffers.append(buffer)
     return buffers
 
