@@ -37,6 +37,7 @@ from distill_utils import trajectories
 from distill_utils.matching import StudentParameters, capture_rng_state, restore_rng_state
 from distill_utils.synthetic import SyntheticSet
 from networks import SIDES, DualEncoderConfig, PretrainedWeightsUnavailable, create_image_encoder
+from networks.text_encoders import _vocab_tokenizer
 
 
 @dataclass
@@ -60,9 +61,7 @@ class Rebuild:
 def prepare_rebuild(model_config: DualEncoderConfig, text_dim: int, folder: Path) -> Rebuild:
     """Write random weights where the rebuild reads them: ``{image_encoder}.pth`` and a text-model folder
     of the feature width (MiniLM-L6's shape for 384, BERT-base's for 768, else a 2-layer BERT)."""
-    from transformers import BertConfig, BertModel
-
-    from networks.text_encoders import _vocab_tokenizer
+    from transformers import BertConfig, BertModel  # as the distiller, transformers only where a text model is built
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder = create_image_encoder(model_config.image_encoder, pretrained=False)
@@ -143,39 +142,3 @@ def authors_step(rebuild: Callable[[torch.device], torch.nn.Module], synthetic: 
         synthetic.step_size(s).grad = torch.autograd.grad(losses[s], synthetic.step_size(s))[0]
     return {s: value.detach() for s, value in losses.items()}
 
-
-def main(argv=None) -> dict:
-    """Time the parts of the authors' iteration that are not matching: the rebuild and the file read."""
-    import argparse
-    import statistics
-    import tempfile
-    import time
-
-    from .distill_step import CONFIGS, make_inputs
-    parser = argparse.ArgumentParser(description="Seconds the authors' iteration spends rebuilding the student "
-                                                 "and text encoder, and reading the expert file pair.")
-    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    config, device = CONFIGS[args.config], torch.device("cpu")
-    with tempfile.TemporaryDirectory() as folder:
-        model_config, _ = make_inputs(config, Path(folder))
-        rebuild = prepare_rebuild(model_config, config.text_dim, Path(folder) / "weights")
-        parts = {"rebuild (dual encoder + text encoder from disk)": lambda: rebuild(device),
-                 "expert file pair (whole files)": lambda: [torch.load(trajectories.twin_path(Path(folder), s, 0),
-                                                                       weights_only=True) for s in SIDES]}
-        result = {}
-        for name, part in parts.items():
-            part()
-            times = []
-            for _ in range(args.repeats):
-                started = time.perf_counter()
-                part()
-                times.append(time.perf_counter() - started)
-            result[name] = statistics.median(times)
-            print(f"{name}: {result[name]:.4f} s (median of {args.repeats}, config {args.config}, CPU)")
-    return result
-
-
-if __name__ == "__main__":
-    main()

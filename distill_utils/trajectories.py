@@ -24,8 +24,8 @@ import torch
 
 from . import claims
 from .atomic import atomic_save, atomic_write_text, temporaries_of, torch_writer, write_all
-from .shortcut import shortcut_snapshot
 from .errors import UsageError
+from .shortcut import shortcut_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,22 @@ def _indices(folder: Path, kind: str) -> List[int]:
     return sorted(int(m.group(1)) for m in (pattern.match(p.name) for p in Path(folder).iterdir()) if m)
 
 
+def _lone_twins(folder: Path, image: set, text: set) -> List[Path]:
+    return [twin_path(folder, "image" if n in image else "text", n) for n in sorted(image ^ text)]
+
+
 def incomplete_twins(folder: Path) -> List[Path]:
     """Files whose image/text twin is missing: an expert whose writer was killed between its two
     renames, or an interrupted copy. Readers skip them; their index stays taken."""
-    image, text = set(_indices(folder, "image")), set(_indices(folder, "text"))
-    return [twin_path(folder, "image" if n in image else "text", n) for n in sorted(image ^ text)]
+    return _lone_twins(folder, set(_indices(folder, "image")), set(_indices(folder, "text")))
 
 
 def twin_indices(folder: Path) -> List[int]:
     """Indices with both an image and a text file. Lone files are named in a warning and skipped
     (never paired with another index's file)."""
     image, text = set(_indices(folder, "image")), set(_indices(folder, "text"))
-    lonely = [path for path in incomplete_twins(folder) if not claims.claim_path(folder, _index_of(path)).exists()]
+    lonely = [path for path in _lone_twins(folder, image, text)
+              if not claims.claim_path(folder, _index_of(path)).exists()]
     if lonely:
         log.warning("%s: skipping %d incomplete expert(s) whose twin file is missing: %s. A buffer.py killed "
                     "while writing leaves these; the next buffer.py run on this machine removes those of its dead "
@@ -89,7 +93,7 @@ def twin_indices(folder: Path) -> List[int]:
     stale = _unclaimed_temporaries(folder)
     if stale:
         log.warning("%s: %d temporary file(s) of interrupted writes (%.1f MB), e.g. %s; no writer holds their "
-                    "index, so they can be deleted (the next buffer.py run on the host that wrote them does it).",
+                    "index, so they can be deleted (the next buffer.py run into this folder does it).",
                     folder, len(stale), sum(p.stat().st_size for p in stale) / 1e6, stale[0].name)
     return sorted(image & text)
 
@@ -205,16 +209,12 @@ def _load(path: Path):
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as legacy_error:
                 error = legacy_error
-        if isinstance(error, OSError) and not _is_corruption(error):
+        if isinstance(error, OSError) and error.errno is not None:
             raise  # a permission or disk problem, reported with the path
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrajectoryError(f"cannot read trajectory file {path} ({type(error).__name__}: {first_line[:200]}); it "
                               f"is corrupt, truncated or not a trajectory file: train or download that expert again, "
                               f"or move it out of the folder.") from None
-
-
-def _is_corruption(error: OSError) -> bool:
-    return error.errno is None
 
 
 def _check_trajectories(content, path: Path) -> list:
@@ -249,14 +249,17 @@ class Expert:
     def flat(self, side: str, t: int) -> torch.Tensor:
         """Snapshot ``t`` of one side as a single float32 vector (parameters() order); the first read of
         each snapshot checks that it is finite."""
-        vector = torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+        vector = self._vector(side, t)
         if (side, t) not in self._checked:
             self.check_finite(side, t, vector)
         return vector
 
+    def _vector(self, side: str, t: int) -> torch.Tensor:
+        return torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+
     def check_finite(self, side: str, t: int, vector: Optional[torch.Tensor] = None) -> None:
         if vector is None:
-            vector = torch.cat([p.reshape(-1).float() for p in self.snapshot(side, t)])
+            vector = self._vector(side, t)
         if not torch.isfinite(vector).all():
             raise TrajectoryError(
                 f"{self.where}: {side}-side snapshot {t} holds NaN/Inf values: that expert diverged or the file "

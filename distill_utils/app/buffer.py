@@ -119,12 +119,11 @@ def expert_meta(args: argparse.Namespace, model: DualEncoder) -> dict:
 
 
 def prepare_folder(args: argparse.Namespace) -> Path:
-    """The output folder, proven writable, with what dead writers on this host left removed."""
+    """The output folder, proven writable before any long work (claiming an index later cleans what dead
+    writers left there)."""
     folder = trajectories.expert_folder(args.buffer_path, args.dataset, args.image_encoder, args.text_encoder,
                                         args.loss_type, args.no_aug)
-    writable_folder(folder, "--buffer_path")
-    trajectories.remove_stale_writes(folder)
-    return folder
+    return writable_folder(folder, "--buffer_path")
 
 
 def train_and_write(args, data, config, benchmark, device, metrics, folder) -> int:

@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
     match.add_argument("--keep_graphs", type=count_or(AUTO), default=AUTO,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
-                            "(exact; saves recomputing them; one step's graph of memory each). Default auto: as many as the GPU's "
-                            "free memory allows, chosen every iteration (every one on the CPU). Kept graphs hold "
+                            "(exact; one step's graph of memory each). Default auto: as many as the GPU's free "
+                            "memory allows, chosen every iteration (every one on the CPU). Kept graphs hold "
                             "up to --syn_steps step graphs where the authors' code holds about one; 0: memory "
                             "constant in --syn_steps, for a shared GPU or a large model on the CPU "
                             "(benchmarks/README.md has the figures)")
@@ -278,7 +278,7 @@ def save_resume_state(run: Run, phase: int, it: int, finished: List[FrozenSubset
                       loop: Optional[PhaseLoop] = None) -> None:
     """``latest.pt``: where to continue (phase, iteration), the finished subsets and the loop's state."""
     state = {"phase": phase, "iteration": it, "finished": [asdict(s) for s in finished], "args": vars(run.args),
-             "text_dim": run.data.text_dim, "loop": loop.state_dict(run.device) if loop is not None else None}
+             "loop": loop.state_dict(run.device) if loop is not None else None}
     checkpoint.save_state(run.latest, state)
 
 
@@ -380,7 +380,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
 
 # Flags that fix the shape or meaning of what a run folder holds; --resume refuses to change them.
 FIXED_ON_RESUME = ("dataset", "image_encoder", "text_encoder", "image_trainable", "out_embedding", "image_size",
-                   "subset_num", "num_queries", "sim_type", "sim_rank", "alpha", "text_dim")
+                   "subset_num", "num_queries", "sim_type", "sim_rank", "alpha")
 
 
 def run_folder(args: argparse.Namespace) -> Path:
@@ -416,14 +416,14 @@ def _comparable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def check_resumable(state: dict, args: argparse.Namespace, text_dim: int, folder: Path) -> dict:
-    """Refuse flags that would not fit the saved state; return every changed flag {name: [old, new]}."""
-    before = {**state.get("args", {}), "text_dim": state.get("text_dim", text_dim)}
-    changes = changed_flags(before, {**vars(args), "text_dim": text_dim})
+def check_resumable(state: dict, args: argparse.Namespace, folder: Path) -> dict:
+    """Refuse flags that would not fit the saved state (checked from the flags alone, before any data is
+    loaded); return every changed flag {name: [old, new]}."""
+    changes = changed_flags(state.get("args", {}), vars(args))
     fixed = {k: v for k, v in changes.items() if k in FIXED_ON_RESUME}
     if fixed:
         listed = "; ".join(f"--{k} was {old} and is now {new}" for k, (old, new) in fixed.items())
-        original = " ".join(f"--{k} {_flag_value(old)}" for k, (old, _) in fixed.items() if k != "text_dim")
+        original = " ".join(f"--{k} {_flag_value(old)}" for k, (old, _) in fixed.items())
         raise checkpoint.CheckpointError(
             f"--resume of {folder} with flags that do not fit its saved state: {listed}. Resume with the run's "
             f"own values ({original}), or start a new run with another --name.")
@@ -504,13 +504,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec]) -> Path:
     """The run, with ``folder`` locked: resume state, experts, data, student, then the phases."""
     state = previous_state(args, folder)
+    changes = check_resumable(state, args, folder) if state is not None else {}
     buffers = open_buffers(specs, args.expert_epochs)
     device = resolve_device(args.device)
     enable_fast_math(device)
     torch.manual_seed(args.seed)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     check_sizes(specs, len(data.train))
-    changes = check_resumable(state, args, data.text_dim, folder) if state is not None else {}
     config = model_config(args, data.text_dim)
     student = config.build(seed=args.seed).to(device)
     expected = trajectories.ExpectedShapes(
