@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch.func import functional_call
 
-from networks import SIDES, DualEncoder
+from networks import SIDES, Blend, DualEncoder
 from networks.weight_standardization import FactoredStandardization
 
 from .synthetic import SyntheticSet
@@ -79,6 +79,32 @@ def restore_rng_state(state, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def draw_blend(batch_size: int, strength: float, device: torch.device) -> Optional[Blend]:
+    """RepBlend's mixing for one student step: on each side a random permutation of the batch as
+    partners and weights uniform in [0, ``strength``]; None when ``strength`` is 0. Drawn from the
+    CPU's generator, whose state pass 2 restores with the dropout masks', so a recomputed step
+    blends exactly as its first pass did."""
+    if strength <= 0:
+        return None
+    partner = {side: torch.randperm(batch_size).to(device) for side in SIDES}
+    weight = {side: (torch.rand(batch_size, dtype=torch.float64) * strength).to(device) for side in SIDES}
+    return Blend(partner, weight)
+
+
+# How the per-side distances are normalised: each by its own start-to-target distance (MTT, LoRS,
+# PTM-ST, AMD), or both by their sum (RepBlend's symmetric projection matching).
+NORMALIZATIONS = ("per_side", "joint")
+
+
+def denominators(distance: Dict[str, torch.Tensor], normalization: str) -> Dict[str, torch.Tensor]:
+    if normalization == "per_side":
+        return dict(distance)
+    if normalization == "joint":
+        total = sum(distance.values())
+        return {s: total for s in distance}
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
 
 AUTO = "auto"
@@ -180,13 +206,21 @@ class TrajectoryMatcher:
     further ones while :func:`room_for_another_graph` holds for ``memory`` (by default the GPU's
     :class:`CudaMemory`; with no gauge, as on the CPU, every graph is kept).
     ``factor_standardization=False`` leaves NFNet's weight standardisation inside the graphs (as
-    timm's layers run it; for comparison, since it only adds work).
+    timm's layers run it; for comparison, since it only adds work). ``blend`` > 0 blends the
+    representations of each step's batch (:func:`draw_blend`); ``normalization="joint"`` divides
+    both sides' distances by the sum of their start-to-target distances.
     """
 
     def __init__(self, model: DualEncoder, criterion, syn_steps: int, keep_graphs: Union[int, str] = 0,
-                 memory: Optional[CudaMemory] = None, factor_standardization: bool = True):
+                 memory: Optional[CudaMemory] = None, factor_standardization: bool = True,
+                 blend: float = 0.0, normalization: str = "per_side"):
         if keep_graphs != AUTO and not (isinstance(keep_graphs, int) and keep_graphs >= 0):
             raise ValueError(f"keep_graphs must be a count >= 0 or {AUTO!r}, got {keep_graphs!r}")
+        if not 0.0 <= blend <= 1.0:
+            raise ValueError(f"blend must be in [0, 1], got {blend}")
+        denominators({s: torch.ones(()) for s in SIDES}, normalization)  # refuses an unknown one
+        self.blend = blend
+        self.normalization = normalization
         self.model = model.train()
         self.params = StudentParameters(model)
         self.criterion = criterion
@@ -197,7 +231,8 @@ class TrajectoryMatcher:
         self.standardization = FactoredStandardization(model, layout if factor_standardization else {})
 
     def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target) -> torch.Tensor:
-        logits = functional_call(self.model, self.params.as_dict(flat), (images, texts))
+        blend = draw_blend(len(images), self.blend, images.device)
+        logits = functional_call(self.model, self.params.as_dict(flat), (images, texts), {"blend": blend})
         return self.criterion(logits, target)
 
     def _grads(self, flat_leaves: Dict[str, torch.Tensor], loss: torch.Tensor, create_graph: bool):
@@ -220,7 +255,7 @@ class TrajectoryMatcher:
     def _plain_step(self, synthetic: SyntheticSet, theta, idx) -> Dict[str, torch.Tensor]:
         """g_i with no graph to the synthetic data."""
         with torch.no_grad():
-            block = synthetic.similarity.block(idx)
+            block = synthetic.similarity_inputs(idx)[1]
         return self._step_grads(theta, synthetic.images.detach()[idx], synthetic.texts.detach()[idx], block,
                                 create_graph=False)[1]
 
@@ -228,8 +263,8 @@ class TrajectoryMatcher:
         """Step i with a graph to the batch's entries, and g_i."""
         images = synthetic.images.detach()[idx].requires_grad_(True)
         texts = synthetic.texts.detach()[idx].requires_grad_(True)
-        sim_leaves, compose = synthetic.similarity.gather(idx)
-        grads, update = self._step_grads(theta, images, texts, compose(*sim_leaves), create_graph=True)
+        sim_leaves, block = synthetic.similarity_inputs(idx)
+        grads, update = self._step_grads(theta, images, texts, block, create_graph=True)
         return _StepGraph(idx, theta, grads, [images, texts, *sim_leaves]), update
 
     def _push_back(self, step: _StepGraph, weight: Dict[str, torch.Tensor], synthetic: SyntheticSet) -> None:
@@ -241,7 +276,8 @@ class TrajectoryMatcher:
         outputs = [torch.zeros_like(x) if g is None else g for x, g in zip(step.inputs, outputs)]
         synthetic.images.grad.index_add_(0, step.idx, outputs[0])
         synthetic.texts.grad.index_add_(0, step.idx, outputs[1])
-        synthetic.similarity.scatter_grad(step.idx, outputs[2:])
+        if synthetic.learn_similarity:
+            synthetic.similarity.scatter_grad(step.idx, outputs[2:])
 
     def match(self, synthetic: SyntheticSet, start: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
               batches: Sequence[torch.Tensor]) -> MatchResult:
@@ -249,6 +285,7 @@ class TrajectoryMatcher:
         device = synthetic.images.device
         eta = {side: synthetic.step_size(side).detach() for side in SIDES}
         distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
+        denominator = denominators(distance, self.normalization)
         policy = GraphKeeping(self.keep_graphs,
                               (self.memory or memory_gauge(device)) if self.keep_graphs == AUTO else None)
 
@@ -276,13 +313,13 @@ class TrajectoryMatcher:
         rng_after = capture_rng_state(device)
 
         residual = {s: start[s] - eta[s] * total[s] - target[s] for s in SIDES}
-        per_side = {s: (residual[s].square().sum() / distance[s]) for s in SIDES}
+        per_side = {s: (residual[s].square().sum() / denominator[s]) for s in SIDES}
         # dL/deta = (2/D) residual . (-G); v = -eta * residual = eta (theta* - theta0) + eta^2 G
         for s in SIDES:
-            grad_eta = (2.0 / distance[s]) * (residual[s] * -total[s]).sum()
+            grad_eta = (2.0 / denominator[s]) * (residual[s] * -total[s]).sum()
             parameter = synthetic.step_size(s)
             parameter.grad = grad_eta.reshape(()) if parameter.grad is None else parameter.grad + grad_eta
-        weight = {s: (2.0 / distance[s]) * (-eta[s] * residual[s]) for s in SIDES}
+        weight = {s: (2.0 / denominator[s]) * (-eta[s] * residual[s]) for s in SIDES}
 
         # Pass 2: the kept graphs first, then recompute the other steps with a graph, one at a time,
         # under the same RNG (dropout masks).
@@ -308,22 +345,27 @@ class TrajectoryMatcher:
 
 
 def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSet, start, target,
-                           batches: Sequence[torch.Tensor]) -> torch.Tensor:
+                           batches: Sequence[torch.Tensor], blend: float = 0.0,
+                           normalization: str = "per_side") -> torch.Tensor:
     """The same objective by plain autograd through the unrolled steps (theta_i detached between
-    steps, as the objective defines). Memory grows with the number of steps: for tests only."""
+    steps, as the objective defines; each step blends as :func:`draw_blend` draws, from the same
+    generator). Memory grows with the number of steps: for tests only."""
     params = StudentParameters(model)
     theta = {s: start[s].clone() for s in SIDES}
     total = {s: 0.0 for s in SIDES}
     for idx in batches:
         leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
-        logits = functional_call(model, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]))
+        mix = draw_blend(len(idx), blend, synthetic.images.device)
+        logits = functional_call(model, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]),
+                                 {"blend": mix})
         loss = criterion(logits, synthetic.similarity.block(idx))
         grads = torch.autograd.grad(loss, [leaves[s] for s in SIDES], create_graph=True)
         for s, g in zip(SIDES, grads):
             total[s] = total[s] + g
             theta[s] = leaves[s].detach() - synthetic.step_size(s).detach() * g.detach()
+    denominator = denominators({s: (start[s] - target[s]).square().sum() for s in SIDES}, normalization)
     loss = 0.0
     for s in SIDES:
         end = start[s] - synthetic.step_size(s) * total[s]
-        loss = loss + (end - target[s]).square().sum() / (start[s] - target[s]).square().sum()
+        loss = loss + (end - target[s]).square().sum() / denominator[s]
     return loss

@@ -81,16 +81,29 @@ def make_similarity(kind: str, n: int, rank: int = 10, alpha: float = 1.0,
 
 class SyntheticSet(nn.Module):
     """n synthetic pairs: ``images`` (n, 3, H, W), ``texts`` (n, d), ``similarity`` and the learned
-    step sizes ``syn_lr_img`` / ``syn_lr_txt`` (scalars)."""
+    step sizes ``syn_lr_img`` / ``syn_lr_txt`` (scalars). With ``learn_similarity=False`` the
+    similarity is a constant (MTT-VL's fixed pairing): it gets no gradient and no optimizer group."""
 
     def __init__(self, images: torch.Tensor, texts: torch.Tensor, similarity: nn.Module,
-                 lr_img: float, lr_txt: float):
+                 lr_img: float, lr_txt: float, learn_similarity: bool = True):
         super().__init__()
         self.images = nn.Parameter(images.clone())
         self.texts = nn.Parameter(texts.clone())
         self.similarity = similarity
+        self.learn_similarity = learn_similarity
+        if not learn_similarity:
+            similarity.requires_grad_(False)
         self.syn_lr_img = nn.Parameter(torch.tensor(float(lr_img)))
         self.syn_lr_txt = nn.Parameter(torch.tensor(float(lr_txt)))
+
+    def similarity_inputs(self, idx: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """The block S[idx, idx] and the detached leaves it was composed from (none when the similarity
+        is not learned), for the matcher's per-batch graphs."""
+        if not self.learn_similarity:
+            with torch.no_grad():
+                return [], self.similarity.block(idx)
+        leaves, compose = self.similarity.gather(idx)
+        return leaves, compose(*leaves)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -99,13 +112,17 @@ class SyntheticSet(nn.Module):
         return self.syn_lr_img if side == "image" else self.syn_lr_txt
 
     def param_groups(self, rates: "SyntheticRates") -> List[Dict]:
-        """SGD groups: images, texts, step sizes, similarity parameters, each with its lr and momentum."""
-        return [
+        """SGD groups: images, texts, step sizes and (when learned) the similarity parameters, each
+        with its lr and momentum."""
+        groups = [
             {"params": [self.images], "lr": rates.lr_img, "momentum": rates.momentum_syn},
             {"params": [self.texts], "lr": rates.lr_txt, "momentum": rates.momentum_syn},
             {"params": [self.syn_lr_img, self.syn_lr_txt], "lr": rates.lr_lr, "momentum": rates.momentum_lr},
-            {"params": list(self.similarity.parameters()), "lr": rates.lr_sim, "momentum": rates.momentum_sim},
         ]
+        if self.learn_similarity:
+            groups.append({"params": list(self.similarity.parameters()), "lr": rates.lr_sim,
+                           "momentum": rates.momentum_sim})
+        return groups
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,20 @@ SIDES = ("image", "text")
 
 
 @dataclass(frozen=True)
+class Blend:
+    """Representation blending within a batch: on each side, row m of the representation r becomes
+    (1 - w[m]) r[m] + w[m] r[partner[m]]. The representation is what the side's projection head takes
+    (the frozen image encoder's features, the text features), or, for a trainable image encoder,
+    its output before normalisation."""
+    partner: Dict[str, torch.Tensor]  # side -> (B,) long
+    weight: Dict[str, torch.Tensor]   # side -> (B,) in [0, 1]
+
+    def apply(self, side: str, representation: torch.Tensor) -> torch.Tensor:
+        weight = self.weight[side].to(representation.dtype)[:, None]
+        return (1.0 - weight) * representation + weight * representation[self.partner[side]]
+
+
+@dataclass(frozen=True)
 class DualEncoderConfig:
     image_encoder: str
     text_dim: int
@@ -88,15 +102,21 @@ class DualEncoder(nn.Module):
     def side_parameters(self, side: str) -> List[nn.Parameter]:
         return list(self.side_module(side).parameters())
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
         features = self.image_encoder(images)
+        if blend is not None:
+            features = blend.apply("image", features)
         if self.image_projection is not None:
             features = self.image_projection(features)
         return F.normalize(features, dim=-1)
 
-    def encode_text(self, text_features: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, text_features: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
+        if blend is not None:
+            text_features = blend.apply("text", text_features)
         return F.normalize(self.text_projection(text_features), dim=-1)
 
-    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Logits (B_img x B_txt) = exp(logit_scale) * img @ txt.T."""
-        return self.logit_scale.exp() * self.encode_image(images) @ self.encode_text(text_features).t()
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
+        """Logits (B_img x B_txt) = exp(logit_scale) * img @ txt.T; ``blend`` mixes representations
+        between the batch's instances first (RepBlend's student steps)."""
+        return (self.logit_scale.exp() * self.encode_image(images, blend)
+                @ self.encode_text(text_features, blend).t())

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,17 +29,20 @@ from ..data import DataError
 from ..errors import UsageError, writable_folder
 from ..evaluation import EvalSettings, evaluate_subsets
 from ..losses import MultilabelContrastiveLoss
-from ..matching import AUTO, MiniBatchSampler, TrajectoryMatcher
+from ..matching import AUTO, NORMALIZATIONS, MiniBatchSampler, TrajectoryMatcher
+from ..prototypes import prototype_pairs
 from ..progress import progress
 from ..retrieval import RetrievalBenchmark, split_benchmarks
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from ..snapshot_cache import GIB, SnapshotCache
 from ..speed import enable_fast_math
+from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
 from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
 from ..visualize import nearest_captions, save_grid, write_captions
 
 from .cli import add_bool_flag, check_per_phase_lists, count_or, eval_settings, non_negative, positive, script_parser
 from .context import DataContext, load_data, model_config
+from .methods import METHODS, apply_preset, check_method_fits, chosen_method, given_flags
 
 log = logging.getLogger("ptmst.distill")
 PER_PHASE = ("buffer_path", "min_start_epoch", "max_start_epoch", "num_queries", "Iteration", "sim_rank")
@@ -53,7 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
         "./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_6 ./buffer/flickr/nfnet_bert/InfoNCE/convexified_0_8 "
         "--min_start_epoch 0 1 --max_start_epoch 2 3 --num_queries 200 299 --Iteration 2000 2000 "
         "--subset_num 2 --sim_type full --lr_sim 10 --mini_batch_size 40 --image_trainable. "
-        "Per-phase flags take one value per phase (--subset_num of them).", student_evaluation=True)
+        "Per-phase flags take one value per phase (--subset_num of them). --method mttvl|lors|amd|repblend "
+        "runs the other methods of the field through the same code (docs/methods.md).", student_evaluation=True)
+    methods = parser.add_argument_group("method (a preset sets the flags below; flags given explicitly win)")
+    methods.add_argument("--method", default="ptmst", choices=sorted(METHODS),
+                         help="ptmst: phases on shortcut trajectories; mttvl: one phase, identity similarity; lors: "
+                              "one phase, learned similarity; amd: lors + asynchronous dynamic starts + prototype "
+                              "initialisation; repblend: lors on a frozen image encoder, both heads matched, blending")
+    add_bool_flag(methods, "--learn_sim", default=True,
+                  help="learn the similarity matrix (false: it stays the identity, as in MTT-VL)")
+    methods.add_argument("--async_starts", default="off", choices=ASYNC_MODES,
+                         help="off: both sides start at one snapshot; uniform: each side draws its own start from "
+                              "the phase's range; dynamic: each from its own range, derived from its experts' "
+                              "per-epoch change (AMD)")
+    methods.add_argument("--pair_init", default="random", choices=["random", "prototype"],
+                         help="initial pairs: random training pairs, or the pairs nearest the k-means centres of "
+                              "joint image/text features (AMD)")
+    methods.add_argument("--blend", type=float, default=0.0,
+                         help="representation blending in the student steps: each representation mixed with a "
+                              "random partner's at a weight uniform in [0, BLEND] (RepBlend; 0: off)")
+    methods.add_argument("--match_norm", default="per_side", choices=NORMALIZATIONS,
+                         help="per_side: each side's distance over its own start-to-target distance; joint: both "
+                              "over their sum (RepBlend)")
     phases = parser.add_argument_group("phases (one value per phase)")
     phases.add_argument("--subset_num", type=positive(), default=2, help="number of phases")
     phases.add_argument("--buffer_path", nargs="+", required=True, help="trajectory folder of each phase")
@@ -118,7 +143,10 @@ class PhaseSpec:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
+    apply_preset(parser, chosen_method(argv))
     args = parser.parse_args(argv)
+    if not 0.0 <= args.blend <= 1.0:
+        parser.error(f"--blend must be in [0, 1] (the largest weight of a partner's representation), got {args.blend}")
     if args.sim_rank is None:
         args.sim_rank = [5, 10] if args.subset_num == 2 else [10] * args.subset_num
     check_per_phase_lists(parser, args, PER_PHASE, args.subset_num)
@@ -189,9 +217,35 @@ class ExpertCycle:
         self.order, self.position = state["order"], state["position"]
 
 
-def initial_set(spec: PhaseSpec, args, data: DataContext, generator: torch.Generator) -> SyntheticSet:
-    """``num_queries`` random training pairs (test-time transform) and their cached text features."""
-    picks = torch.randperm(len(data.train), generator=generator)[:spec.num_queries]
+def initial_pairs(spec: PhaseSpec, args, data: DataContext, generator: torch.Generator,
+                  joint: Optional["JointFeatures"]) -> torch.Tensor:
+    """Which training pairs start the phase: random ones, or the prototypes of --pair_init prototype."""
+    if args.pair_init == "prototype":
+        return prototype_pairs(joint.image, joint.text, spec.num_queries, generator)
+    return torch.randperm(len(data.train), generator=generator)[:spec.num_queries]
+
+
+@dataclass
+class JointFeatures:
+    """Per training pair: the starting image encoder's features and the cached text features."""
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+@torch.no_grad()
+def training_pair_features(student, data: DataContext, device: torch.device, batch_size: int,
+                           num_workers: int) -> JointFeatures:
+    encoder = copy.deepcopy(student.image_encoder).eval()
+    loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, num_workers=num_workers)
+    features = [encoder(images.to(device)).float().cpu()
+                for images, _ in progress(loader, desc="prototype features", unit="batch", leave=False)]
+    return JointFeatures(torch.cat(features), data.train_text.float().cpu())
+
+
+def initial_set(spec: PhaseSpec, args, data: DataContext, generator: torch.Generator,
+                joint: Optional[JointFeatures] = None) -> SyntheticSet:
+    """``num_queries`` training pairs (test-time transform) and their cached text features."""
+    picks = initial_pairs(spec, args, data, generator, joint)
     if args.pix_init == "real":
         images = torch.stack([data.train[i][0] for i in picks.tolist()])
     else:
@@ -201,7 +255,7 @@ def initial_set(spec: PhaseSpec, args, data: DataContext, generator: torch.Gener
     else:
         texts = torch.randn(spec.num_queries, data.text_dim, generator=generator)
     similarity = make_similarity(args.sim_type, spec.num_queries, spec.sim_rank, args.alpha, generator)
-    return SyntheticSet(images, texts, similarity, args.lr_teacher_img, args.lr_teacher_txt)
+    return SyntheticSet(images, texts, similarity, args.lr_teacher_img, args.lr_teacher_txt, args.learn_sim)
 
 
 @dataclass
@@ -216,6 +270,7 @@ class Run:
     val: Optional[RetrievalBenchmark]
     metrics: MetricsLogger
     settings: EvalSettings
+    joint: Optional[JointFeatures] = None  # for --pair_init prototype
 
     @property
     def latest(self) -> Path:
@@ -254,6 +309,7 @@ class PhaseLoop:
     sampler: MiniBatchSampler
     cycle: ExpertCycle
     generator: torch.Generator
+    starts: StartSampler
 
     def state_dict(self, device: torch.device) -> dict:
         return {"synthetic": self.synthetic.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -315,22 +371,42 @@ def synthetic_rates(args: argparse.Namespace) -> SyntheticRates:
                           args.momentum_sim)
 
 
+def start_ranges(spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, mode: str) -> StartRanges:
+    """The phase's range for both sides, or under ``dynamic`` each side's own (logged)."""
+    window = (spec.min_start, spec.max_start)
+    if mode != "dynamic":
+        return StartRanges(window, window)
+    experts = buffer.experts()
+    last = min(e.num_snapshots for e in experts) - 1
+    if last < 1:
+        raise trajectories.TrajectoryError(f"--async_starts dynamic needs experts of at least two snapshots; "
+                                           f"{buffer.folder} holds {last + 1}")
+    change = {side: mean_change_per_epoch(experts, side, last, lambda e, s, t: e.flat(s, t))
+              for side in trajectories.SIDES}
+    ranges = dynamic_ranges(change["image"], change["text"], *window)
+    log.info("phase %d asynchronous starts: image from %s, text from %s (per-epoch change image %s, text %s)",
+             spec.index, ranges.image, ranges.text, [f"{c:.3g}" for c in change["image"]],
+             [f"{c:.3g}" for c in change["text"]])
+    return ranges
+
+
 def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer) -> PhaseLoop:
     args = run.args
     generator = torch.Generator().manual_seed(args.seed * 1000 + spec.index)
-    synthetic = initial_set(spec, args, run.data, generator).to(run.device)
+    synthetic = initial_set(spec, args, run.data, generator, run.joint).to(run.device)
+    starts = StartSampler(start_ranges(spec, buffer, args.async_starts), args.async_starts != "off", generator)
     return PhaseLoop(synthetic, torch.optim.SGD(synthetic.param_groups(synthetic_rates(args)), lr=0.0),
                      ExponentialMovingAverage(synthetic, args.ema_decay),
                      MiniBatchSampler(spec.num_queries, args.mini_batch_size, generator),
-                     ExpertCycle(buffer.experts(), generator), generator)
+                     ExpertCycle(buffer.experts(), generator), generator, starts)
 
 
 def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, student, finished, state) -> FrozenSubset:
     args, device = run.args, run.device
     loop = start_phase(run, spec, buffer)
-    synthetic, optimizer, ema, sampler, cycle, generator = (loop.synthetic, loop.optimizer, loop.ema, loop.sampler,
-                                                            loop.cycle, loop.generator)
-    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs)
+    synthetic, optimizer, ema, sampler, cycle = loop.synthetic, loop.optimizer, loop.ema, loop.sampler, loop.cycle
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs,
+                                blend=args.blend, normalization=args.match_norm)
     snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
@@ -348,9 +424,9 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             if it == spec.iterations:
                 break
             expert = cycle.next()
-            s = int(torch.randint(spec.min_start, spec.max_start, (1,), generator=generator))
-            start = {side: snapshots.get(expert, side, s) for side in trajectories.SIDES}
-            target = {side: snapshots.get(expert, side, s + args.expert_epochs) for side in trajectories.SIDES}
+            s = loop.starts.draw()
+            start = {side: snapshots.get(expert, side, s[side]) for side in trajectories.SIDES}
+            target = {side: snapshots.get(expert, side, s[side] + args.expert_epochs) for side in trajectories.SIDES}
             batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
             optimizer.zero_grad(set_to_none=True)
             try:
@@ -380,7 +456,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
 
 # Flags that fix the shape or meaning of what a run folder holds; --resume refuses to change them.
 FIXED_ON_RESUME = ("dataset", "image_encoder", "text_encoder", "image_trainable", "out_embedding", "image_size",
-                   "subset_num", "num_queries", "sim_type", "sim_rank", "alpha")
+                   "subset_num", "num_queries", "sim_type", "sim_rank", "alpha", "learn_sim")
 
 
 def run_folder(args: argparse.Namespace) -> Path:
@@ -408,7 +484,9 @@ def previous_state(args: argparse.Namespace, folder: Path) -> Optional[dict]:
 
 
 def changed_flags(before: dict, now: dict) -> dict:
-    keys = sorted((set(before) | set(now)) - {"resume", "git_sha"})
+    """Flags whose value differs; a flag the run's start did not record (added to the code since) is
+    not a change: every new flag's default keeps the earlier behaviour."""
+    keys = sorted(set(before) - {"resume", "git_sha"})
     return {k: [before.get(k), now.get(k)] for k in keys if _comparable(before.get(k)) != _comparable(now.get(k))}
 
 
@@ -480,6 +558,17 @@ def run_finished(folder: Path) -> bool:
         return False
 
 
+def trajectory_kind(folder: Path) -> Optional[str]:
+    """"shortcut" for a folder convexify.py wrote, "normal" for one buffer.py wrote, None if unknown."""
+    try:
+        meta = trajectories.read_meta(folder)
+    except trajectories.TrajectoryError:
+        meta = None
+    if meta is not None:
+        return "shortcut" if "shortcut" in meta else "normal"
+    return "shortcut" if folder.name.startswith("convexified") else None
+
+
 def check_sizes(specs: Sequence[PhaseSpec], train_pairs: int) -> None:
     for spec in specs:
         if spec.num_queries > train_pairs:
@@ -492,6 +581,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging()
     args = parse_args(argv)
     specs = phase_specs(args)
+    check_method_fits(args.method, args, [trajectory_kind(Path(spec.buffer_path)) for spec in specs],
+                      given_flags(sys.argv[1:] if argv is None else argv))
     folder = writable_folder(run_folder(args), "--logged_dir")
     try:
         with folder_lock(folder, wait=False, owner=this_process()):
@@ -519,10 +610,12 @@ def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec
     for buffer in buffers:
         buffer.set_expected(expected)  # every expert checked before the first iteration
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
+    joint = (training_pair_features(student, data, device, args.batch_size_test, args.num_workers)
+             if args.pair_init == "prototype" else None)
     record_start(folder, args, state, changes)
     run = Run(args, folder, data, config, device, test, val,
               MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
-              eval_settings(args))
+              eval_settings(args), joint)
     finished = [FrozenSubset(**s) for s in state["finished"]] if state else []
     try:
         for spec, buffer in zip(specs, buffers):

@@ -1,0 +1,360 @@
+"""Methods side by side under one protocol (``bash sh/ablation.sh``).
+
+One set of experts (plus, for RepBlend's frozen image encoder, one set trained the same way with
+the encoder frozen), then for every budget, method and seed one distillation at equal budget and
+equal total iterations, every final set evaluated by the same fresh students: test recall at the
+measurement chosen on the val split (val protocol), and the best test measurement beside it (paper
+protocol), mean ± std over seeds. A random real subset of each budget is the reference row.
+Writes a report folder: README.md (tables, time per method, settings), results.json, a plot of mean
+recall against budget (SVG) and each method's synthetic images. Finished runs are reused, a cut
+run resumes: rerunning the same command goes on where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import checkpoint, trajectories
+from ..atomic import atomic_write_text
+from ..data import shapes
+from ..errors import UsageError, writable_folder
+from ..evaluation import METRIC_KEYS, EvalSettings, both_protocols, train_student
+from ..progress import progress
+from ..retrieval import split_benchmarks
+from ..runlog import resolve_device, setup_logging
+
+from . import buffer, convexify, distill
+from .cli import run_script
+from .context import load_data, model_config
+from .evaluate import random_subsets
+from .methods import METHODS
+from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, expert_flags, pretrain_encoder, train_experts
+
+log = logging.getLogger("ptmst.ablation")
+ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
+DISTILL_FLAGS = {option for action in distill.build_parser()._actions for option in action.option_strings}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the ablation runs; the model, data and learning rates come from the quick start's settings."""
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    budgets: Tuple[int, ...] = (20, 40)
+    methods: Tuple[str, ...] = ORDER
+    quickstart: Settings = field(default_factory=Settings)
+    frozen_out_embedding: int = 256  # projection width of RepBlend's frozen-encoder model (2048 is NFNet-sized)
+
+
+PRESETS: Dict[str, Plan] = {
+    "default": Plan(),
+    "quick": Plan(seeds=(0,), budgets=(40,)),
+    # a handful of steps, for the test suite
+    "smoke": Plan(seeds=(0,), budgets=(4,), quickstart=QUICKSTART["smoke"], frozen_out_embedding=32),
+}
+
+
+def one_phase_window(s: Settings) -> Tuple[int, int]:
+    """The start range of the one-phase methods: the union of PTM-ST's phases' ranges."""
+    return min(p[2] for p in s.phases), max(p[3] for p in s.phases)
+
+
+def phase_sizes(method: str, budget: int, s: Settings) -> List[int]:
+    if method != "ptmst":
+        return [budget]
+    phases = len(s.phases)
+    return [budget // phases + (1 if k < budget % phases else 0) for k in range(phases)]
+
+
+def phase_iterations(method: str, s: Settings) -> List[int]:
+    return list(s.iterations) if method == "ptmst" else [sum(s.iterations)]
+
+
+def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, folders: Dict[str, object],
+                  logged: Path, name: str) -> List[str]:
+    s = plan.quickstart
+    sizes, iterations = phase_sizes(method, budget, s), phase_iterations(method, s)
+    if method == "ptmst":
+        paths, lows, highs = folders["shortcuts"], [p[2] for p in s.phases], [p[3] for p in s.phases]
+    else:
+        low, high = one_phase_window(s)
+        paths, lows, highs = [folders["frozen" if method == "repblend" else "normal"]], [low], [high]
+    flags = common_flags(s, work) + [
+        "--method", method, "--seed", str(seed), "--buffer_path", *map(str, paths), "--subset_num", str(len(sizes)),
+        "--min_start_epoch", *map(str, lows), "--max_start_epoch", *map(str, highs),
+        "--num_queries", *map(str, sizes), "--Iteration", *map(str, iterations),
+        "--eval_it", str(max(iterations)), "--eval_init", "false", "--num_eval", "1",
+        "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(min(s.mini_batch_size, min(sizes))),
+        "--keep_graphs", str(s.syn_steps), "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt),
+        "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr), "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type,
+        "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
+        "--logged_dir", str(logged), "--name", name]
+    if method == "repblend":
+        flags += ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)]
+    return flags
+
+
+def train_frozen_experts(plan: Plan, work: Path) -> Path:
+    """RepBlend matches projection heads: experts of the same recipe with the image encoder frozen."""
+    s = plan.quickstart
+    root = work / "buffer_frozen_encoder"
+    folder = trajectories.expert_folder(root, "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
+    have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
+    if have < s.num_experts:
+        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed + have, pretrained=True)
+                    + ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)])
+    return folder
+
+
+def make_shortcuts(s: Settings, normal: Path) -> List[Path]:
+    return [convexify.main(["--normal_dir", str(normal), "--start", str(start), "--end", str(end)])
+            for start, end, _, _ in s.phases]
+
+
+@dataclass
+class RunRecord:
+    method: str
+    budget: int
+    seed: int
+    folder: str
+    seconds: float  # distillation wall time (0 for a run reused from an earlier call)
+
+
+def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path,
+                extra: Sequence[str] = ()) -> List[RunRecord]:
+    """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win)."""
+    records = []
+    jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
+    for budget, method, seed in progress(jobs, desc="distillations", unit="run"):
+        name = f"{method}_b{budget}_s{seed}"
+        folder = logged / "shapes" / name
+        started = time.perf_counter()
+        if not distill.run_finished(folder):
+            flags = distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
+            distill.main(flags + (["--resume"] if distill.started(folder) else []))
+        records.append(RunRecord(method, budget, seed, str(folder), time.perf_counter() - started))
+    return records
+
+
+def load_final(folder: Path) -> List:
+    recorded = distill.recorded_args(folder)
+    return [checkpoint.load_distilled(path)[0] for path in distill.final_checkpoints(folder, recorded)]
+
+
+def students(subsets, config, settings: EvalSettings, test, val, device) -> Dict[str, dict]:
+    runs = [train_student(subsets, config, settings, test, val, k, device) for k in range(settings.num_eval)]
+    return both_protocols(runs)
+
+
+def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord]) -> Tuple[Dict, Dict[str, float]]:
+    """{(method, budget, seed): {"val": summary, "paper": summary}} including the random subsets,
+    and the evaluation seconds per method."""
+    s = plan.quickstart
+    namespace = distill.parse_args(distill_flags(plan, work, "lors", plan.budgets[0], 0, {"normal": "x"},
+                                                 work / "unused", "unused"))
+    device = resolve_device(None)
+    data = load_data(namespace, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, 128, 0)
+    configs = {False: model_config(namespace, data.text_dim),
+               True: replace(model_config(namespace, data.text_dim), image_trainable=False,
+                             out_embedding=plan.frozen_out_embedding)}
+    results, seconds = {}, {}
+    for record in progress(records, desc="evaluations", unit="set"):
+        started = time.perf_counter()
+        settings = EvalSettings(s.epoch_eval_train, 128, s.num_eval, s.loss_type, "val", "current", record.seed)
+        results[(record.method, record.budget, record.seed)] = students(
+            load_final(Path(record.folder)), configs[record.method == "repblend"], settings, test, val, device)
+        seconds[record.method] = seconds.get(record.method, 0.0) + time.perf_counter() - started
+    for budget in plan.budgets:
+        for seed in plan.seeds:
+            started = time.perf_counter()
+            reals = random_subsets(data, [budget], 0.1, 0.1, torch.Generator().manual_seed(seed + 12345))
+            settings = EvalSettings(s.epoch_eval_train, 128, s.num_eval, s.loss_type, "val", "current", seed)
+            results[("random", budget, seed)] = students(reals, configs[False], settings, test, val, device)
+            seconds["random"] = seconds.get("random", 0.0) + time.perf_counter() - started
+    return results, seconds
+
+
+def over_seeds(results: Dict, method: str, budget: int, seeds: Sequence[int], protocol: str) -> Tuple[float, float]:
+    """Mean and (population) std over seeds of each seed's mean recall over its students."""
+    values = [results[(method, budget, seed)][protocol]["selected"]["mean"]["r_mean"] for seed in seeds]
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def table(plan: Plan, results: Dict, protocol: str, rows: Sequence[str]) -> str:
+    lines = ["| method | " + " | ".join(f"{b} pairs" for b in plan.budgets) + " |",
+             "|---|" + "---|" * len(plan.budgets)]
+    for method in rows:
+        cells = ["{:.2f} ± {:.2f}".format(*over_seeds(results, method, b, plan.seeds, protocol)) for b in plan.budgets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f")
+
+
+def svg_plot(plan: Plan, results: Dict, rows: Sequence[str], protocol: str = "val") -> str:
+    """Mean recall against budget, one line per method, error bars of one std over seeds."""
+    width, height, left, right, top, bottom = 640, 400, 60, 150, 20, 50
+    points = {m: [(b, *over_seeds(results, m, b, plan.seeds, protocol)) for b in plan.budgets] for m in rows}
+    highs = [mean + std for line in points.values() for _, mean, std in line]
+    lows = [mean - std for line in points.values() for _, mean, std in line]
+    y_min, y_max = max(0.0, min(lows) - 2), max(highs) + 2
+    x_min, x_max = min(plan.budgets), max(plan.budgets)
+    span = (x_max - x_min) or 1
+
+    def x(b):
+        return left + (0.5 if x_max == x_min else (b - x_min) / span) * (width - left - right)
+
+    def y(v):
+        return top + (1 - (v - y_min) / (y_max - y_min)) * (height - top - bottom)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+             f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">synthetic pairs</text>',
+             f'<text x="15" y="{(top + height - bottom) / 2}" transform="rotate(-90 15 {(top + height - bottom) / 2})" '
+             f'text-anchor="middle">mean recall (%), {protocol} protocol</text>']
+    for b in plan.budgets:
+        parts.append(f'<text x="{x(b):.1f}" y="{height - bottom + 16}" text-anchor="middle">{b}</text>')
+    for k in range(6):
+        v = y_min + k * (y_max - y_min) / 5
+        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
+    for index, (method, line) in enumerate(points.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        path = " ".join(f"{x(b):.1f},{y(mean):.1f}" for b, mean, _ in line)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for b, mean, std in line:
+            parts.append(f'<line x1="{x(b):.1f}" y1="{y(mean - std):.1f}" x2="{x(b):.1f}" y2="{y(mean + std):.1f}" '
+                         f'stroke="{colour}"/><circle cx="{x(b):.1f}" cy="{y(mean):.1f}" r="3" fill="{colour}"/>')
+        legend_y = top + 16 * index + 10
+        parts.append(f'<line x1="{width - right + 15}" y1="{legend_y}" x2="{width - right + 35}" y2="{legend_y}" '
+                     f'stroke="{colour}" stroke-width="2"/><text x="{width - right + 40}" y="{legend_y + 4}">{method}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[str]:
+    """The final synthetic images of every method and budget (first seed), one PNG per phase."""
+    names = []
+    for record in records:
+        if record.seed != seed:
+            continue
+        folder = Path(record.folder)
+        for k, iterations in enumerate(distill.recorded_args(folder)["Iteration"]):
+            name = f"{record.method}_b{record.budget}_phase{k}.png"
+            shutil.copy(folder / f"synthetic_{k}_{iterations}.png", report / "images" / name)
+            names.append(name)
+    return names
+
+
+def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunRecord], eval_seconds: Dict[str, float],
+                 command: str, images: Sequence[str]) -> Path:
+    rows = [m for m in ORDER if m in plan.methods] + ["random"]
+    distill_seconds = {m: sum(r.seconds for r in records if r.method == m) for m in plan.methods}
+    s = plan.quickstart
+    atomic_write_text(report / "recall_vs_budget.svg", svg_plot(plan, results, rows))
+    payload = {"plan": asdict(plan), "command": command,
+               "results": [{"method": m, "budget": b, "seed": seed, **protocols}
+                           for (m, b, seed), protocols in results.items()],
+               "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
+    atomic_write_text(report / "results.json", json.dumps(payload, indent=1, default=str))
+    lines = [
+        "# Methods side by side on one codebase", "",
+        f"Command: `{command}`", "",
+        f"Mean recall (%) on {s.num_test} test images: for each seed, the mean over {s.num_eval} fresh students; "
+        f"then mean ± std over seeds {list(plan.seeds)}. Every method distils the same total number of pairs with "
+        f"the same total iterations ({sum(s.iterations)}), from the same experts, with the same learning rates, "
+        f"and is evaluated by the same code.", "",
+        "## Val protocol (measurement chosen on the val split; test recall reported)", "",
+        table(plan, results, "val", rows), "",
+        "## Paper protocol (best of the test measurements, as the papers report)", "",
+        table(plan, results, "paper", rows), "",
+        "![mean recall against budget](recall_vs_budget.svg)", "",
+        "## Time per method (seconds, all budgets and seeds)", "",
+        "| method | distillation | evaluation |", "|---|---|---|",
+        *[f"| {m} | {distill_seconds.get(m, 0.0):.0f} | {eval_seconds.get(m, 0.0):.0f} |" for m in rows], "",
+        "Distillation time is 0 for runs reused from an earlier call of the same command.", "",
+        "## Learning-rate search", "",
+        "None for any method: every method uses the quick start's rates "
+        f"(--lr_img {s.lr_img} --lr_txt {s.lr_txt} --lr_sim {s.lr_sim} --lr_lr {s.lr_lr}), chosen for PTM-ST "
+        "before this comparison existed. The search budget is therefore equal (zero) for every method.", "",
+        "## Synthetic images (first seed)", "",
+        *[f"![{name}](images/{name}) `{name}`" for name in images], "",
+        "## Settings", "", "```json", json.dumps(asdict(plan), indent=1), "```", ""]
+    path = report / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ablation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="./ablation", help="data, experts, runs and reports go here "
+                                                                "(shared with the quick start's layout)")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="default: seeds 0 1 2, budgets 20 40; quick: seed 0, budget 40; smoke: tests")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the preset's budgets (pairs)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
+                        help="override the preset's methods")
+    args, extra = parser.parse_known_args(argv)
+    unknown = [flag for flag in extra if flag.startswith("--") and flag.split("=", 1)[0] not in DISTILL_FLAGS]
+    if unknown:
+        parser.error(f"{unknown[0]} is neither an ablation flag nor a flag of distill_ptm-st.py (further flags are "
+                     f"passed to every distillation; see python distill_ptm-st.py --help)")
+    args.distill_flags = extra
+    plan = PRESETS[args.preset]
+    plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
+                   budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
+                   methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods)
+    smallest = min(plan.budgets)
+    if smallest < len(plan.quickstart.phases):
+        parser.error(f"--budgets {smallest}: PTM-ST splits a budget over {len(plan.quickstart.phases)} phases, so "
+                     f"every budget must be at least {len(plan.quickstart.phases)}")
+    if max(plan.budgets) > plan.quickstart.num_train * 5:
+        parser.error(f"--budgets {max(plan.budgets)} exceeds the {plan.quickstart.num_train * 5} training pairs")
+    args.plan = plan
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = parse_args(argv)
+    setup_logging()
+    plan, s = args.plan, args.plan.quickstart
+    work = writable_folder(Path(args.workdir), "--workdir")
+    final = work / "reports" / f"ablation_{datetime.datetime.now():%Y%m%d_%H%M%S}"
+    report = final.with_name(f".{final.name}.partial")  # renamed when complete: a report folder is never half
+    (report / "images").mkdir(parents=True, exist_ok=True)
+    shapes.generate(work / "data", shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size))
+    pretrain_encoder(s, work)
+    normal = train_experts(s, work)
+    folders: Dict[str, object] = {"normal": normal}
+    if "ptmst" in plan.methods:
+        folders["shortcuts"] = make_shortcuts(s, normal)
+    if "repblend" in plan.methods:
+        folders["frozen"] = train_frozen_experts(plan, work)
+    records = distill_all(plan, work, folders, work / "ablation_runs", args.distill_flags)
+    results, eval_seconds = evaluate_all(plan, work, records)
+    command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]))
+    report.rename(final)
+    path = final / "README.md"
+    rows = [m for m in ORDER if m in plan.methods] + ["random"]
+    print(f"\nreport: {path}\n\nval protocol, mean recall (%), mean ± std over seeds {list(plan.seeds)}\n"
+          f"{table(plan, results, 'val', rows)}")
+    return path
+
+
+if __name__ == "__main__":
+    run_script(main, interrupted="interrupted: finished runs are kept in --workdir/ablation_runs and a cut run "
+                                 "resumes: run the same command again to go on.")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Methods side by side (MTT-VL, LoRS, PTM-ST, AMD, RepBlend) on the built-in shapes data: shared experts,
+# equal budgets and iterations, val protocol (paper protocol beside it), mean ± std over seeds, a report folder.
+# Usage: bash sh/ablation.sh [--workdir DIR] [--preset default|quick] [--seeds 0 1 2] [--budgets 20 40]
+#                            [--methods mttvl lors ptmst amd repblend] [any distill_ptm-st.py flag, e.g. --syn_steps 4]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
+python -m distill_utils.app.ablation "$@"
