@@ -218,7 +218,8 @@ class TrajectoryMatcher:
             raise ValueError(f"keep_graphs must be a count >= 0 or {AUTO!r}, got {keep_graphs!r}")
         if not 0.0 <= blend <= 1.0:
             raise ValueError(f"blend must be in [0, 1], got {blend}")
-        denominators({s: torch.ones(()) for s in SIDES}, normalization)  # refuses an unknown one
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.blend = blend
         self.normalization = normalization
         self.model = model.train()

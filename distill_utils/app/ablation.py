@@ -27,8 +27,8 @@ import torch
 from .. import checkpoint, trajectories
 from ..atomic import atomic_write_text
 from ..data import shapes
-from ..errors import UsageError, writable_folder
-from ..evaluation import METRIC_KEYS, EvalSettings, both_protocols, train_student
+from ..errors import writable_folder
+from ..evaluation import EvalSettings, both_protocols, train_student
 from ..progress import progress
 from ..retrieval import split_benchmarks
 from ..runlog import resolve_device, setup_logging
@@ -38,11 +38,33 @@ from .cli import run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .methods import METHODS
-from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, expert_flags, pretrain_encoder, train_experts
+from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, expert_flags, pretrain_encoder
 
 log = logging.getLogger("ptmst.ablation")
 ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
+FROZEN_RANDOM = "random, frozen encoder"
 DISTILL_FLAGS = {option for action in distill.build_parser()._actions for option in action.option_strings}
+BUFFER_FLAGS = {option for action in buffer.build_parser()._actions for option in action.option_strings}
+# what the ablation itself decides for every run (budgets, seeds, phases, folders, expert counts)
+OWNED = {"--seed", "--name", "--logged_dir", "--method", "--buffer_path", "--num_queries", "--Iteration",
+         "--subset_num", "--min_start_epoch", "--max_start_epoch", "--resume", "--num_experts", "--train_epochs",
+         "--help", "-h"}
+
+
+def flag_groups(extra: Sequence[str]) -> List[List[str]]:
+    """``--flag value ...`` groups of the pass-through arguments."""
+    groups: List[List[str]] = []
+    for token in extra:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def flags_for(known: set, groups: Sequence[List[str]]) -> List[str]:
+    """The pass-through groups a script's parser knows, flattened."""
+    return [token for group in groups if group[0].split("=", 1)[0] in known for token in group]
 
 
 @dataclass(frozen=True)
@@ -103,15 +125,18 @@ def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, f
     return flags
 
 
-def train_frozen_experts(plan: Plan, work: Path) -> Path:
-    """RepBlend matches projection heads: experts of the same recipe with the image encoder frozen."""
+def train_expert_set(plan: Plan, work: Path, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
+    """The plan's experts (reused when there): the quick start's recipe, or with the image encoder
+    frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
     s = plan.quickstart
-    root = work / "buffer_frozen_encoder"
-    folder = trajectories.expert_folder(root, "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
+    root = work / ("buffer_frozen_encoder" if frozen else "buffer")
+    folder = trajectories.expert_folder(root, model.dataset, model.image_encoder, model.text_encoder, model.loss_type,
+                                        True)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
+        frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
         buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed + have, pretrained=True)
-                    + ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)])
+                    + ["--loss_type", model.loss_type] + frozen_flags + list(extra))
     return folder
 
 
@@ -129,14 +154,14 @@ class RunRecord:
     seconds: float  # distillation wall time (0 for a run reused from an earlier call)
 
 
-def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path,
+def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path, dataset: str,
                 extra: Sequence[str] = ()) -> List[RunRecord]:
     """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win)."""
     records = []
     jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
     for budget, method, seed in progress(jobs, desc="distillations", unit="run"):
         name = f"{method}_b{budget}_s{seed}"
-        folder = logged / "shapes" / name
+        folder = logged / dataset / name
         started = time.perf_counter()
         if not distill.run_finished(folder):
             flags = distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
@@ -155,33 +180,52 @@ def students(subsets, config, settings: EvalSettings, test, val, device) -> Dict
     return both_protocols(runs)
 
 
-def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord]) -> Tuple[Dict, Dict[str, float]]:
+def model_namespace(plan: Plan, work: Path, extra: Sequence[str]) -> argparse.Namespace:
+    """The data and model flags every run shares (a lors run's, with the pass-through flags)."""
+    return distill.parse_args(distill_flags(plan, work, "lors", plan.budgets[0], 0, {"normal": "unused"},
+                                            work / "unused", "unused") + list(extra))
+
+
+def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
+                 model: argparse.Namespace) -> Tuple[Dict, Dict[str, float]]:
     """{(method, budget, seed): {"val": summary, "paper": summary}} including the random subsets,
-    and the evaluation seconds per method."""
+    and the evaluation seconds per method. Each run's students are built from the flags it recorded."""
     s = plan.quickstart
-    namespace = distill.parse_args(distill_flags(plan, work, "lors", plan.budgets[0], 0, {"normal": "x"},
-                                                 work / "unused", "unused"))
-    device = resolve_device(None)
-    data = load_data(namespace, device, augment=False, need_val=True)
-    test, val = split_benchmarks(data, device, 128, 0)
-    configs = {False: model_config(namespace, data.text_dim),
-               True: replace(model_config(namespace, data.text_dim), image_trainable=False,
-                             out_embedding=plan.frozen_out_embedding)}
+    device = resolve_device(model.device)
+    data = load_data(model, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
     results, seconds = {}, {}
     for record in progress(records, desc="evaluations", unit="set"):
         started = time.perf_counter()
-        settings = EvalSettings(s.epoch_eval_train, 128, s.num_eval, s.loss_type, "val", "current", record.seed)
+        recorded = argparse.Namespace(**distill.recorded_args(Path(record.folder)))
+        settings = EvalSettings(recorded.epoch_eval_train, recorded.batch_train, s.num_eval, recorded.loss_type, "val",
+                                recorded.phase_lr, record.seed)
         results[(record.method, record.budget, record.seed)] = students(
-            load_final(Path(record.folder)), configs[record.method == "repblend"], settings, test, val, device)
+            load_final(Path(record.folder)), model_config(recorded, data.text_dim), settings, test, val, device)
         seconds[record.method] = seconds.get(record.method, 0.0) + time.perf_counter() - started
-    for budget in plan.budgets:
-        for seed in plan.seeds:
-            started = time.perf_counter()
-            reals = random_subsets(data, [budget], 0.1, 0.1, torch.Generator().manual_seed(seed + 12345))
-            settings = EvalSettings(s.epoch_eval_train, 128, s.num_eval, s.loss_type, "val", "current", seed)
-            results[("random", budget, seed)] = students(reals, configs[False], settings, test, val, device)
-            seconds["random"] = seconds.get("random", 0.0) + time.perf_counter() - started
+    # the reference rows: random real subsets, trained like every method's students (RepBlend's student
+    # has a frozen image encoder, a different model: it gets its own reference row)
+    references = {"random": model_config(model, data.text_dim)}
+    frozen = [r for r in records if r.method == "repblend"]
+    if frozen:
+        recorded = argparse.Namespace(**distill.recorded_args(Path(frozen[0].folder)))
+        references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
+    for row, config in references.items():
+        for budget in plan.budgets:
+            for seed in plan.seeds:
+                started = time.perf_counter()
+                reals = random_subsets(data, [budget], model.lr_teacher_img, model.lr_teacher_txt,
+                                       torch.Generator().manual_seed(seed + 12345))
+                settings = EvalSettings(model.epoch_eval_train, model.batch_train, s.num_eval, model.loss_type, "val",
+                                        model.phase_lr, seed)
+                results[(row, budget, seed)] = students(reals, config, settings, test, val, device)
+                seconds[row] = seconds.get(row, 0.0) + time.perf_counter() - started
     return results, seconds
+
+
+def report_rows(plan: Plan) -> List[str]:
+    return ([m for m in ORDER if m in plan.methods] + ["random"]
+            + ([FROZEN_RANDOM] if "repblend" in plan.methods else []))
 
 
 def over_seeds(results: Dict, method: str, budget: int, seeds: Sequence[int], protocol: str) -> Tuple[float, float]:
@@ -258,8 +302,8 @@ def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[s
 
 
 def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunRecord], eval_seconds: Dict[str, float],
-                 command: str, images: Sequence[str]) -> Path:
-    rows = [m for m in ORDER if m in plan.methods] + ["random"]
+                 command: str, images: Sequence[str], model: argparse.Namespace) -> Path:
+    rows = report_rows(plan)
     distill_seconds = {m: sum(r.seconds for r in records if r.method == m) for m in plan.methods}
     s = plan.quickstart
     atomic_write_text(report / "recall_vs_budget.svg", svg_plot(plan, results, rows))
@@ -271,7 +315,7 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
     lines = [
         "# Methods side by side on one codebase", "",
         f"Command: `{command}`", "",
-        f"Mean recall (%) on {s.num_test} test images: for each seed, the mean over {s.num_eval} fresh students; "
+        f"Mean recall (%) on the test split: for each seed, the mean over {s.num_eval} fresh students; "
         f"then mean ± std over seeds {list(plan.seeds)}. Every method distils the same total number of pairs with "
         f"the same total iterations ({sum(s.iterations)}), from the same experts, with the same learning rates, "
         f"and is evaluated by the same code.", "",
@@ -285,9 +329,10 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         *[f"| {m} | {distill_seconds.get(m, 0.0):.0f} | {eval_seconds.get(m, 0.0):.0f} |" for m in rows], "",
         "Distillation time is 0 for runs reused from an earlier call of the same command.", "",
         "## Learning-rate search", "",
-        "None for any method: every method uses the quick start's rates "
-        f"(--lr_img {s.lr_img} --lr_txt {s.lr_txt} --lr_sim {s.lr_sim} --lr_lr {s.lr_lr}), chosen for PTM-ST "
-        "before this comparison existed. The search budget is therefore equal (zero) for every method.", "",
+        "None for any method: every method uses the same rates "
+        f"(--lr_img {model.lr_img} --lr_txt {model.lr_txt} --lr_sim {model.lr_sim} --lr_lr {model.lr_lr}; by default "
+        "the quick start's, chosen for PTM-ST before this comparison existed). The search budget is therefore equal "
+        "(zero) for every method.", "",
         "## Synthetic images (first seed)", "",
         *[f"![{name}](images/{name}) `{name}`" for name in images], "",
         "## Settings", "", "```json", json.dumps(asdict(plan), indent=1), "```", ""]
@@ -297,7 +342,7 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ablation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ablation", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="./ablation", help="data, experts, runs and reports go here "
                                                                 "(shared with the quick start's layout)")
@@ -308,11 +353,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
                         help="override the preset's methods")
     args, extra = parser.parse_known_args(argv)
-    unknown = [flag for flag in extra if flag.startswith("--") and flag.split("=", 1)[0] not in DISTILL_FLAGS]
-    if unknown:
-        parser.error(f"{unknown[0]} is neither an ablation flag nor a flag of distill_ptm-st.py (further flags are "
-                     f"passed to every distillation; see python distill_ptm-st.py --help)")
-    args.distill_flags = extra
+    groups = flag_groups(extra)
+    for group in groups:
+        flag = group[0].split("=", 1)[0]
+        if flag in OWNED:
+            parser.error(f"{flag} is set by the ablation itself for every run (budgets, seeds, phases, folders and "
+                         f"expert counts come from --preset, --seeds, --budgets and --methods); drop it")
+        if flag not in DISTILL_FLAGS | BUFFER_FLAGS:
+            parser.error(f"{flag} is neither an ablation flag nor a flag of distill_ptm-st.py or buffer.py (further "
+                         f"flags are passed to the stages that take them; see their --help)")
+    args.distill_flags = flags_for(DISTILL_FLAGS, groups)
+    args.buffer_flags = flags_for(BUFFER_FLAGS, groups)
+    args.builtin_data = not any(group[0].split("=", 1)[0] == "--dataset" for group in groups)
     plan = PRESETS[args.preset]
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
@@ -335,21 +387,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     final = work / "reports" / f"ablation_{datetime.datetime.now():%Y%m%d_%H%M%S}"
     report = final.with_name(f".{final.name}.partial")  # renamed when complete: a report folder is never half
     (report / "images").mkdir(parents=True, exist_ok=True)
-    shapes.generate(work / "data", shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size))
-    pretrain_encoder(s, work)
-    normal = train_experts(s, work)
+    if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
+        shapes.generate(work / "data", shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size))
+        pretrain_encoder(s, work)
+    model = model_namespace(plan, work, args.distill_flags)
+    normal = train_expert_set(plan, work, model, args.buffer_flags, frozen=False)
     folders: Dict[str, object] = {"normal": normal}
     if "ptmst" in plan.methods:
         folders["shortcuts"] = make_shortcuts(s, normal)
     if "repblend" in plan.methods:
-        folders["frozen"] = train_frozen_experts(plan, work)
-    records = distill_all(plan, work, folders, work / "ablation_runs", args.distill_flags)
-    results, eval_seconds = evaluate_all(plan, work, records)
+        folders["frozen"] = train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
+    records = distill_all(plan, work, folders, work / "ablation_runs", model.dataset, args.distill_flags)
+    results, eval_seconds = evaluate_all(plan, work, records, model)
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]))
+    write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]),
+                 model)
     report.rename(final)
     path = final / "README.md"
-    rows = [m for m in ORDER if m in plan.methods] + ["random"]
+    rows = report_rows(plan)
     print(f"\nreport: {path}\n\nval protocol, mean recall (%), mean ± std over seeds {list(plan.seeds)}\n"
           f"{table(plan, results, 'val', rows)}")
     return path

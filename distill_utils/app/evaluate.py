@@ -129,6 +129,15 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
     return subsets
 
 
+LABELS = {"ptmst": "PTM-ST", "mttvl": "MTT-VL", "lors": "LoRS", "amd": "AMD", "repblend": "RepBlend"}
+
+
+def distilled_label(path: str) -> str:
+    """The method a checkpoint was distilled with (PTM-ST for checkpoints from before --method existed)."""
+    method = checkpoint.load_distilled(Path(path))[1].get("method", "ptmst")
+    return LABELS.get(method, method)
+
+
 def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
                    generator: torch.Generator) -> List[FrozenSubset]:
     """Real training pairs (test-time transform), identity similarity; distinct across phases when the
@@ -202,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
-    rows = {f"PTM-ST ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
+    rows = {f"{distilled_label(args.ckpt_path[-1])} ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
                                                              "distilled set")["selected"]}
     if "random" in args.baseline:
         reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,

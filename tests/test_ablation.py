@@ -1,0 +1,92 @@
+"""sh/ablation.sh end to end at smoke size: every method distilled and evaluated, one report."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_utils import checkpoint
+from distill_utils.app import ablation, distill
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("mttvl", "lors", "ptmst", "amd", "repblend")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ablation")
+    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    return work, report
+
+
+@pytest.mark.slow
+def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_report):
+    work, report = smoke_report
+    text = report.read_text()
+    for method in METHODS + ("random", "random, frozen encoder"):
+        assert len(re.findall(rf"^\| {method} \| \d+\.\d\d ± \d+\.\d\d \|$", text, re.M)) == 2, method  # val + paper
+    assert "## Learning-rate search" in text and "None for any method" in text
+    svg = (report.parent / "recall_vs_budget.svg").read_text()
+    assert svg.count("<polyline") == len(METHODS) + 2
+    images = sorted(p.name for p in (report.parent / "images").iterdir())
+    assert images == sorted([f"{m}_b4_phase0.png" for m in METHODS] + ["ptmst_b4_phase1.png"])
+    results = json.loads((report.parent / "results.json").read_text())
+    assert {(r["method"], r["budget"], r["seed"]) for r in results["results"]} == {(m, 4, 0) for m in METHODS + ("random", "random, frozen encoder")}
+    assert not list((work / "reports").glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_every_method_ran_with_its_flags_at_equal_budget_and_iterations(smoke_report):
+    work, _ = smoke_report
+    runs = work / "ablation_runs" / "shapes"
+    recorded = {m: distill.recorded_args(runs / f"{m}_b4_s0") for m in METHODS}
+    for method, args in recorded.items():
+        assert args["method"] == method
+        assert sum(args["num_queries"]) == 4 and sum(args["Iteration"]) == 4  # smoke: 2 phases x 2 iterations
+        assert args["syn_steps"] == 1  # a pass-through flag reached every run
+    assert recorded["ptmst"]["subset_num"] == 2 and "convexified" in recorded["ptmst"]["buffer_path"][0]
+    assert recorded["repblend"]["image_trainable"] is False and recorded["repblend"]["match_norm"] == "joint"
+    assert "frozen" in recorded["repblend"]["buffer_path"][0]
+    mttvl, _ = checkpoint.load_distilled(runs / "mttvl_b4_s0" / "distilled_0_4.pt")
+    assert torch.equal(mttvl.similarity, torch.eye(4))
+    assert recorded["amd"]["pair_init"] == "prototype" and recorded["amd"]["async_starts"] == "dynamic"
+
+
+@pytest.mark.slow
+def test_a_second_call_reuses_every_finished_run(smoke_report):
+    work, _ = smoke_report
+    histories = {p: p.read_text() for p in (work / "ablation_runs" / "shapes").glob("*/args_history.jsonl")}
+    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    assert report.is_file()
+    assert {p: p.read_text() for p in histories} == histories  # no run started again
+
+
+@pytest.mark.slow
+def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
+    """--dataset (here the tests' own shapes folder, random weights) replaces the built-in data and its
+    pretraining; buffer.py's own flags reach the experts."""
+    report = ablation.main(["--workdir", str(tmp_path), "--preset", "smoke", "--methods", "lors", "repblend",
+                            "--dataset", "shapes", "--image_root", str(shapes_root), "--ann_root", str(shapes_root),
+                            "--image_pretrained", "false", "--batch_size_train", "16", "--syn_steps", "1"])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "checkpoints").exists()
+    recorded = distill.recorded_args(tmp_path / "ablation_runs" / "shapes" / "lors_b4_s0")
+    assert recorded["image_root"] == str(shapes_root) and recorded["image_pretrained"] is False
+    meta = json.loads((tmp_path / "buffer" / "shapes" / "convnet_tiny_tiny_bert" / "InfoNCE_NoAug" / "normal" /
+                       "meta.json").read_text())
+    assert meta["image_pretrained"] is False
+    assert "| lors |" in report.read_text() and "| repblend |" in report.read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_flag", "1"], "--no_such_flag is neither an ablation flag nor a flag of distill_ptm-st.py"),
+    (["--budgets", "1"], "every budget must be at least 2"),
+    (["--seed", "3"], "--seed is set by the ablation itself"),
+    (["--methods", "nope"], "invalid choice"),
+])
+def test_bad_ablation_flags_name_the_flag(argv, message, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "distill_utils.app.ablation", "--workdir", str(tmp_path), *argv],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
