@@ -40,8 +40,11 @@ class RetrievalBenchmark:
             for start in range(0, len(self._images), self.batch_size):
                 yield self._images[start:start + self.batch_size].to(self.device, non_blocking=True)
             return
+        # its own generator: a DataLoader draws a seed when it starts iterating, and from the global
+        # generator that would shift the dropout masks of the student being evaluated (only at the first
+        # evaluation, before the images are kept), making a student's result depend on evaluation order
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
         collected, size = [], 0
         for images, _ in loader:
             size += images.numel() * images.element_size()

@@ -36,6 +36,11 @@ def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_re
     results = json.loads((report.parent / "results.json").read_text())
     assert {(r["method"], r["budget"], r["seed"]) for r in results["results"]} == {(m, 4, 0) for m in METHODS + ("random", "random, frozen encoder")}
     assert not list((work / "reports").glob(".*partial"))
+    seconds = {m: float(re.search(rf"^\| {m} \| (\d+) \|", text, re.M).group(1)) for m in METHODS}
+    recorded = {m: json.loads((work / "ablation_runs" / "shapes" / f"{m}_b4_s0" / "ablation_seconds.json").read_text())
+                for m in METHODS}
+    for method in METHODS:
+        assert seconds[method] == round(recorded[method]["seconds"]) and recorded[method]["seconds"] > 0
 
 
 @pytest.mark.slow

@@ -137,3 +137,23 @@ def test_eval_writes_the_table(shapes_root, tmp_path, capsys):
     table = (tmp_path / "eval_results.md").read_text()
     assert "| Img R@1 | Img R@5 | Img R@10 | Txt R@1 | Txt R@5 | Txt R@10 | Mean |" in table and "±" in table
     assert "random real subset" in capsys.readouterr().out
+
+
+def test_a_students_result_does_not_depend_on_what_was_evaluated_before(shapes_root, tmp_path):
+    """The first use of a benchmark reads its images through a DataLoader; that must not draw from the
+    global generator (it shifted the dropout masks of the first student a process evaluated)."""
+    args = evaluate.build_parser().parse_args(shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt"))
+    from distill_utils.app.context import load_data
+    from distill_utils.retrieval import split_benchmarks
+    data = load_data(args, torch.device("cpu"), augment=False, need_val=True)
+    config = DualEncoderConfig("convnet_tiny", text_dim=data.text_dim, image_trainable=True)
+    settings = EvalSettings(epochs=4, num_eval=1, protocol="val")
+    subsets = [FrozenSubset(torch.stack([data.train[i][0] for i in range(6)]), data.train_text[:6].clone(),
+                            torch.eye(6), 0.1, 0.1)]
+
+    def history(test, val):
+        return train_student(subsets, config, settings, test, val, 0, torch.device("cpu")).history
+    fresh = history(*split_benchmarks(data, torch.device("cpu"), 4, 0))
+    used = split_benchmarks(data, torch.device("cpu"), 4, 0)
+    history(*used)
+    assert history(*used) == fresh

@@ -151,7 +151,17 @@ class RunRecord:
     budget: int
     seed: int
     folder: str
-    seconds: float  # distillation wall time (0 for a run reused from an earlier call)
+    seconds: float  # distillation wall time, all of its calls together
+
+
+SECONDS_FILE = "ablation_seconds.json"  # in each run folder: the distillation's wall time, kept for reruns
+
+
+def recorded_seconds(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / SECONDS_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path, dataset: str,
@@ -159,14 +169,19 @@ def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path
     """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win)."""
     records = []
     jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
-    for budget, method, seed in progress(jobs, desc="distillations", unit="run"):
+    for number, (budget, method, seed) in enumerate(jobs, 1):  # a log line each: the runs draw their own bars
         name = f"{method}_b{budget}_s{seed}"
         folder = logged / dataset / name
         started = time.perf_counter()
-        if not distill.run_finished(folder):
+        finished = distill.run_finished(folder)
+        log.info("run %d/%d: %s, %d pairs, seed %d%s", number, len(jobs), method, budget, seed,
+                 " (finished earlier: reused)" if finished else "")
+        if not finished:
             flags = distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
             distill.main(flags + (["--resume"] if distill.started(folder) else []))
-        records.append(RunRecord(method, budget, seed, str(folder), time.perf_counter() - started))
+            seconds = recorded_seconds(folder) + time.perf_counter() - started  # a resumed run adds its parts
+            atomic_write_text(folder / SECONDS_FILE, json.dumps({"seconds": seconds}))
+        records.append(RunRecord(method, budget, seed, str(folder), recorded_seconds(folder)))
     return records
 
 
@@ -327,7 +342,7 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         "## Time per method (seconds, all budgets and seeds)", "",
         "| method | distillation | evaluation |", "|---|---|---|",
         *[f"| {m} | {distill_seconds.get(m, 0.0):.0f} | {eval_seconds.get(m, 0.0):.0f} |" for m in rows], "",
-        "Distillation time is 0 for runs reused from an earlier call of the same command.", "",
+        "A run reused from an earlier call counts with the time it took then (0 if that was not recorded).", "",
         "## Learning-rate search", "",
         "None for any method: every method uses the same rates "
         f"(--lr_img {model.lr_img} --lr_txt {model.lr_txt} --lr_sim {model.lr_sim} --lr_lr {model.lr_lr}; by default "

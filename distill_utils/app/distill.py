@@ -236,7 +236,8 @@ class JointFeatures:
 def training_pair_features(student, data: DataContext, device: torch.device, batch_size: int,
                            num_workers: int) -> JointFeatures:
     encoder = copy.deepcopy(student.image_encoder).eval()
-    loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, num_workers=num_workers,
+                                         generator=torch.Generator())  # leaves the global generator alone
     features = [encoder(images.to(device)).float().cpu()
                 for images, _ in progress(loader, desc="prototype features", unit="batch", leave=False)]
     return JointFeatures(torch.cat(features), data.train_text.float().cpu())
