@@ -177,3 +177,20 @@ def test_a_non_finite_snapshot_is_named_when_first_used(tmp_path):
     expert.flat("image", 2)
     with pytest.raises(TrajectoryError, match=r"img_replay_buffer_0\.pt\[0\]: image-side snapshot 1 holds NaN/Inf"):
         expert.flat("image", 1)
+
+
+def test_an_expert_is_the_same_trained_alone_or_after_others(tiny_buffer, tmp_path):
+    """Expert 1 of a two-expert call equals expert 1 appended by a second call: its dropout masks come
+    from its own seed, not from what the process drew before (expert 0's training and evaluation)."""
+    folder, _, argv = tiny_buffer
+    argv = list(argv)
+    argv[argv.index("--buffer_path") + 1] = str(tmp_path / "buffer")
+    argv[argv.index("--num_experts") + 1] = "1"
+    assert buffer.main(argv) == [0]
+    assert buffer.main(argv) == [1]
+    alone = trajectories.expert_folder(tmp_path / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
+    for side in ("image", "text"):
+        together = trajectories.load_trajectory_file(trajectories.twin_path(folder, side, 1))
+        appended = trajectories.load_trajectory_file(trajectories.twin_path(alone, side, 1))
+        for a, b in zip(together[0], appended[0]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

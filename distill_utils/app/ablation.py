@@ -135,7 +135,7 @@ def train_expert_set(plan: Plan, work: Path, model: argparse.Namespace, extra: S
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
         frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
-        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed + have, pretrained=True)
+        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed, pretrained=True)
                     + ["--loss_type", model.loss_type] + frozen_flags + list(extra))
     return folder
 

@@ -76,7 +76,15 @@ def expert_optim(args: argparse.Namespace) -> ExpertOptim:
 
 
 def train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
-    """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories."""
+    """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories. Everything
+    it draws (weights, batch order, dropout masks) comes from that seed, so an expert is the same whether
+    its process trained others before it or not (a rerun that appends, a torchrun rank)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + expert)
+        return _train_expert(expert, args, data, config, benchmark, device, metrics)
+
+
+def _train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
     model = config.build(seed=args.seed + expert).to(device)
     speed = SpeedOptions.for_device(device, args.bf16).for_model(model)
     speed.prepare_model(model)

@@ -128,7 +128,7 @@ def train_experts(s: Settings, work: Path) -> Path:
     folder = trajectories.expert_folder(work / "buffer", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
-        buffer.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed + have,
+        buffer.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed,
                                   pretrained=True))
     return folder
 
