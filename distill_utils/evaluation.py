@@ -23,6 +23,7 @@ from networks import DualEncoderConfig
 from .losses import MultilabelContrastiveLoss
 from .progress import progress
 from .retrieval import RetrievalBenchmark
+from .runlog import seeded
 from .synthetic import FrozenSubset
 
 log = logging.getLogger("ptmst.eval")
@@ -71,8 +72,7 @@ def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, se
                   device: torch.device) -> StudentRun:
     """One fresh student trained on ``subsets`` in order; see the module docstring for the protocol."""
     seed = settings.seed + run
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # dropout masks: reproducible, and the caller's RNG stream is untouched
+    with seeded(seed, device):  # dropout masks: reproducible, and the caller's RNG stream is untouched
         model = config.build(seed=seed).to(device).train()
         groups = [{"params": model.side_parameters("image"), "lr": 0.0},
                   {"params": model.side_parameters("text"), "lr": 0.0}]

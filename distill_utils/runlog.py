@@ -6,8 +6,9 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -28,6 +29,16 @@ def git_sha() -> str:
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the global generators (the CPU's and ``device``'s own on a GPU) start from ``seed``, so
+    what is drawn there (weights, dropout masks) does not depend on what the process drew before;
+    outside, the caller's streams continue as if nothing had been drawn."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

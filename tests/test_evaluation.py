@@ -139,6 +139,13 @@ def test_eval_writes_the_table(shapes_root, tmp_path, capsys):
     assert "random real subset" in capsys.readouterr().out
 
 
+def test_the_distilled_row_is_named_by_the_method_the_checkpoint_recorded(shapes_root, tmp_path):
+    lors = saved_checkpoint(tmp_path / "lors.pt", config={"image_encoder": "convnet_tiny", "method": "lors"})
+    rows = evaluate.main(shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_eval", "1",
+                                     "--epoch_eval_train", "1", "--ckpt_path", str(lors), "--baseline"))
+    assert list(rows) == ["LoRS (4 pairs)"]
+
+
 def test_a_students_result_does_not_depend_on_what_was_evaluated_before(shapes_root, tmp_path):
     """The first use of a benchmark reads its images through a DataLoader; that must not draw from the
     global generator (it shifted the dropout masks of the first student a process evaluated)."""

@@ -21,7 +21,7 @@ from ..errors import writable_folder
 from ..experts import ExpertOptim, make_optimizer, side_snapshot, train_one_epoch
 from ..losses import LOSSES, MultilabelContrastiveLoss
 from ..retrieval import RetrievalBenchmark
-from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 
 from .cli import add_bool_flag, non_negative, positive, script_parser
@@ -79,8 +79,7 @@ def train_expert(expert: int, args, data, config, benchmark, device, metrics) ->
     """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories. Everything
     it draws (weights, batch order, dropout masks) comes from that seed, so an expert is the same whether
     its process trained others before it or not (a rerun that appends, a torchrun rank)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + expert)
+    with seeded(args.seed + expert, device):
         return _train_expert(expert, args, data, config, benchmark, device, metrics)
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,7 +23,7 @@ from ..evaluation import StudentRun, evaluate_subsets, format_table, summarise
 from ..experts import ExpertOptim, make_optimizer, train_one_epoch
 from ..losses import MultilabelContrastiveLoss
 from ..retrieval import RetrievalBenchmark, split_benchmarks
-from ..runlog import resolve_device, setup_logging
+from ..runlog import resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 from ..synthetic import FrozenSubset
 
@@ -111,8 +111,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> List[FrozenSubset]:
-    subsets = []
+def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> Tuple[List[FrozenSubset], str]:
+    """The phases' subsets, checked against the flags, and the name of the method that distilled them
+    (PTM-ST for checkpoints from before --method existed)."""
+    subsets, config = [], {}
     for path in paths:
         subset, config = checkpoint.load_distilled(Path(path))
         for key in MODEL_KEYS:
@@ -126,16 +128,11 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
         raise checkpoint.CheckpointError(
             f"--num_queries {args.num_queries} (total {sum(args.num_queries)}) but the checkpoints hold "
             f"{[len(s) for s in subsets]} pairs: drop --num_queries or pass the checkpoints of every phase")
-    return subsets
+    method = config.get("method", "ptmst")
+    return subsets, LABELS.get(method, method)
 
 
 LABELS = {"ptmst": "PTM-ST", "mttvl": "MTT-VL", "lors": "LoRS", "amd": "AMD", "repblend": "RepBlend"}
-
-
-def distilled_label(path: str) -> str:
-    """The method a checkpoint was distilled with (PTM-ST for checkpoints from before --method existed)."""
-    method = checkpoint.load_distilled(Path(path))[1].get("method", "ptmst")
-    return LABELS.get(method, method)
 
 
 def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
@@ -163,8 +160,7 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
     """Students trained on the whole training set (expert recipe, test-time transform), evaluated at the end."""
     runs = []
     for run in range(args.num_eval):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + run)
+        with seeded(args.seed + run, device):
             model = config.build(seed=args.seed + run).to(device)
             speed = SpeedOptions.for_device(device).for_model(model)
             speed.prepare_model(model)
@@ -206,12 +202,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     device = resolve_device(args.device)
     enable_fast_math(device)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
-    subsets = load_checkpoints(args.ckpt_path, args, data.text_dim)
+    subsets, method = load_checkpoints(args.ckpt_path, args, data.text_dim)
     config = model_config(args, data.text_dim)
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
-    rows = {f"{distilled_label(args.ckpt_path[-1])} ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
+    rows = {f"{method} ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
                                                              "distilled set")["selected"]}
     if "random" in args.baseline:
         reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
