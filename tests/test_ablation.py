@@ -70,6 +70,17 @@ def test_a_second_call_reuses_every_finished_run(smoke_report):
 
 
 @pytest.mark.slow
+def test_two_calls_in_the_same_second_keep_both_reports(smoke_report, monkeypatch):
+    work, _ = smoke_report
+    monkeypatch.setattr(ablation, "report_stamp", lambda: "20000101_000000")
+    first = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    second = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    assert first.parent.name == "ablation_20000101_000000" and second.parent.name == "ablation_20000101_000000_2"
+    assert first.is_file() and second.is_file()
+    assert not list((work / "reports").glob(".*partial"))
+
+
+@pytest.mark.slow
 def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
     """--dataset (here the tests' own shapes folder, random weights) replaces the built-in data and its
     pretraining; buffer.py's own flags reach the experts."""

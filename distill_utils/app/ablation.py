@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,12 +34,12 @@ from ..progress import progress
 from ..retrieval import split_benchmarks
 from ..runlog import resolve_device, setup_logging
 
-from . import buffer, convexify, distill
+from . import buffer, distill
 from .cli import run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .methods import METHODS
-from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, expert_flags, pretrain_encoder
+from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, make_shortcuts, pretrain_encoder, top_up_experts
 
 log = logging.getLogger("ptmst.ablation")
 ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -128,21 +129,11 @@ def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, f
 def train_expert_set(plan: Plan, work: Path, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
     """The plan's experts (reused when there): the quick start's recipe, or with the image encoder
     frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
-    s = plan.quickstart
     root = work / ("buffer_frozen_encoder" if frozen else "buffer")
     folder = trajectories.expert_folder(root, model.dataset, model.image_encoder, model.text_encoder, model.loss_type,
                                         True)
-    have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
-    if have < s.num_experts:
-        frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
-        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed, pretrained=True)
-                    + ["--loss_type", model.loss_type] + frozen_flags + list(extra))
-    return folder
-
-
-def make_shortcuts(s: Settings, normal: Path) -> List[Path]:
-    return [convexify.main(["--normal_dir", str(normal), "--start", str(start), "--end", str(end)])
-            for start, end, _, _ in s.phases]
+    frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
+    return top_up_experts(plan.quickstart, work, root, folder, ["--loss_type", model.loss_type, *frozen_flags, *extra])
 
 
 @dataclass
@@ -356,6 +347,25 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
     return path
 
 
+def report_stamp() -> str:
+    return f"{datetime.datetime.now():%Y%m%d_%H%M%S}"
+
+
+def publish(partial: Path, reports: Path, stamp: str) -> Path:
+    """Rename the finished ``partial`` folder to ``reports/ablation_STAMP`` (``_2``, ``_3``, ... when
+    another call of the same second took that name: a rename onto a folder with files fails)."""
+    for number in range(1, 1000):
+        final = reports / (f"ablation_{stamp}" if number == 1 else f"ablation_{stamp}_{number}")
+        if final.exists():
+            continue
+        try:
+            partial.rename(final)
+            return final
+        except OSError:
+            continue  # taken between the check and the rename
+    raise FileExistsError(f"{reports}: ablation_{stamp} and 998 numbered variants exist; move old reports away")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ablation", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,9 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging()
     plan, s = args.plan, args.plan.quickstart
     work = writable_folder(Path(args.workdir), "--workdir")
-    final = work / "reports" / f"ablation_{datetime.datetime.now():%Y%m%d_%H%M%S}"
-    report = final.with_name(f".{final.name}.partial")  # renamed when complete: a report folder is never half
-    (report / "images").mkdir(parents=True, exist_ok=True)
+    (work / "reports").mkdir(parents=True, exist_ok=True)
+    # written in a folder of its own and renamed when complete: a report folder is never half written
+    report = Path(tempfile.mkdtemp(prefix=".ablation_", suffix=".partial", dir=work / "reports"))
+    (report / "images").mkdir()
     if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
         shapes.generate(work / "data", shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size))
         pretrain_encoder(s, work)
@@ -417,8 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]),
                  model)
-    report.rename(final)
-    path = final / "README.md"
+    path = publish(report, work / "reports", report_stamp()) / "README.md"
     rows = report_rows(plan)
     print(f"\nreport: {path}\n\nval protocol, mean recall (%), mean ± std over seeds {list(plan.seeds)}\n"
           f"{table(plan, results, 'val', rows)}")

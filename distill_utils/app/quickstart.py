@@ -124,13 +124,20 @@ def pretrain_encoder(s: Settings, work: Path) -> Path:
     return target
 
 
-def train_experts(s: Settings, work: Path) -> Path:
-    folder = trajectories.expert_folder(work / "buffer", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
+def top_up_experts(s: Settings, work: Path, root: Path, folder: Path, flags: Sequence[str] = ()) -> Path:
+    """Train experts under ``root`` until ``folder`` holds ``s.num_experts`` (``flags`` win over the
+    settings'); return ``folder``."""
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
-        buffer.main(expert_flags(s, work, work / "buffer", s.num_experts - have, s.train_epochs, s.seed,
-                                  pretrained=True))
+        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed, pretrained=True)
+                    + list(flags))
     return folder
+
+
+def train_experts(s: Settings, work: Path) -> Path:
+    root = work / "buffer"
+    return top_up_experts(s, work, root, trajectories.expert_folder(root, "shapes", s.image_encoder, s.text_encoder,
+                                                                    "InfoNCE", True))
 
 
 def make_shortcuts(s: Settings, normal: Path) -> List[Path]:
