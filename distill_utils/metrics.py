@@ -29,11 +29,15 @@ def _count_at_least(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tens
     """For each row r: how many entries of ``scores[r]`` are >= ``reference[r]``.
 
     Ties count against the ground truth, so a collapsed model (all scores equal) scores ~0
-    recall instead of a flattering 100."""
+    recall instead of a flattering 100. A row holding NaN (a diverged model) ranks its ground truth
+    last: NaN compares false with everything, which would otherwise make it a hit."""
     counts = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
     for start in range(0, scores.shape[0], _CHUNK):
         rows = slice(start, start + _CHUNK)
-        counts[rows] = torch.ge(scores[rows], reference[rows, None]).sum(dim=1, dtype=torch.int32)
+        chunk = scores[rows]
+        counted = torch.ge(chunk, reference[rows, None]).sum(dim=1, dtype=torch.int32).long()
+        undefined = torch.isnan(chunk).any(dim=1) | torch.isnan(reference[rows])
+        counts[rows] = torch.where(undefined, torch.full_like(counted, torch.iinfo(torch.int32).max), counted)
     return counts
 
 

@@ -40,7 +40,7 @@ def _read_valid(path: Path, captions: Sequence[str]) -> Optional[np.ndarray]:
         with np.load(path) as archive:
             embeddings = archive[ARRAY_KEY]
             digest = str(archive[DIGEST_KEY]) if DIGEST_KEY in archive.files else None
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # empty, truncated (BadZipFile, EOFError), foreign: a cache is rebuilt, never trusted
         log.warning("text-embedding cache %s is unreadable (%s); rebuilding it", path, error)
         return None
     if embeddings.ndim != 2 or embeddings.shape[0] != len(captions):

@@ -13,6 +13,7 @@ Image and text files are paired by their index ``n``, never by listing order.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -173,13 +174,19 @@ def read_meta(folder: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise TrajectoryError(f"{path} is not valid JSON ({error}); delete it (it is only a check) or restore it.") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TrajectoryError(f"{path} is not valid JSON ({error}); delete it (it is only a check) or restore "
+                              f"it.") from None
+    if not isinstance(meta, dict):
+        raise TrajectoryError(f"{path} holds a JSON {type(meta).__name__}, not the object buffer.py writes; delete "
+                              f"it (it is only a check) or restore it.")
+    return meta
 
 
-def write_meta(folder: Path, meta: dict) -> None:
-    """Write ``meta.json``; refuse to mix experts of a different model into an existing folder."""
+def write_meta(folder: Path, meta: dict, check_only: bool = False) -> None:
+    """Write ``meta.json`` (or with ``check_only`` only check it); refuse to mix experts of a different
+    model into an existing folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     existing = read_meta(folder)
@@ -192,7 +199,8 @@ def write_meta(folder: Path, meta: dict) -> None:
                     f"{folder} already holds experts of another model ({existing.get('image_encoder')}/"
                     f"{existing.get('text_encoder')}, {side} side shapes differ from this run's). Use another "
                     f"--buffer_path or the matching encoder flags; mixing them would corrupt the folder.")
-    atomic_write_text(folder / META_NAME, json.dumps(meta, indent=1, default=str))
+    if not check_only:
+        atomic_write_text(folder / META_NAME, json.dumps(meta, indent=1, default=str))
 
 
 def _shapes(entries) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -200,6 +208,12 @@ def _shapes(entries) -> List[Tuple[str, Tuple[int, ...]]]:
 
 
 # ------------------------------------------------------------------------------------ reading
+# OS errors that are about the disk or permissions, not the file's content (a truncated file that
+# cannot be memory-mapped raises EINVAL: that one is reported as a damaged file)
+_DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT, errno.EISDIR, errno.ENOMEM, errno.EMFILE,
+                errno.ENFILE, errno.EROFS, errno.ENOSPC}
+
+
 def _load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -209,8 +223,8 @@ def _load(path: Path):
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as legacy_error:
                 error = legacy_error
-        if isinstance(error, OSError) and error.errno is not None:
-            raise  # a permission or disk problem, reported with the path
+        if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+            raise type(error)(error.errno, error.strerror or str(error), str(path)) from None  # named, for the scripts
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrajectoryError(f"cannot read trajectory file {path} ({type(error).__name__}: {first_line[:200]}); it "
                               f"is corrupt, truncated or not a trajectory file: train or download that expert again, "
@@ -262,9 +276,14 @@ class Expert:
             vector = self._vector(side, t)
         if not torch.isfinite(vector).all():
             raise TrajectoryError(
-                f"{self.where}: {side}-side snapshot {t} holds NaN/Inf values: that expert diverged or the file "
-                f"is damaged. Move its img/txt_replay_buffer pair out of the folder (or train it again) and rerun.")
+                f"{self.where_side(side)}: {side}-side snapshot {t} holds NaN/Inf values: that expert diverged or "
+                f"the file is damaged. Move its img/txt_replay_buffer pair out of the folder (or train it again) "
+                f"and rerun (a distillation continues with --resume: it goes on with the experts that remain).")
         self._checked.add((side, t))
+
+    def where_side(self, side: str) -> str:
+        """The file that holds ``side`` of this expert."""
+        return self.where
 
 
 class TwinExpert(Expert):
@@ -278,6 +297,10 @@ class TwinExpert(Expert):
 
     def snapshot(self, side: str, t: int) -> Snapshot:
         return list(self._sides[side][t])
+
+    def where_side(self, side: str) -> str:
+        name = self.name.replace("img_replay_buffer_", "txt_replay_buffer_", 1) if side == "text" else self.name
+        return f"{self.folder}/{name}" if self.folder is not None else name
 
 
 class CompactExpert(Expert):

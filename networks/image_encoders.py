@@ -33,11 +33,17 @@ def _find_local_checkpoint(checkpoint_dir: str, name: str) -> Path:
 
 
 def _load_state_dict(model: nn.Module, path: Path) -> None:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle garbage, a header that is not safetensors ...
+        raise unreadable_weights(path, error) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedWeightsUnavailable(f"weights file {path} holds a {type(state).__name__}, not a state dict of "
+                                           f"tensors: save model.state_dict() there")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
@@ -46,6 +52,14 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
         raise PretrainedWeightsUnavailable(
             f"weights in {path} do not fit the model: missing/mismatched {list(missing)[:3]}, unexpected "
             f"{list(unexpected)[:3]}; save model.state_dict() of the same architecture there")
+
+
+def unreadable_weights(path: Path, error: Exception) -> PretrainedWeightsUnavailable:
+    detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return PretrainedWeightsUnavailable(
+        f"weights file {path} cannot be read ({type(error).__name__}: {detail}): it is corrupt, truncated or not a "
+        f"weights file. Save the state dict there again (torch.save(model.state_dict(), path)), or point "
+        f"--checkpoint_dir at a folder with good weights.")
 
 
 def unknown_image_encoder_message(name: str) -> str:
@@ -66,7 +80,16 @@ def _timm_encoder(name: str, pretrained: bool, checkpoint_dir: Optional[str]) ->
     kwargs = dict(num_classes=0, global_pool="avg")
     if pretrained and checkpoint_dir:
         path = _find_local_checkpoint(checkpoint_dir, name)
-        return timm.create_model(full_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        try:
+            return timm.create_model(full_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except PretrainedWeightsUnavailable:
+            raise
+        except Exception as error:  # timm reads the file itself: garbage surfaces from deep inside it
+            if isinstance(error, RuntimeError) and "state_dict" in str(error):
+                raise PretrainedWeightsUnavailable(
+                    f"weights in {path} do not fit timm model {full_name!r} ({str(error).splitlines()[-1].strip()}); "
+                    f"save model.state_dict() of the same architecture there") from None
+            raise unreadable_weights(path, error) from None
     try:
         return timm.create_model(full_name, pretrained=pretrained, **kwargs)
     except Exception as error:  # hub errors come in many types (OSError, HTTP, offline mode)

@@ -45,14 +45,29 @@ launcher() {  # NPROC=N runs the Python script under torchrun on N processes (on
 }
 
 # `positional SCRIPT DEFAULT "$@"`: --help prints the script's header; no argument at all prints it as
-# a usage error. Then GPU is the first argument, NAME the second (DATASET or RECIPE; DEFAULT when
+# a usage error. Then GPU is the first argument (checked by gpu_list), NAME the second (DATASET or RECIPE; DEFAULT when
 # absent) and REST the flags after them, for the Python script.
 positional() {
   local script="$1" default="$2"
   shift 2
   if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then show_help "$script"; exit 0; fi
   if [[ $# -lt 1 ]]; then show_help "$script" >&2; exit 2; fi
-  GPU="$1"
+  GPU_ARG="$1"  # as given (cpu stays cpu), for recipes that call other recipes
+  GPU="$(gpu_list "$1" "$script")" || exit 2
   NAME="${2:-$default}"
   REST=("${@:3}")
+}
+
+# `gpu_list ARG SCRIPT`: the value for CUDA_VISIBLE_DEVICES: GPU indices (0 or 0,1,2,3), GPU-/MIG- UUIDs,
+# or cpu (no GPU: the scripts then run on the CPU). Anything else is refused, so a recipe or dataset name
+# given without the GPU in front of it is never taken for the GPU list.
+gpu_list() {
+  local arg="$1" script="$2"
+  if [[ "$arg" == "cpu" ]]; then echo ""; return 0; fi
+  if [[ "$arg" =~ ^[0-9]+(,[0-9]+)*$ || "$arg" =~ ^(GPU|MIG)-[A-Za-z0-9/-]+(,(GPU|MIG)-[A-Za-z0-9/-]+)*$ ]]; then
+    echo "$arg"; return 0
+  fi
+  echo "error: $script: the first argument is the GPU list (0, 0,1,2,3, or cpu), got '$arg'. Put the GPU first:" \
+       "bash $script 0 $arg ... (or bash $script cpu $arg ... to run on the CPU)" >&2
+  return 2
 }

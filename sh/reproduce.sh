@@ -5,10 +5,10 @@
 #   data          sh/prepare_data.sh DATASET (idempotent)
 #   experts       sh/buffer.sh, only for the experts missing from the folder (NUM_EXPERTS, default 20)
 #   shortcuts     sh/convexify.sh (skips converted files)
-#   distillation  sh/distill.sh, with --resume when the run has a checkpoint; skipped once its last
-#                 phase's final checkpoint exists
+#   distillation  sh/distill.sh, with --resume when the run has a checkpoint (a finished run returns at
+#                 once; one made with other flags is refused, never reused)
 #   evaluation    sh/eval.sh, every time (mean ± std over fresh students)
-# Usage: bash sh/reproduce.sh GPU [RECIPE]   (RECIPE default: flickr500)
+# Usage: bash sh/reproduce.sh GPU [RECIPE]   (RECIPE default: flickr500; GPU cpu: no GPU)
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
 # Extra flags per stage: BUFFER_FLAGS, CONVEXIFY_FLAGS, DISTILL_FLAGS, EVAL_FLAGS (space-separated),
 # e.g. DISTILL_FLAGS="--keep_graphs 0" bash sh/reproduce.sh 0 flickr500. SKIP_DATA=1 skips the download
@@ -34,7 +34,7 @@ HAVE="$(${PYTHON:-python} -c "import sys; from pathlib import Path; from distill
 p = Path(sys.argv[1]); print(len(twin_indices(p)) if p.is_dir() else 0)" "$(normal_dir_of "$DATASET")")"
 if (( HAVE < NUM_EXPERTS )); then
   stage "experts: $HAVE of $NUM_EXPERTS in $(normal_dir_of "$DATASET"), training $((NUM_EXPERTS - HAVE))"
-  bash sh/buffer.sh "$GPU" "$DATASET" "${BUFFER_EXTRA[@]}" --num_experts "$((NUM_EXPERTS - HAVE))"
+  bash sh/buffer.sh "$GPU_ARG" "$DATASET" "${BUFFER_EXTRA[@]}" --num_experts "$((NUM_EXPERTS - HAVE))"
 else
   stage "experts: $HAVE of $NUM_EXPERTS already there"
 fi
@@ -43,17 +43,14 @@ stage "shortcut trajectories"
 bash sh/convexify.sh "$DATASET" "${CONVEXIFY_EXTRA[@]}"
 
 RUN="$LOGGED_DIR/$DATASET/$RECIPE"
-FINISHED="$(${PYTHON:-python} -c "import sys; from pathlib import Path
-from distill_utils.app.distill import run_finished; print(int(run_finished(Path(sys.argv[1]))))" "$RUN")"
-if [[ "$FINISHED" == 1 ]]; then
-  stage "distillation: $RUN is finished"
-elif [[ -f "$RUN/latest.pt" ]]; then
+if [[ -f "$RUN/latest.pt" ]]; then
+  # a finished run returns at once; one made with other flags is refused by the distiller, never reused
   stage "distillation: resuming $RUN"
-  bash sh/distill.sh "$GPU" "$RECIPE" "${DISTILL_EXTRA[@]}" --resume
+  bash sh/distill.sh "$GPU_ARG" "$RECIPE" "${DISTILL_EXTRA[@]}" --resume
 else
   stage "distillation -> $RUN"
-  bash sh/distill.sh "$GPU" "$RECIPE" "${DISTILL_EXTRA[@]}"
+  bash sh/distill.sh "$GPU_ARG" "$RECIPE" "${DISTILL_EXTRA[@]}"
 fi
 
 stage "evaluation"
-bash sh/eval.sh "$GPU" "$RECIPE" "${EVAL_EXTRA[@]}"
+bash sh/eval.sh "$GPU_ARG" "$RECIPE" "${EVAL_EXTRA[@]}"

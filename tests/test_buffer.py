@@ -53,10 +53,13 @@ def test_rerun_appends_with_the_next_index(tiny_buffer):
     folder, _, argv = tiny_buffer
     argv = list(argv)
     argv[argv.index("--num_experts") + 1] = "1"
-    argv[argv.index("--train_epochs") + 1] = "1"
-    with pytest.raises(TrajectoryError, match="another model"):  # 1 epoch is fine; a different model is not
+    with pytest.raises(TrajectoryError, match="another model"):  # a different model is refused
         buffer.main(argv + ["--image_trainable", "false"])
-    assert buffer.main(argv) == [2]
+    argv[argv.index("--train_epochs") + 1] = "1"
+    with pytest.raises(TrajectoryError, match=r"3 snapshots.*Pass --train_epochs 2"):  # and experts of other lengths
+        buffer.main(argv)
+    assert trajectories.twin_indices(folder) == [0, 1]
+    assert buffer.main(argv + ["--train_epochs", "2"]) == [2]  # the fix the message names
     assert trajectories.twin_indices(folder) == [0, 1, 2]
 
 

@@ -97,17 +97,42 @@ def test_existing_run_folder_is_never_overwritten(shapes_root, expert_dirs, tmp_
         distill.main(argv)
 
 
-def test_resume_keeps_args_json_and_records_changed_flags(shapes_root, expert_dirs, tmp_path):
+def test_resume_keeps_args_json_and_records_changed_flags(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    _, normal, _, _ = expert_dirs
+    argv = distill_argv(shapes_root, tmp_path, [normal])
+    real_match, calls = TrajectoryMatcher.match, {"n": 0}
+
+    def cut(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # iteration 2, after its checkpoint
+            raise KeyboardInterrupt
+        return real_match(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrajectoryMatcher, "match", cut)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(argv)
+    monkeypatch.setattr(TrajectoryMatcher, "match", real_match)
+    folder = tmp_path / "logged" / "shapes" / "run"
+    written = (folder / "args.json").read_text()
+    distill.main(argv + ["--resume", "--eval_it", "4"])
+    assert (folder / "args.json").read_text() == written
+    history = [json.loads(line) for line in (folder / "args_history.jsonl").read_text().splitlines()]
+    assert [h["resumed_at"] for h in history] == [None, {"phase": 0, "iteration": 2}]
+    assert history[1]["changed"] == {"eval_it": [2, 4]} and history[1]["args"]["eval_it"] == 4
+
+
+def test_a_finished_run_is_left_as_it_is_and_refuses_flags_that_would_decide_another_result(
+        shapes_root, expert_dirs, tmp_path):
     _, normal, _, _ = expert_dirs
     argv = distill_argv(shapes_root, tmp_path, [normal])
     argv[argv.index("--Iteration") + 1] = "0"
     folder = distill.main(argv)
-    written = (folder / "args.json").read_text()
-    distill.main(argv + ["--resume", "--eval_it", "3"])
-    assert (folder / "args.json").read_text() == written
-    history = [json.loads(line) for line in (folder / "args_history.jsonl").read_text().splitlines()]
-    assert [h["resumed_at"] for h in history] == [None, {"phase": 1, "iteration": 0}]
-    assert history[1]["changed"] == {"eval_it": [2, 3]} and history[1]["args"]["eval_it"] == 3
+    history = (folder / "args_history.jsonl").read_text()
+    assert distill.main(argv + ["--resume"]) == folder  # nothing left to do, nothing recorded
+    assert (folder / "args_history.jsonl").read_text() == history
+    with pytest.raises(checkpoint.CheckpointError, match=r"has finished.*--lr_img 0\.1 -> 0\.5.*another --name"):
+        distill.main(argv + ["--resume", "--lr_img", "0.5"])
+    assert (folder / "args_history.jsonl").read_text() == history
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(shapes_root, expert_dirs, tmp_path, monkeypatch):

@@ -82,3 +82,17 @@ def test_the_authors_dicts_are_accepted_and_recalls_are_exact_counts():
         assert as_lists[key] == count / n_img * 100  # exactly, not float32-rounded
     with pytest.raises(ValueError, match="keys 0..36"):
         itm_eval(i2t, i2t.T, txt2img, {i + 1: c for i, c in enumerate(img2txt)})
+
+
+def test_nan_scores_are_misses_not_hits():
+    """A diverged student (NaN embeddings) must score 0, not the 100 that NaN comparisons gave."""
+    img2txt = [[0, 1], [2, 3], [4, 5]]
+    txt2img = [0, 0, 1, 1, 2, 2]
+    diverged = np.full((3, 6), np.nan)
+    result = itm_eval(diverged, diverged.T, txt2img, img2txt)
+    assert all(result[key] == 0.0 for key in result), result
+    partly = np.eye(3).repeat(2, axis=1)  # perfect scores, then one image and one caption go NaN
+    partly[1, :] = np.nan
+    result = itm_eval(partly, partly.T.copy(), txt2img, img2txt)
+    assert result["txt_r1"] == pytest.approx(200 / 3)  # images 0 and 2 still find their captions
+    assert result["img_r10"] == 0.0  # every caption's row holds image 1's NaN: undefined, a miss

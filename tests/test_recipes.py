@@ -229,17 +229,3 @@ def test_prepare_data_with_everything_in_place_needs_no_network(tmp_path):
     (tmp_path / "distill_utils" / "data" / "Flickr30k" / ".prepared").touch()
     done = run_prepare(tmp_path, "flickr")
     assert done.returncode == 0 and "nothing to download" in done.stdout
-
-
-def test_a_run_is_read_with_the_flags_of_its_latest_start(tmp_path):
-    (tmp_path / "args.json").write_text(json.dumps({"Iteration": [4, 4]}))
-    assert distill.recorded_args(tmp_path)["Iteration"] == [4, 4]
-    history = [{"args": {"Iteration": [4, 4]}}, {"args": {"Iteration": [6, 6]}, "changed": {"Iteration": [[4, 4], [6, 6]]}}]
-    (tmp_path / "args_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    assert [p.name for p in distill.final_checkpoints(tmp_path, distill.recorded_args(tmp_path))] == \
-        ["distilled_0_6.pt", "distilled_1_6.pt"]
-    assert not distill.run_finished(tmp_path)
-    for name in ("distilled_0_6.pt", "distilled_1_6.pt"):
-        (tmp_path / name).touch()
-    assert distill.run_finished(tmp_path)
-    assert not distill.run_finished(tmp_path / "missing")

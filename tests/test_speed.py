@@ -60,7 +60,11 @@ def test_training_moved_the_parameters(plain):
 @pytest.mark.parametrize("speed", [SpeedOptions(channels_last=True), SpeedOptions(fused_sgd=True),
                                    SpeedOptions(channels_last=True, fused_sgd=True)], ids=repr)
 def test_float32_switches_only_reorder_arithmetic(plain, speed):
-    torch.testing.assert_close(train_a_little(speed), plain, rtol=1e-4, atol=1e-5)
+    # relative to the parameters' norm: oneDNN's channels-last kernels sum in another order, by how much
+    # depends on the processor (6e-5 on the Xeon, less on the EPYC); bfloat16 moves them by ~2e-3
+    moved = train_a_little(speed)
+    assert torch.isfinite(moved).all()
+    assert (moved - plain).norm() / plain.norm() < 5e-4
 
 
 def test_bf16_autocast_stays_close_but_is_not_exact(plain):

@@ -6,8 +6,13 @@ equal total iterations, every final set evaluated by the same fresh students: te
 measurement chosen on the val split (val protocol), and the best test measurement beside it (paper
 protocol), mean ± std over seeds. A random real subset of each budget is the reference row.
 Writes a report folder: README.md (tables, time per method, settings), results.json, a plot of mean
-recall against budget (SVG) and each method's synthetic images. Finished runs are reused, a cut
-run resumes: rerunning the same command goes on where it stopped.
+recall against budget (SVG) and each method's synthetic images.
+
+Reuse is by fingerprint: each run's folder is ``{method}_b{budget}_s{seed}_{digest}``, the digest taken
+over every flag that decides its result (the experts' folders are fingerprinted the same way, and
+their digests enter the runs' through --buffer_path). A finished run is reused and a cut run resumes
+only when its flags equal the requested ones; a call with a changed flag makes new runs beside the old
+ones, and the report names the runs it was built from.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import checkpoint, trajectories
+from .. import checkpoint
+from ..errors import UsageError
+from ..runs import RunFolder, find_matching_run
 from ..atomic import atomic_write_text
-from ..data import shapes
 from ..errors import writable_folder
 from ..evaluation import EvalSettings, both_protocols, train_student
 from ..progress import progress
@@ -39,7 +45,8 @@ from .cli import run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .methods import METHODS
-from .quickstart import PRESETS as QUICKSTART, Settings, common_flags, make_shortcuts, pretrain_encoder, top_up_experts
+from .quickstart import (PRESETS as QUICKSTART, Settings, common_flags, generate_data, make_shortcuts, pretrain_encoder,
+                         top_up_experts)
 
 log = logging.getLogger("ptmst.ablation")
 ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -127,13 +134,11 @@ def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, f
 
 
 def train_expert_set(plan: Plan, work: Path, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
-    """The plan's experts (reused when there): the quick start's recipe, or with the image encoder
-    frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
-    root = work / ("buffer_frozen_encoder" if frozen else "buffer")
-    folder = trajectories.expert_folder(root, model.dataset, model.image_encoder, model.text_encoder, model.loss_type,
-                                        True)
+    """The plan's experts (reused when made with the same flags): the quick start's recipe, or with the
+    image encoder frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
     frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
-    return top_up_experts(plan.quickstart, work, root, folder, ["--loss_type", model.loss_type, *frozen_flags, *extra])
+    return top_up_experts(plan.quickstart, work, ["--loss_type", model.loss_type, *frozen_flags, *extra],
+                          base="buffer_frozen_encoder" if frozen else "buffer")
 
 
 @dataclass
@@ -155,30 +160,53 @@ def recorded_seconds(folder: Path) -> float:
         return 0.0
 
 
+def run_for(plan: Plan, work: Path, method: str, budget: int, seed: int, folders: Dict[str, object], logged: Path,
+            dataset: str, extra: Sequence[str]) -> Tuple[RunFolder, List[str]]:
+    """The run folder whose recorded flags are exactly this run's (``{method}_b{budget}_s{seed}_{digest}``)
+    and the distiller's flags for it (``extra`` after the plan's, so they win)."""
+    def flags(name: str) -> List[str]:
+        return distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
+    requested = vars(distill.parse_args(flags("unnamed")))
+    run = find_matching_run(logged / dataset, f"{method}_b{budget}_s{seed}", requested)
+    return run, flags(run.name)
+
+
 def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path, dataset: str,
                 extra: Sequence[str] = ()) -> List[RunRecord]:
     """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win)."""
     records = []
     jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
     for number, (budget, method, seed) in enumerate(jobs, 1):  # a log line each: the runs draw their own bars
-        name = f"{method}_b{budget}_s{seed}"
-        folder = logged / dataset / name
+        run, flags = run_for(plan, work, method, budget, seed, folders, logged, dataset, extra)
         started = time.perf_counter()
-        finished = distill.run_finished(folder)
-        log.info("run %d/%d: %s, %d pairs, seed %d%s", number, len(jobs), method, budget, seed,
-                 " (finished earlier: reused)" if finished else "")
+        finished = run.finished()
+        log.info("run %d/%d: %s, %d pairs, seed %d -> %s%s", number, len(jobs), method, budget, seed, run.name,
+                 " (finished earlier with the same flags: reused)" if finished else
+                 " (cut earlier with the same flags: resumed)" if run.holds_run() else "")
         if not finished:
-            flags = distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
-            distill.main(flags + (["--resume"] if distill.started(folder) else []))
-            seconds = recorded_seconds(folder) + time.perf_counter() - started  # a resumed run adds its parts
-            atomic_write_text(folder / SECONDS_FILE, json.dumps({"seconds": seconds}))
-        records.append(RunRecord(method, budget, seed, str(folder), recorded_seconds(folder)))
+            distill_run(run, flags + (["--resume"] if run.holds_run() else []))
+            seconds = recorded_seconds(run.path) + time.perf_counter() - started  # a resumed run adds its parts
+            atomic_write_text(run.path / SECONDS_FILE, json.dumps({"seconds": seconds}))
+        records.append(RunRecord(method, budget, seed, str(run.path), recorded_seconds(run.path)))
     return records
 
 
+def distill_run(run: RunFolder, flags: List[str]) -> None:
+    """One distillation; its user errors name the run and the ablation's own way on (the distiller's
+    advice of --resume or --name does not apply: the ablation sets both)."""
+    try:
+        distill.main(flags)
+    except (UsageError, FloatingPointError, MemoryError) as error:
+        raise UsageError(
+            f"ablation run {run.path} stopped: {error} [Within the ablation, --resume and --name are set for you: "
+            f"run the same ablation command again to continue a cut run, or pass the changed distill_ptm-st.py "
+            f"flags (for example a lower --lr_img) after the ablation's own; runs with other flags go to new "
+            f"folders and the report is built from them.]") from None
+
+
 def load_final(folder: Path) -> List:
-    recorded = distill.recorded_args(folder)
-    return [checkpoint.load_distilled(path)[0] for path in distill.final_checkpoints(folder, recorded)]
+    run = RunFolder(folder)
+    return [checkpoint.load_distilled(path)[0] for path in run.final_checkpoints()]
 
 
 def students(subsets, config, settings: EvalSettings, test, val, device) -> Dict[str, dict]:
@@ -203,7 +231,7 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
     results, seconds = {}, {}
     for record in progress(records, desc="evaluations", unit="set"):
         started = time.perf_counter()
-        recorded = argparse.Namespace(**distill.recorded_args(Path(record.folder)))
+        recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
         settings = EvalSettings(recorded.epoch_eval_train, recorded.batch_train, s.num_eval, recorded.loss_type, "val",
                                 recorded.phase_lr, record.seed)
         results[(record.method, record.budget, record.seed)] = students(
@@ -214,7 +242,7 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
     references = {"random": model_config(model, data.text_dim)}
     frozen = [r for r in records if r.method == "repblend"]
     if frozen:
-        recorded = argparse.Namespace(**distill.recorded_args(Path(frozen[0].folder)))
+        recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
         references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
     for row, config in references.items():
         for budget in plan.budgets:
@@ -300,7 +328,7 @@ def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[s
         if record.seed != seed:
             continue
         folder = Path(record.folder)
-        for k, iterations in enumerate(distill.recorded_args(folder)["Iteration"]):
+        for k, iterations in enumerate(RunFolder(folder).recorded_args()["Iteration"]):
             name = f"{record.method}_b{record.budget}_phase{k}.png"
             shutil.copy(folder / f"synthetic_{k}_{iterations}.png", report / "images" / name)
             names.append(name)
@@ -339,6 +367,10 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         f"(--lr_img {model.lr_img} --lr_txt {model.lr_txt} --lr_sim {model.lr_sim} --lr_lr {model.lr_lr}; by default "
         "the quick start's, chosen for PTM-ST before this comparison existed). The search budget is therefore equal "
         "(zero) for every method.", "",
+        "## Runs this report is built from", "",
+        "Each folder's name ends in the fingerprint of the flags that decide its result; its args.json and "
+        "args_history.jsonl hold them.", "",
+        *[f"- `{r.folder}`" for r in records], "",
         "## Synthetic images (first seed)", "",
         *[f"![{name}](images/{name}) `{name}`" for name in images], "",
         "## Settings", "", "```json", json.dumps(asdict(plan), indent=1), "```", ""]
@@ -378,6 +410,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
                         help="override the preset's methods")
     args, extra = parser.parse_known_args(argv)
+    for flag, values in (("--seeds", args.seeds), ("--budgets", args.budgets), ("--methods", args.methods)):
+        repeated = sorted({v for v in values or () if list(values).count(v) > 1}, key=str)
+        if repeated:
+            parser.error(f"{flag} names {', '.join(map(str, repeated))} more than once: each seed, budget or method "
+                         f"counts once (a repeated seed would count the same runs twice in the mean ± std)")
     groups = flag_groups(extra)
     for group in groups:
         flag = group[0].split("=", 1)[0]
@@ -414,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     report = Path(tempfile.mkdtemp(prefix=".ablation_", suffix=".partial", dir=work / "reports"))
     (report / "images").mkdir()
     if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
-        shapes.generate(work / "data", shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size))
+        generate_data(s, work)
         pretrain_encoder(s, work)
     model = model_namespace(plan, work, args.distill_flags)
     normal = train_expert_set(plan, work, model, args.buffer_flags, frozen=False)

@@ -21,6 +21,7 @@ from ..errors import writable_folder
 from ..experts import ExpertOptim, make_optimizer, side_snapshot, train_one_epoch
 from ..losses import LOSSES, MultilabelContrastiveLoss
 from ..retrieval import RetrievalBenchmark
+from ..runs import EXPERT_NEUTRAL_FLAGS, describe_differences, differing_flags
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 
@@ -125,6 +126,37 @@ def expert_meta(args: argparse.Namespace, model: DualEncoder) -> dict:
             "args": vars(args)}
 
 
+def check_folder_kind(folder: Path, args: argparse.Namespace, meta: dict) -> None:
+    """New experts join a folder only when they are of the kind already there: the same parameter
+    shapes on both sides (encoders, trainable or frozen image encoder, widths) and the same number of
+    snapshots. ``meta.json`` is written for a new folder only; one that holds experts without it (the
+    authors' downloads) gets none, since it would claim these flags for experts trained with unknown ones."""
+    indices = trajectories.twin_indices(folder)
+    if not indices:
+        trajectories.write_meta(folder, meta)
+        return
+    recorded = trajectories.read_meta(folder)
+    if recorded is None:
+        expected = trajectories.ExpectedShapes(image=meta["image_params"], text=meta["text_params"])
+        expert = trajectories.TrajectoryBuffer(folder, expected).experts_in_file(indices[0])[0]  # checks shapes
+        snapshots, source = expert.num_snapshots, expert.where
+        log.info("%s holds experts without a meta.json (as the authors' downloads come): none is written, and the "
+                 "new experts are checked against %s", folder, expert.name)
+    else:
+        trajectories.write_meta(folder, {**recorded, "image_params": meta["image_params"],
+                                         "text_params": meta["text_params"]}, check_only=True)
+        snapshots, source = int(recorded.get("train_epochs", args.train_epochs)) + 1, folder / trajectories.META_NAME
+        differences = differing_flags(recorded.get("args", {}), vars(args), EXPERT_NEUTRAL_FLAGS)
+        if differences:
+            log.warning("%s: its experts were trained with other flags (%s); the new ones are added beside them, and "
+                        "meta.json keeps the first run's record", folder, describe_differences(differences))
+    if snapshots != args.train_epochs + 1:
+        raise trajectories.TrajectoryError(
+            f"{folder} holds experts of {snapshots} snapshots ({source}) but --train_epochs {args.train_epochs} makes "
+            f"{args.train_epochs + 1}: experts of two lengths in one folder would break every phase's start range. "
+            f"Pass --train_epochs {snapshots - 1}, or another --buffer_path for the new kind.")
+
+
 def prepare_folder(args: argparse.Namespace) -> Path:
     """The output folder, proven writable before any long work (claiming an index later cleans what dead
     writers left there)."""
@@ -161,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[int]:
     log.info("experts -> %s (%d train captions, text features %d-d, device %s)", folder_text, len(data.train),
              data.text_dim, device)
     if folder is not None:
-        trajectories.write_meta(folder, expert_meta(args, config.build(seed=args.seed)))
+        check_folder_kind(folder, args, expert_meta(args, config.build(seed=args.seed)))
     benchmark = RetrievalBenchmark(data.test, data.test_text, device, args.batch_size_test, args.num_workers)
     log_folder = folder if folder is not None else writable_folder(Path(args.buffer_path), "--buffer_path")
     metrics = MetricsLogger(log_folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project,

@@ -6,6 +6,7 @@ habits write them bare (``--no_aug``); :func:`add_bool_flag` accepts both, stric
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Sequence
 
@@ -49,10 +50,26 @@ def check_per_phase_lists(parser: argparse.ArgumentParser, args: argparse.Namesp
                 f"value per phase, e.g. --{name} {' '.join(str(values[0]) for _ in range(count))}")
 
 
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for a real number: ``nan`` and ``inf`` are refused (they compare false with
+    every bound, so without this a NaN rate would pass every range check and poison the run)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+finite_float.__name__ = "finite float"
+
+
+def _number(kind, text: str):
+    return finite_float(text) if kind is float else kind(text)
+
+
 def positive(kind=int):
-    """argparse ``type=`` that accepts only values > 0."""
+    """argparse ``type=`` that accepts only finite values > 0."""
     def parse(text: str):
-        value = kind(text)
+        value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -61,9 +78,9 @@ def positive(kind=int):
 
 
 def non_negative(kind=int):
-    """argparse ``type=`` that accepts only values >= 0."""
+    """argparse ``type=`` that accepts only finite values >= 0."""
     def parse(text: str):
-        value = kind(text)
+        value = _number(kind, text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value

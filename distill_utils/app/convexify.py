@@ -65,14 +65,31 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
     return indices
 
 
+def check_output_folder(parser: argparse.ArgumentParser, normal: Path, out: Path) -> None:
+    """Never write shortcuts over the experts they are made from, nor into another folder of experts."""
+    if out.resolve() == normal.resolve():
+        parser.error(f"--out_dir {out} is --normal_dir itself: the shortcuts would replace the experts they are made "
+                     f"from. Leave --out_dir out (the default is the sibling folder convexified_S_E) or name another "
+                     f"folder")
+    try:
+        meta = trajectories.read_meta(out) if out.is_dir() else None
+    except trajectories.TrajectoryError:
+        meta = None
+    if meta is not None and "shortcut" not in meta and trajectories.twin_indices(out):
+        parser.error(f"--out_dir {out} holds expert trajectories that buffer.py wrote (its meta.json records no "
+                     f"shortcut): writing shortcuts there would replace them. Name an empty folder or leave --out_dir "
+                     f"out")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     indices = validate(parser, args)
     folder = Path(args.normal_dir)
-    out = writable_folder(Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end,
-                                                                                args.compact), "--out_dir")
+    out = Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end, args.compact)
+    check_output_folder(parser, folder, out)
+    out = writable_folder(out, "--out_dir")
     meta = trajectories.read_meta(folder)
     if meta is not None:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(

@@ -33,6 +33,7 @@ from ..matching import AUTO, NORMALIZATIONS, MiniBatchSampler, TrajectoryMatcher
 from ..prototypes import prototype_pairs
 from ..progress import progress
 from ..retrieval import RetrievalBenchmark, split_benchmarks
+from ..runs import RunFolder, describe_differences, differing_flags
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from ..snapshot_cache import GIB, SnapshotCache
 from ..speed import enable_fast_math
@@ -40,7 +41,8 @@ from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mea
 from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
 from ..visualize import nearest_captions, save_grid, write_captions
 
-from .cli import add_bool_flag, check_per_phase_lists, count_or, eval_settings, non_negative, positive, script_parser
+from .cli import (add_bool_flag, check_per_phase_lists, count_or, eval_settings, finite_float, non_negative, positive,
+                  script_parser)
 from .context import DataContext, load_data, model_config
 from .methods import METHODS, apply_preset, check_method_fits, chosen_method, given_flags
 
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--pair_init", default="random", choices=["random", "prototype"],
                          help="initial pairs: random training pairs, or the pairs nearest the k-means centres of "
                               "joint image/text features (AMD)")
-    methods.add_argument("--blend", type=float, default=0.0,
+    methods.add_argument("--blend", type=finite_float, default=0.0,
                          help="representation blending in the student steps: each representation mixed with a "
                               "random partner's at a weight uniform in [0, BLEND] (RepBlend; 0: off)")
     methods.add_argument("--match_norm", default="per_side", choices=NORMALIZATIONS,
@@ -116,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--momentum_lr", type=non_negative(float), default=0.5, help="momentum of the step sizes")
     match.add_argument("--momentum_sim", type=non_negative(float), default=0.5, help="momentum of the similarity")
     match.add_argument("--sim_type", default="lowrank", choices=["full", "lowrank"], help="similarity generator")
-    match.add_argument("--alpha", type=float, default=1.0, help="low-rank scale: S = diag(a) + alpha/r L R^T")
-    match.add_argument("--ema_decay", type=float, default=0.99, help="EMA of everything learned (what is saved)")
-    match.add_argument("--clamp_lr", type=float, default=None, help="lower bound for the learned step sizes")
+    match.add_argument("--alpha", type=finite_float, default=1.0, help="low-rank scale: S = diag(a) + alpha/r L R^T")
+    match.add_argument("--ema_decay", type=finite_float, default=0.99, help="EMA of everything learned (what is saved)")
+    match.add_argument("--clamp_lr", type=finite_float, default=None, help="lower bound for the learned step sizes")
     match.add_argument("--pix_init", default="real", choices=["real", "noise"], help="initial synthetic images")
     match.add_argument("--txt_init", default="real", choices=["real", "noise"], help="initial synthetic texts")
     out = parser.add_argument_group("output")
@@ -194,27 +196,43 @@ def open_buffers(specs: Sequence[PhaseSpec], expert_epochs: int) -> List[traject
 
 
 class ExpertCycle:
-    """Experts in a seeded random order, cycled (reshuffled at each wrap)."""
+    """Experts in a seeded random order, cycled (reshuffled at each wrap). The saved order names the
+    experts (file and trajectory), not positions in the folder's list, so a resume after an expert was
+    moved out or added draws the experts the order names and skips the missing ones."""
 
     def __init__(self, experts: List[trajectories.Expert], generator: torch.Generator):
         self.experts = experts
         self.generator = generator
-        self.order: List[int] = []
+        self.order: List[str] = []
         self.position = 0
+        self._by_name = {expert.name: expert for expert in experts}
 
     def next(self) -> trajectories.Expert:
+        while self.position < len(self.order) and self.order[self.position] not in self._by_name:
+            self.position += 1  # an expert moved out of the folder since the state was saved
         if self.position >= len(self.order):
-            self.order = torch.randperm(len(self.experts), generator=self.generator).tolist()
+            self.order = [self.experts[i].name for i in torch.randperm(len(self.experts), generator=self.generator)]
             self.position = 0
-        expert = self.experts[self.order[self.position]]
+        expert = self._by_name[self.order[self.position]]
         self.position += 1
         return expert
 
     def state_dict(self) -> dict:
-        return {"order": self.order, "position": self.position}
+        return {"order": self.order, "position": self.position, "experts": sorted(self._by_name)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.order, self.position = state["order"], state["position"]
+        order = state["order"]
+        if order and isinstance(order[0], int):  # a state written before orders named their experts
+            saved = state.get("experts") or [e.name for e in self.experts]
+            order = [saved[i] if i < len(saved) else f"#{i}" for i in order]
+        self.order, self.position = list(order), state["position"]
+        before = set(state.get("experts", self.order))
+        removed, added = sorted(before - set(self._by_name)), sorted(set(self._by_name) - before)
+        if removed or added:
+            log.warning("the experts changed since this state was saved (%s%s): the run goes on with the experts "
+                        "there now, so from here its draws differ from an uninterrupted run's",
+                        f"gone: {', '.join(removed)}" if removed else "",
+                        ("; " if removed and added else "") + (f"new: {', '.join(added)}" if added else ""))
 
 
 def initial_pairs(spec: PhaseSpec, args, data: DataContext, generator: torch.Generator,
@@ -315,27 +333,43 @@ class PhaseLoop:
     def state_dict(self, device: torch.device) -> dict:
         return {"synthetic": self.synthetic.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(), "sampler": self.sampler.state_dict(), "cycle": self.cycle.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+                "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
+    def load_state_dict(self, state: dict, device: torch.device, rates: SyntheticRates) -> None:
+        """Restore the loop; the optimizer then takes ``rates`` (the flags of this start), so a resume
+        with a lower --lr_img after a NaN stop really steps at the lower rate."""
         self.synthetic.load_state_dict(state["synthetic"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, self.synthetic.param_groups(rates)):
+            group["lr"], group["momentum"] = fresh["lr"], fresh["momentum"]
         self.ema.load_state_dict({"decay": state["ema"]["decay"],
                                   "shadow": {k: v.to(device) for k, v in state["ema"]["shadow"].items()}})
         self.sampler.load_state_dict(state["sampler"])
         self.cycle.load_state_dict(state["cycle"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def global_rng_state(device: torch.device) -> dict:
+    """The global generators, which head dropout and blend draws use between checkpoints."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_global_rng(state: dict, device: torch.device) -> None:
+    rng = state.get("rng") or (state.get("loop") or {})  # states before 2026-12 kept it in the loop only
+    if rng.get("torch_rng") is not None:
+        torch.set_rng_state(rng["torch_rng"])
+    if rng.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda_rng"], device)
 
 
 def save_resume_state(run: Run, phase: int, it: int, finished: List[FrozenSubset],
                       loop: Optional[PhaseLoop] = None) -> None:
-    """``latest.pt``: where to continue (phase, iteration), the finished subsets and the loop's state."""
+    """``latest.pt``: where to continue (phase, iteration), the finished subsets, the loop's state and
+    the global generators' (at a phase's end too: the next phase's dropout masks come from them)."""
     state = {"phase": phase, "iteration": it, "finished": [asdict(s) for s in finished], "args": vars(run.args),
-             "loop": loop.state_dict(run.device) if loop is not None else None}
+             "loop": loop.state_dict(run.device) if loop is not None else None,
+             "rng": global_rng_state(run.device)}
     checkpoint.save_state(run.latest, state)
 
 
@@ -343,15 +377,27 @@ def check_finite(result, synthetic: SyntheticSet, run: Run, phase: int, it: int)
     bad = not math.isfinite(result.loss) or any(
         p.grad is not None and not torch.isfinite(p.grad).all() for p in synthetic.parameters())
     if bad:
-        raise FloatingPointError(
-            f"phase {phase}, iteration {it}: the matching loss or its gradient is NaN/Inf (loss {result.loss}). "
-            f"Stopped; the last good checkpoint is {last_checkpoint(run, phase)} and {run.latest.name} holds the "
-            f"state saved with it. Lower --lr_img / --lr_txt / --lr_sim / --lr_lr (or set --clamp_lr), then rerun "
-            f"with --resume --name {run.args.name}.")
+        raise FloatingPointError(nan_stop_message(run, phase, it, f"the matching loss or its gradient is NaN/Inf "
+                                                                  f"(loss {result.loss})"))
+
+
+def check_stepped_set(synthetic: SyntheticSet, run: Run, phase: int, it: int) -> None:
+    """The step itself can overflow a finite gradient (a huge rate): nothing non-finite reaches the EMA."""
+    bad = [name for name, p in synthetic.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(nan_stop_message(run, phase, it, f"the synthetic set's step made {', '.join(bad)} "
+                                                                  f"NaN/Inf"))
+
+
+def nan_stop_message(run: Run, phase: int, it: int, what: str) -> str:
+    return (f"phase {phase}, iteration {it}: {what}. Stopped; the last good checkpoint is "
+            f"{last_checkpoint(run, phase)} and {run.latest.name} holds the state saved with it. Lower --lr_img / "
+            f"--lr_txt / --lr_sim / --lr_lr (or set --clamp_lr), then rerun with --resume --name {run.args.name}: "
+            f"the resumed run steps at the lowered rates.")
 
 
 def last_checkpoint(run: Run, phase: int):
-    saved = sorted(run.folder.glob(f"distilled_{phase}_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    saved = RunFolder(run.folder).checkpoints(phase)
     return saved[-1] if saved else "none yet"
 
 
@@ -411,7 +457,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
-        loop.load_state_dict(state["loop"], device)
+        loop.load_state_dict(state["loop"], device, synthetic_rates(args))
         it = skip_eval_at = state["iteration"]  # evaluated and saved just before that state was written
         log.info("resuming phase %d at iteration %d", spec.index, it)
     ema_set = copy.deepcopy(synthetic)
@@ -441,6 +487,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
                 with torch.no_grad():
                     synthetic.syn_lr_img.clamp_(min=args.clamp_lr)
                     synthetic.syn_lr_txt.clamp_(min=args.clamp_lr)
+            check_stepped_set(synthetic, run, spec.index, it)
             ema.update(synthetic)
             loss = result.loss
             it += 1
@@ -464,24 +511,29 @@ def run_folder(args: argparse.Namespace) -> Path:
     return Path(args.logged_dir) / args.dataset / args.name
 
 
-def started(folder: Path) -> bool:
-    """A run has started once it saved a resume state; a folder without one (a start-up that failed
-    before the first checkpoint) is started afresh."""
-    return (folder / "latest.pt").is_file()
-
-
-def previous_state(args: argparse.Namespace, folder: Path) -> Optional[dict]:
-    """The state to resume from (None: start at the beginning); refuses to start over a started run."""
-    if not started(folder):
-        if args.resume:
-            log.warning("--resume: %s has no latest.pt (the run never reached its first checkpoint); starting it "
-                        "from the beginning", folder)
-        return None
-    if not args.resume:
+def previous_state(args: argparse.Namespace, run: RunFolder) -> Optional[dict]:
+    """The state to resume from (None: start at the beginning); refuses to start over an earlier run,
+    finished or not, and to resume one whose resume state is gone (its checkpoints would be overwritten)."""
+    if run.started():
+        if not args.resume:
+            raise checkpoint.CheckpointError(
+                f"run folder {run.path} already holds a run: pass --resume to continue it, or another --name; an "
+                f"earlier run is never overwritten")
+        return checkpoint.load_state(run.latest)
+    saved = run.checkpoints()
+    if saved:
         raise checkpoint.CheckpointError(
-            f"run folder {folder} already holds a run: pass --resume to continue it, or another --name; an earlier "
-            f"run is never overwritten")
-    return checkpoint.load_state(folder / "latest.pt")
+            f"run folder {run.path} holds checkpoints ({saved[-1].name} and {len(saved) - 1} more) but no "
+            f"{run.LATEST}, so it can be neither continued nor restarted without overwriting them. Pass another "
+            f"--name (eval.py --run {run.path} still evaluates what is there), or move the folder away.")
+    if run.holds_run() and not args.resume:
+        raise checkpoint.CheckpointError(
+            f"run folder {run.path} holds the start of an earlier run that never reached its first checkpoint "
+            f"({run.ARGS}): pass --resume to start it again from the beginning, or another --name")
+    if args.resume:
+        log.warning("--resume: %s has no %s (the run never reached its first checkpoint); starting it from the "
+                    "beginning", run.path, run.LATEST)
+    return None
 
 
 def changed_flags(before: dict, now: dict) -> dict:
@@ -513,50 +565,32 @@ def _flag_value(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def record_start(folder: Path, args: argparse.Namespace, state: Optional[dict], changes: dict) -> None:
+def already_finished(run: RunFolder, state: dict, args: argparse.Namespace) -> Path:
+    """A resume of a finished run has nothing left to do: it returns at once, and refuses flags that
+    would decide another result (they could not change what the folder holds)."""
+    differences = differing_flags(state.get("args", {}), vars(args))
+    if differences:
+        raise checkpoint.CheckpointError(
+            f"--resume of {run.path}: that run has finished, so these changed flags could not change its result: "
+            f"{describe_differences(differences)}. Pass another --name to make a run with them, or resume with the "
+            f"run's own flags (args_history.jsonl's last line) to leave it as it is.")
+    log.info("%s has finished every phase; nothing left to do", run.path)
+    return run.path
+
+
+def record_start(run: RunFolder, args: argparse.Namespace, state: Optional[dict], changes: dict) -> None:
     """``args.json`` keeps the flags the run started with; every start, resumes included, adds a line to
-    ``args_history.jsonl`` with the flags it changed."""
-    resolved = {**vars(args), "git_sha": git_sha()}
-    if state is None:
-        atomic_write_text(folder / "args.json", json.dumps(resolved, indent=1, default=str))
-    elif changes:
+    ``args_history.jsonl`` with the flags it changed. A resume drops the metrics lines logged after its
+    state was saved, so metrics.jsonl reads as one uninterrupted run."""
+    if changes:
         log.warning("--resume with changed flags (recorded in args_history.jsonl): %s",
                     ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changes.items()))
-    entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": resolved["git_sha"],
-             "resumed_at": None if state is None else {"phase": state["phase"], "iteration": state["iteration"]},
-             "changed": changes, "args": resolved}
-    with open(folder / "args_history.jsonl", "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(entry, default=str) + "\n")
-
-
-def recorded_args(folder: Path) -> dict:
-    """The flags of a run's latest start: the last line of args_history.jsonl (a resume may have changed
-    --Iteration), else args.json."""
-    history = folder / "args_history.jsonl"
-    try:
-        if history.is_file():
-            lines = [line for line in history.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if lines:
-                return json.loads(lines[-1])["args"]
-        return json.loads((folder / "args.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise checkpoint.CheckpointError(f"{folder} has no args.json: pass a folder distill_ptm-st.py wrote "
-                                         f"(logged_files/DATASET/RUN)") from None
-    except (json.JSONDecodeError, KeyError) as error:
-        raise checkpoint.CheckpointError(f"{folder}: its args.json or args_history.jsonl is damaged ({error}); "
-                                         f"pass eval.py --ckpt_path with the checkpoints instead") from None
-
-
-def final_checkpoints(folder: Path, recorded: dict) -> List[Path]:
-    """The last checkpoint of every phase: distilled_{k}_{Iteration[k]}.pt."""
-    return [folder / f"distilled_{k}_{n}.pt" for k, n in enumerate(recorded["Iteration"])]
-
-
-def run_finished(folder: Path) -> bool:
-    try:
-        return all(path.is_file() for path in final_checkpoints(folder, recorded_args(folder)))
-    except checkpoint.CheckpointError:
-        return False
+    if state is None:
+        run.args_json.unlink(missing_ok=True)  # a start from the beginning: its own flags, not a dead start's
+    else:
+        run.trim_metrics(state["phase"], state["iteration"])
+    resumed_at = None if state is None else {"phase": state["phase"], "iteration": state["iteration"]}
+    run.record_start(vars(args), resumed_at, changes, git_sha())
 
 
 def trajectory_kind(folder: Path) -> Optional[str]:
@@ -587,20 +621,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     folder = writable_folder(run_folder(args), "--logged_dir")
     try:
         with folder_lock(folder, wait=False, owner=this_process()):
-            return distill_in(folder, args, specs)
+            return distill_in(RunFolder(folder), args, specs)
     except FolderBusy as busy:
         raise UsageError(f"run folder {folder} is in use by {busy.owner or 'another process'}: a run (or a resume) "
                          f"of it is still going. Wait for it to finish, or use another --name.") from None
 
 
-def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec]) -> Path:
-    """The run, with ``folder`` locked: resume state, experts, data, student, then the phases."""
-    state = previous_state(args, folder)
+def distill_in(run_folder: RunFolder, args: argparse.Namespace, specs: Sequence[PhaseSpec]) -> Path:
+    """The run, with its folder locked: resume state, experts, data, student, then the phases."""
+    folder = run_folder.path
+    state = previous_state(args, run_folder)
     changes = check_resumable(state, args, folder) if state is not None else {}
+    if state is not None and state["phase"] >= len(specs):
+        return already_finished(run_folder, state, args)
     buffers = open_buffers(specs, args.expert_epochs)
     device = resolve_device(args.device)
     enable_fast_math(device)
-    torch.manual_seed(args.seed)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     check_sizes(specs, len(data.train))
     config = model_config(args, data.text_dim)
@@ -613,10 +649,15 @@ def distill_in(folder: Path, args: argparse.Namespace, specs: Sequence[PhaseSpec
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     joint = (training_pair_features(student, data, device, args.batch_size_test, args.num_workers)
              if args.pair_init == "prototype" else None)
-    record_start(folder, args, state, changes)
+    record_start(run_folder, args, state, changes)
     run = Run(args, folder, data, config, device, test, val,
-              MetricsLogger(folder / "metrics.jsonl", not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
+              MetricsLogger(run_folder.metrics, not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
               eval_settings(args), joint)
+    # the phases' global stream starts here, whatever the set-up drew (a text cache built or read), and a
+    # resume continues it from where its state was saved, at a phase's end as well as inside one
+    torch.manual_seed(args.seed)
+    if state is not None:
+        restore_global_rng(state, device)
     finished = [FrozenSubset(**s) for s in state["finished"]] if state else []
     try:
         for spec, buffer in zip(specs, buffers):

@@ -19,17 +19,17 @@ from .. import checkpoint
 from ..atomic import text_writer, write_all
 from ..data import DataError
 from ..errors import writable_folder
-from ..evaluation import StudentRun, evaluate_subsets, format_table, summarise
+from ..evaluation import StudentRun, evaluate_subsets, format_table, student_seed, summarise
 from ..experts import ExpertOptim, make_optimizer, train_one_epoch
 from ..losses import MultilabelContrastiveLoss
 from ..retrieval import RetrievalBenchmark, split_benchmarks
+from ..runs import RunFolder
 from ..runlog import resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 from ..synthetic import FrozenSubset
 
 from .cli import eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config
-from .distill import final_checkpoints, recorded_args
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
@@ -82,9 +82,10 @@ RUN_FLAGS = ("dataset", "image_root", "ann_root", "image_size", "npz_dir", "imag
              "lr_teacher_img", "lr_teacher_txt", "seed")
 
 
-def run_checkpoints(folder: Path, recorded: dict) -> List[str]:
+def run_checkpoints(run: RunFolder, recorded: dict) -> List[str]:
     """The last checkpoint of every phase, all of which must exist."""
-    paths = final_checkpoints(folder, recorded)
+    folder = run.path
+    paths = run.final_checkpoints(recorded)
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise checkpoint.CheckpointError(
@@ -102,12 +103,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if not args.ckpt_path:
             parser.error("pass --run RUN_FOLDER (logged_files/DATASET/RUN) or --ckpt_path with a checkpoint per phase")
         return args
-    folder = Path(args.run)
-    recorded = recorded_args(folder)
+    run = RunFolder(Path(args.run))
+    recorded = run.recorded_args()
     parser.set_defaults(**{k: recorded[k] for k in RUN_FLAGS if k in recorded})
     args = parser.parse_args(argv)
     if not args.ckpt_path:
-        args.ckpt_path = run_checkpoints(folder, recorded)
+        args.ckpt_path = run_checkpoints(run, recorded)
     return args
 
 
@@ -160,14 +161,15 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
     """Students trained on the whole training set (expert recipe, test-time transform), evaluated at the end."""
     runs = []
     for run in range(args.num_eval):
-        with seeded(args.seed + run, device):
-            model = config.build(seed=args.seed + run).to(device)
+        seed = student_seed(args.seed, run)
+        with seeded(seed, device):
+            model = config.build(seed=seed).to(device)
             speed = SpeedOptions.for_device(device).for_model(model)
             speed.prepare_model(model)
             optimizer, _ = make_optimizer(model, ExpertOptim(args.lr_teacher_img, args.lr_teacher_txt,
                                                              epochs=args.full_epochs), speed)
             loader = DataLoader(data.train, batch_size=args.batch_train, shuffle=True, num_workers=args.num_workers,
-                                generator=torch.Generator().manual_seed(args.seed + run))
+                                generator=torch.Generator().manual_seed(seed))
             for epoch in range(args.full_epochs):
                 train_one_epoch(model, loader, data.train_text, optimizer, MultilabelContrastiveLoss("InfoNCE"),
                                 device, speed, desc=f"full-data baseline {run + 1}/{args.num_eval} epoch {epoch + 1}")

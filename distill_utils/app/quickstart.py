@@ -5,10 +5,15 @@ evaluation against a random real subset of the same size and the full data -> a 
 (Markdown summary, image grids before/after, decoded captions). Every stage is the real script's
 ``main``; finished data, encoder and experts are reused on a rerun.
 
+Reuse is by fingerprint, never by name or count alone: the data live in ``data/{digest}``, the
+pretrained encoder in ``checkpoints/{digest}`` and the experts in ``buffer/{digest}``, each digest
+taken over the settings and flags that decide that stage's result (``flags.json`` beside it lists
+them), so a rerun with another setting makes new ones and never picks up stale work.
+
 Why a pretraining stage: in the paper every expert and every evaluation student starts from the same
 pretrained image encoder, and the synthetic set learns to steer that starting point. Nothing can be
 downloaded here, so a short CLIP-style run on the shapes training data provides the shared start,
-saved as ``{workdir}/checkpoints/{encoder}.pth`` and loaded with ``--image_pretrained --checkpoint_dir``.
+saved as ``{workdir}/checkpoints/{digest}/{encoder}.pth`` and loaded with ``--image_pretrained --checkpoint_dir``.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .. import trajectories
+from .. import runs, trajectories
 from ..atomic import atomic_save, atomic_write_text
 from ..data import shapes
 from ..errors import writable_folder
@@ -92,10 +97,24 @@ class Stages:
         return result
 
 
+def shapes_config(s: Settings) -> shapes.ShapesConfig:
+    return shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size)  # fixed data: --seed varies the rest
+
+
+def data_folder(s: Settings, work: Path) -> Path:
+    """Where the built-in data of these settings live (another size of data: another folder)."""
+    return runs.keyed_folder(work / "data", asdict(shapes_config(s)), ())
+
+
+def generate_data(s: Settings, work: Path) -> Path:
+    return shapes.generate(data_folder(s, work), shapes_config(s))
+
+
 def common_flags(s: Settings, work: Path, pretrained: bool = True) -> List[str]:
-    weights = ["--image_pretrained", "--checkpoint_dir", str(work / "checkpoints")] if pretrained else [
+    weights = ["--image_pretrained", "--checkpoint_dir", str(encoder_folder(s, work))] if pretrained else [
         "--image_pretrained", "false"]
-    return ["--dataset", "shapes", "--image_root", str(work / "data"), "--ann_root", str(work / "data"),
+    data = data_folder(s, work)
+    return ["--dataset", "shapes", "--image_root", str(data), "--ann_root", str(data),
             "--image_size", str(s.image_size), "--npz_dir", str(work / "npz"), "--num_workers", "0",
             "--image_encoder", s.image_encoder, "--text_encoder", s.text_encoder, *weights,
             "--image_trainable", "--disabled_wandb", "--seed", str(s.seed)]
@@ -109,14 +128,28 @@ def expert_flags(s: Settings, work: Path, buffer: Path, count: int, epochs: int,
     return flags
 
 
+def pretrain_flags(s: Settings, work: Path, root: Path) -> List[str]:
+    return expert_flags(s, work, root, 1, s.pretrain_epochs, s.seed + 1000, pretrained=False)
+
+
+def encoder_folder(s: Settings, work: Path) -> Path:
+    """``checkpoints/{digest}``: the digest of the pretraining run's flags (the pretraining run itself
+    goes into ``pretrain/`` inside it)."""
+    flags = vars(buffer.parse_args(pretrain_flags(s, work, work / "unused")))
+    return runs.keyed_folder(work / "checkpoints", flags, runs.EXPERT_NEUTRAL_FLAGS)
+
+
 def pretrain_encoder(s: Settings, work: Path) -> Path:
     """One CLIP-style run from random weights; its final image encoder becomes the shared start."""
-    target = work / "checkpoints" / f"{s.image_encoder}.pth"
+    keyed = encoder_folder(s, work)
+    target = keyed / f"{s.image_encoder}.pth"
     if target.is_file():
         return target
-    buffer.main(expert_flags(s, work, work / "pretrain", 1, s.pretrain_epochs, s.seed + 1000, pretrained=False))
-    folder = trajectories.expert_folder(work / "pretrain", "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
-    expert = trajectories.TrajectoryBuffer(folder).experts()[-1]
+    root = keyed / "pretrain"
+    folder = trajectories.expert_folder(root, "shapes", s.image_encoder, s.text_encoder, "InfoNCE", True)
+    if not (folder.is_dir() and trajectories.twin_indices(folder)):
+        buffer.main(pretrain_flags(s, work, root))
+    expert = trajectories.TrajectoryBuffer(folder).experts()[0]
     prefix = "image_encoder."
     names = [name[len(prefix):] for name, _ in trajectories.read_meta(folder)["image_params"]]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -124,20 +157,25 @@ def pretrain_encoder(s: Settings, work: Path) -> Path:
     return target
 
 
-def top_up_experts(s: Settings, work: Path, root: Path, folder: Path, flags: Sequence[str] = ()) -> Path:
-    """Train experts under ``root`` until ``folder`` holds ``s.num_experts`` (``flags`` win over the
-    settings'); return ``folder``."""
+def top_up_experts(s: Settings, work: Path, flags: Sequence[str] = (), base: str = "buffer") -> Path:
+    """The settings' experts (``flags``, buffer.py's, win over the settings') in
+    ``work/base/{digest}/...``, the digest taken over every flag that decides an expert; trained until
+    that folder holds ``s.num_experts``. Return the folder of the experts."""
+    def argv(root: Path, count: int) -> List[str]:
+        return expert_flags(s, work, root, count, s.train_epochs, s.seed, pretrained=True) + list(flags)
+    parsed = buffer.parse_args(argv(work / "unused", s.num_experts))
+    root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS)
+    folder = trajectories.expert_folder(root, parsed.dataset, parsed.image_encoder, parsed.text_encoder,
+                                        parsed.loss_type, parsed.no_aug)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
     if have < s.num_experts:
-        buffer.main(expert_flags(s, work, root, s.num_experts - have, s.train_epochs, s.seed, pretrained=True)
-                    + list(flags))
+        log.info("experts: %d of %d in %s, training %d", have, s.num_experts, folder, s.num_experts - have)
+        buffer.main(argv(root, s.num_experts - have))
     return folder
 
 
 def train_experts(s: Settings, work: Path) -> Path:
-    root = work / "buffer"
-    return top_up_experts(s, work, root, trajectories.expert_folder(root, "shapes", s.image_encoder, s.text_encoder,
-                                                                    "InfoNCE", True))
+    return top_up_experts(s, work)
 
 
 def make_shortcuts(s: Settings, normal: Path) -> List[Path]:
@@ -158,13 +196,9 @@ def run_distillation(s: Settings, work: Path, shortcuts: Sequence[Path], name: s
         "--num_eval", str(s.num_eval), "--logged_dir", str(work / "logged_files"), "--name", name])
 
 
-def final_checkpoints(s: Settings, run: Path) -> List[Path]:
-    return [run / f"distilled_{k}_{iterations}.pt" for k, iterations in enumerate(s.iterations)]
-
-
 def run_evaluation(s: Settings, work: Path, run: Path, report: Path) -> Dict[str, dict]:
     return evaluate.main(common_flags(s, work) + [
-        "--ckpt_path", *map(str, final_checkpoints(s, run)), "--baseline", "random", "full",
+        "--ckpt_path", *map(str, runs.RunFolder(run).final_checkpoints()), "--baseline", "random", "full",
         "--full_epochs", str(s.full_epochs), "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
         "--num_eval", str(s.num_eval), "--out_dir", str(report)])
 
@@ -210,8 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     report = work / "reports" / stamp
     report.mkdir(parents=True, exist_ok=True)
     stages = Stages()
-    stages.run("data", shapes.generate, work / "data", shapes.ShapesConfig(
-        settings.num_train, settings.num_val, settings.num_test, settings.image_size))  # fixed data: --seed varies the rest
+    stages.run("data", generate_data, settings, work)
     stages.run("pretrain encoder", pretrain_encoder, settings, work)
     normal = stages.run("experts", train_experts, settings, work)
     shortcuts = stages.run("shortcut trajectories", make_shortcuts, settings, normal)

@@ -88,6 +88,10 @@ def _entry_problem(entry: dict) -> str:
     bad = [c for c in captions if not isinstance(c, str)]
     if bad:
         return f"'caption' holds {bad[0]!r}, not text"
+    empty = [c for c in captions if not pre_caption(c)]
+    if empty:
+        return (f"'caption' holds {empty[0]!r}, which has no words once normalised (punctuation and spaces "
+                f"only): an empty caption cannot be retrieved and would train on an empty text")
     return ""
 
 
@@ -116,6 +120,10 @@ def load_image(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist: check --image_root (the annotation paths are "
                         f"relative to it) or download the images again (sh/prepare_data.sh).") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} is too large to decode safely ({error}). Shrink it (for example "
+                        f"convert IN -resize 4096x4096 OUT: images are resized to --image_size anyway) or remove "
+                        f"its entries from the annotation file.") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"image {path} cannot be decoded ({error}): the file is corrupt; download it "
                         f"again (sh/prepare_data.sh) or remove its entries from the annotation file.") from None

@@ -142,11 +142,21 @@ def _atomic_write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=1))
 
 
+def _recorded_config(meta_path: Path):
+    """What ``shapes_meta.json`` records, or None when it is damaged (the data set is then made again)."""
+    try:
+        recorded = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
+        log.warning("%s is damaged (%s); generating the data set again", meta_path, error)
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def generate(root: Path, config: ShapesConfig = ShapesConfig(), progress: bool = True) -> Path:
     """Write the dataset under ``root`` (skipped when an identical one is already there)."""
     root = Path(root)
     meta_path = root / "shapes_meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == asdict(config) and all(
+    if meta_path.is_file() and _recorded_config(meta_path) == asdict(config) and all(
             (root / f"shapes_{split}.json").is_file() for split in ("train", "val", "test")):
         log.info("shapes dataset already present at %s", root)
         return root
