@@ -234,9 +234,10 @@ def find_matching_run(parent: Path, base: str, flags: dict) -> RunFolder:
     return folder
 
 
-def keyed_folder(parent: Path, flags: dict, neutral: Sequence[str] = NEUTRAL_FLAGS) -> Path:
+def keyed_folder(parent: Path, flags: dict, neutral: Sequence[str] = NEUTRAL_FLAGS, create: bool = False) -> Path:
     """``parent/{digest}`` for work (experts, a pretrained encoder) decided by ``flags``, with the flags
-    beside it in ``flags.json`` for the reader; made once, then reused only by callers with equal flags."""
+    beside it in ``flags.json`` for the reader (written by the caller that makes the work, ``create``);
+    made once, then reused only by callers with equal flags."""
     chosen = result_flags(flags, neutral)
     folder = Path(parent) / result_digest(chosen, ())
     record = folder / "flags.json"
@@ -248,7 +249,7 @@ def keyed_folder(parent: Path, flags: dict, neutral: Sequence[str] = NEUTRAL_FLA
         if recorded is not None and recorded != chosen:
             raise RunFolderError(f"{record} records other flags than its folder name's fingerprint: it was edited "
                                  f"by hand. Move {folder} away and run the same command again.")
-    else:
+    elif create:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(chosen, indent=1, sort_keys=True))
     return folder

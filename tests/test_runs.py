@@ -76,7 +76,8 @@ def test_a_matching_run_is_found_by_its_flags_and_an_edited_one_is_refused(tmp_p
 
 
 def test_a_keyed_folder_records_its_flags_and_refuses_an_edited_record(tmp_path):
-    folder = runs.keyed_folder(tmp_path, {"lr": 1, "num_workers": 4})
+    assert not runs.keyed_folder(tmp_path, {"lr": 1}).exists()  # only the caller that makes the work creates it
+    folder = runs.keyed_folder(tmp_path, {"lr": 1, "num_workers": 4}, create=True)
     assert json.loads((folder / "flags.json").read_text()) == {"lr": 1}
     assert runs.keyed_folder(tmp_path, {"lr": 1, "num_workers": 0}) == folder
     assert runs.keyed_folder(tmp_path, {"lr": 2}) != folder

@@ -101,13 +101,13 @@ def shapes_config(s: Settings) -> shapes.ShapesConfig:
     return shapes.ShapesConfig(s.num_train, s.num_val, s.num_test, s.image_size)  # fixed data: --seed varies the rest
 
 
-def data_folder(s: Settings, work: Path) -> Path:
+def data_folder(s: Settings, work: Path, create: bool = False) -> Path:
     """Where the built-in data of these settings live (another size of data: another folder)."""
-    return runs.keyed_folder(work / "data", asdict(shapes_config(s)), ())
+    return runs.keyed_folder(work / "data", asdict(shapes_config(s)), (), create)
 
 
 def generate_data(s: Settings, work: Path) -> Path:
-    return shapes.generate(data_folder(s, work), shapes_config(s))
+    return shapes.generate(data_folder(s, work, create=True), shapes_config(s))
 
 
 def common_flags(s: Settings, work: Path, pretrained: bool = True) -> List[str]:
@@ -132,16 +132,16 @@ def pretrain_flags(s: Settings, work: Path, root: Path) -> List[str]:
     return expert_flags(s, work, root, 1, s.pretrain_epochs, s.seed + 1000, pretrained=False)
 
 
-def encoder_folder(s: Settings, work: Path) -> Path:
+def encoder_folder(s: Settings, work: Path, create: bool = False) -> Path:
     """``checkpoints/{digest}``: the digest of the pretraining run's flags (the pretraining run itself
     goes into ``pretrain/`` inside it)."""
     flags = vars(buffer.parse_args(pretrain_flags(s, work, work / "unused")))
-    return runs.keyed_folder(work / "checkpoints", flags, runs.EXPERT_NEUTRAL_FLAGS)
+    return runs.keyed_folder(work / "checkpoints", flags, runs.EXPERT_NEUTRAL_FLAGS, create)
 
 
 def pretrain_encoder(s: Settings, work: Path) -> Path:
     """One CLIP-style run from random weights; its final image encoder becomes the shared start."""
-    keyed = encoder_folder(s, work)
+    keyed = encoder_folder(s, work, create=True)
     target = keyed / f"{s.image_encoder}.pth"
     if target.is_file():
         return target
@@ -164,7 +164,7 @@ def top_up_experts(s: Settings, work: Path, flags: Sequence[str] = (), base: str
     def argv(root: Path, count: int) -> List[str]:
         return expert_flags(s, work, root, count, s.train_epochs, s.seed, pretrained=True) + list(flags)
     parsed = buffer.parse_args(argv(work / "unused", s.num_experts))
-    root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS)
+    root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS, create=True)
     folder = trajectories.expert_folder(root, parsed.dataset, parsed.image_encoder, parsed.text_encoder,
                                         parsed.loss_type, parsed.no_aug)
     have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
