@@ -221,7 +221,10 @@ def find_matching_run(parent: Path, base: str, flags: dict) -> RunFolder:
     fingerprints the result-deciding flags, so a run made with other flags is never reused or resumed
     by mistake; a folder of that name whose recorded flags differ anyway is refused."""
     folder = RunFolder(Path(parent) / f"{base}_{result_digest(flags)}")
-    if folder.holds_run():
+    if not folder.holds_run():
+        siblings = sorted(Path(parent).glob(f"{base}_*")) if Path(parent).is_dir() else []
+        explain_new_folder(folder.path, siblings, lambda path: RunFolder(path).recorded_args(), flags, "run")
+    else:
         try:
             recorded = folder.recorded_args()
         except RunFolderError:
@@ -232,6 +235,27 @@ def find_matching_run(parent: Path, base: str, flags: dict) -> RunFolder:
                                  f"although its name carries their fingerprint: it was renamed or edited by hand. "
                                  f"Move it away and run the same command again.")
     return folder
+
+
+def explain_new_folder(chosen: Path, siblings: Sequence[Path], recorded_of, requested: dict, what: str,
+                       neutral: Iterable[str] = NEUTRAL_FLAGS) -> None:
+    """Log why ``chosen`` is new although ``siblings`` (the same work made with other flags) exist: the
+    flags in which the nearest of them differs."""
+    others = []
+    for sibling in siblings:
+        if sibling == chosen:
+            continue
+        try:
+            recorded = recorded_of(sibling)
+        except (RunFolderError, OSError, ValueError):
+            continue
+        if recorded is not None:
+            others.append((len(differing_flags(recorded, requested, neutral)), sibling, recorded))
+    if others:
+        _, nearest, recorded = min(others, key=lambda item: item[0])
+        log.info("%s %s is made anew: %d earlier one(s) were made with other flags, and are not reused (the "
+                 "nearest, %s, differs in %s)", what, chosen, len(others), nearest.name,
+                 describe_differences(differing_flags(recorded, requested, neutral)))
 
 
 def keyed_folder(parent: Path, flags: dict, neutral: Sequence[str] = NEUTRAL_FLAGS, create: bool = False) -> Path:
@@ -250,6 +274,9 @@ def keyed_folder(parent: Path, flags: dict, neutral: Sequence[str] = NEUTRAL_FLA
             raise RunFolderError(f"{record} records other flags than its folder name's fingerprint: it was edited "
                                  f"by hand. Move {folder} away and run the same command again.")
     elif create:
+        siblings = sorted(p.parent for p in Path(parent).glob("*/flags.json"))
+        explain_new_folder(folder, siblings, lambda path: json.loads((path / "flags.json").read_text()), chosen,
+                           "folder", ())
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(chosen, indent=1, sort_keys=True))
     return folder

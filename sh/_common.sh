@@ -59,11 +59,11 @@ positional() {
 }
 
 # `gpu_list ARG SCRIPT`: the value for CUDA_VISIBLE_DEVICES: GPU indices (0 or 0,1,2,3), GPU-/MIG- UUIDs,
-# or cpu (no GPU: the scripts then run on the CPU). Anything else is refused, so a recipe or dataset name
+# or cpu (or "": no GPU, the scripts then run on the CPU). Anything else is refused, so a recipe or dataset name
 # given without the GPU in front of it is never taken for the GPU list.
 gpu_list() {
   local arg="$1" script="$2"
-  if [[ "$arg" == "cpu" ]]; then echo ""; return 0; fi
+  if [[ "$arg" == "cpu" || -z "$arg" ]]; then echo ""; return 0; fi  # "" as CUDA_VISIBLE_DEVICES: no GPU too
   if [[ "$arg" =~ ^[0-9]+(,[0-9]+)*$ || "$arg" =~ ^(GPU|MIG)-[A-Za-z0-9/-]+(,(GPU|MIG)-[A-Za-z0-9/-]+)*$ ]]; then
     echo "$arg"; return 0
   fi

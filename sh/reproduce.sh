@@ -43,9 +43,12 @@ stage "shortcut trajectories"
 bash sh/convexify.sh "$DATASET" "${CONVEXIFY_EXTRA[@]}"
 
 RUN="$LOGGED_DIR/$DATASET/$RECIPE"
+FINISHED="$(${PYTHON:-python} -c "import sys; from distill_utils.runs import RunFolder
+print(int(RunFolder(sys.argv[1]).finished()))" "$RUN")"
 if [[ -f "$RUN/latest.pt" ]]; then
   # a finished run returns at once; one made with other flags is refused by the distiller, never reused
-  stage "distillation: resuming $RUN"
+  if [[ "$FINISHED" == 1 ]]; then stage "distillation: $RUN is finished (its flags are checked)"
+  else stage "distillation: resuming $RUN"; fi
   bash sh/distill.sh "$GPU_ARG" "$RECIPE" "${DISTILL_EXTRA[@]}" --resume
 else
   stage "distillation -> $RUN"

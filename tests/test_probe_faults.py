@@ -234,3 +234,28 @@ def test_an_empty_caption_is_named(shapes_root, tmp_path, capsys):
                        str(tmp_path / "b"), "--ann_root", str(ann))
     err = script_error(buffer.main, argv, capsys)
     assert "shapes_train.json, entry 3" in err and "no words" in err
+
+
+# --------------------------------------------------------------------------- 13: advice the command takes
+def test_a_run_that_stops_inside_the_ablation_gets_the_ablations_advice(monkeypatch, tmp_path):
+    def stops(argv):
+        raise FloatingPointError("phase 0, iteration 3: NaN. Lower --lr_img, then rerun with --resume --name x.")
+
+    monkeypatch.setattr(distill, "main", stops)
+    with pytest.raises(ablation.UsageError) as error:
+        ablation.distill_run(ablation.RunFolder(tmp_path / "lors_b4_s0_abc"), ["--lr_img", "1"])
+    text = str(error.value)
+    assert text.startswith(f"ablation run {tmp_path / 'lors_b4_s0_abc'} stopped: phase 0, iteration 3")
+    assert "--resume and --name are set for you" in text and "run the same ablation command again" in text
+
+
+# --------------------------------------------------------------------------- 1: the quick start's stages
+def test_the_quick_starts_stages_are_keyed_by_what_decides_them(tmp_path):
+    from dataclasses import replace
+    from distill_utils.app import quickstart
+    s = quickstart.PRESETS["smoke"]
+    assert quickstart.encoder_folder(s, tmp_path) != quickstart.encoder_folder(replace(s, seed=1), tmp_path)
+    assert quickstart.encoder_folder(s, tmp_path) != quickstart.encoder_folder(replace(s, pretrain_epochs=2), tmp_path)
+    assert quickstart.data_folder(s, tmp_path) != quickstart.data_folder(replace(s, num_train=30), tmp_path)
+    assert quickstart.data_folder(s, tmp_path) == quickstart.data_folder(replace(s, seed=1), tmp_path)  # fixed data
+    assert not any(tmp_path.iterdir())  # naming a folder makes nothing

@@ -92,3 +92,17 @@ def test_metrics_after_the_resume_point_are_dropped(tmp_path):
     run.metrics.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"phase": 1, "iter')
     assert run.trim_metrics(0, 20) == 3
     assert [json.loads(line) for line in run.metrics.read_text().splitlines()] == records[:3]
+
+
+def test_a_new_folder_beside_ones_made_with_other_flags_says_why(tmp_path, caplog):
+    first = runs.find_matching_run(tmp_path, "lors_b20_s0", {"Iteration": [2], "lr_img": 10.0})
+    first.record_start({"Iteration": [2], "lr_img": 10.0}, None, {}, "abc")
+    with caplog.at_level("INFO", logger="ptmst"):
+        second = runs.find_matching_run(tmp_path, "lors_b20_s0", {"Iteration": [2], "lr_img": 5.0})
+    assert second.path != first.path
+    assert f"nearest, {first.name}, differs in --lr_img 10.0 -> 5.0" in caplog.text
+    runs.keyed_folder(tmp_path / "experts", {"lr": 1}, create=True)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ptmst"):
+        runs.keyed_folder(tmp_path / "experts", {"lr": 2}, create=True)
+    assert "differs in --lr 1 -> 2" in caplog.text
