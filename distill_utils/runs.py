@@ -39,14 +39,15 @@ class RunFolderError(UsageError):
     """A run folder's records are missing or damaged."""
 
 
-def _comparable(value):
+def comparable(value):
+    """``value`` as JSON gives it back (tuples as lists, paths as strings), for comparing flags."""
     return json.loads(json.dumps(value, default=str))
 
 
 def result_flags(flags: dict, neutral: Iterable[str] = NEUTRAL_FLAGS) -> dict:
     """The flags of ``flags`` that decide a result, in a JSON-comparable form."""
     neutral = set(neutral)
-    return {key: _comparable(value) for key, value in sorted(flags.items()) if key not in neutral}
+    return {key: comparable(value) for key, value in sorted(flags.items()) if key not in neutral}
 
 
 def result_digest(flags: dict, neutral: Iterable[str] = NEUTRAL_FLAGS) -> str:

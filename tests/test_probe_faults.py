@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_utils import checkpoint, text_cache, trajectories
+from distill_utils import text_cache, trajectories
 from distill_utils.app import ablation, buffer, convexify, distill, evaluate
 from distill_utils.data import DataError, shapes
 from distill_utils.data.datasets import load_image

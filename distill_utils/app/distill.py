@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import logging
 import math
 import re
@@ -23,7 +22,6 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import checkpoint, trajectories
-from ..atomic import atomic_write_text
 from ..claims import FolderBusy, folder_lock, this_process
 from ..data import DataError
 from ..errors import UsageError, writable_folder
@@ -33,7 +31,7 @@ from ..matching import AUTO, NORMALIZATIONS, MiniBatchSampler, TrajectoryMatcher
 from ..prototypes import prototype_pairs
 from ..progress import progress
 from ..retrieval import RetrievalBenchmark, split_benchmarks
-from ..runs import RunFolder, describe_differences, differing_flags
+from ..runs import RunFolder, comparable, describe_differences, differing_flags
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
 from ..snapshot_cache import GIB, SnapshotCache
 from ..speed import enable_fast_math
@@ -540,11 +538,7 @@ def changed_flags(before: dict, now: dict) -> dict:
     """Flags whose value differs; a flag the run's start did not record (added to the code since) is
     not a change: every new flag's default keeps the earlier behaviour."""
     keys = sorted(set(before) - {"resume", "git_sha"})
-    return {k: [before.get(k), now.get(k)] for k in keys if _comparable(before.get(k)) != _comparable(now.get(k))}
-
-
-def _comparable(value):
-    return json.loads(json.dumps(value, default=str))
+    return {k: [before.get(k), now.get(k)] for k in keys if comparable(before.get(k)) != comparable(now.get(k))}
 
 
 def check_resumable(state: dict, args: argparse.Namespace, folder: Path) -> dict:
