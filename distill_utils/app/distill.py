@@ -290,8 +290,13 @@ class Run:
     joint: Optional[JointFeatures] = None  # for --pair_init prototype
 
     @property
+    def files(self) -> RunFolder:
+        """The run folder's file names (one place knows them)."""
+        return RunFolder(self.folder)
+
+    @property
     def latest(self) -> Path:
-        return self.folder / "latest.pt"
+        return self.files.latest
 
 
 def evaluate_and_save(run: Run, finished: List[FrozenSubset], ema_set: SyntheticSet, phase: int, it: int,
@@ -306,7 +311,7 @@ def evaluate_and_save(run: Run, finished: List[FrozenSubset], ema_set: Synthetic
     run.metrics.log(record)
     log.info("phase %d it %d | %s ± %.2f", phase, it, format_recall(summary["selected"]["mean"]),
              summary["selected"]["std"]["r_mean"])
-    checkpoint.save_distilled(run.folder / f"distilled_{phase}_{it}.pt", ema_set, checkpoint_config(run), phase, it)
+    checkpoint.save_distilled(run.files.checkpoint(phase, it), ema_set, checkpoint_config(run), phase, it)
     save_grid(ema_set.images, run.folder / f"synthetic_{phase}_{it}.png")
     write_captions(run.folder / f"captions_{phase}_{it}.txt",
                    nearest_captions(ema_set.texts, run.data.train_text, run.data.train.captions))
@@ -395,7 +400,7 @@ def nan_stop_message(run: Run, phase: int, it: int, what: str) -> str:
 
 
 def last_checkpoint(run: Run, phase: int):
-    saved = RunFolder(run.folder).checkpoints(phase)
+    saved = run.files.checkpoints(phase)
     return saved[-1] if saved else "none yet"
 
 
