@@ -73,6 +73,16 @@ def student_seed(seed: int, run: int) -> int:
     return int(np.random.SeedSequence([seed, run]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def student_inputs(model, images: torch.Tensor, chunk: int = 256):
+    """What the student's batches are drawn from: with a frozen image encoder its features of the set,
+    computed once (they never change while the heads train; the encoder has no dropout or batch
+    statistics), else the images themselves. Returns ``(inputs, are_features)``."""
+    if model.image_trainable:
+        return images, False
+    with torch.no_grad():
+        return torch.cat([model.image_encoder(images[s:s + chunk]) for s in range(0, len(images), chunk)]), True
+
+
 def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, settings: EvalSettings,
                   test: RetrievalBenchmark, val: Optional[RetrievalBenchmark], run: int,
                   device: torch.device) -> StudentRun:
@@ -90,6 +100,7 @@ def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, se
         for phase, subset in enumerate(subsets):
             lr_img, lr_txt = phase_step_sizes(subsets, phase, settings.phase_lr)
             images, texts = subset.images.to(device), subset.texts.to(device)
+            images, on_features = student_inputs(model, images)
             similarity = subset.similarity.to(device)
             for epoch in range(settings.epochs + 1):
                 factor = decay_factor(global_epoch, settings.epochs)
@@ -97,7 +108,8 @@ def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, se
                 optimizer.param_groups[1]["lr"] = lr_txt * factor
                 for idx in torch.randperm(len(subset), generator=generator).split(settings.batch_train):
                     idx = idx.to(device)
-                    loss = criterion(model(images[idx], texts[idx]), similarity[idx][:, idx])
+                    loss = criterion(model(images[idx], texts[idx], images_are_features=on_features),
+                                     similarity[idx][:, idx])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

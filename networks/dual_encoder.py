@@ -102,8 +102,11 @@ class DualEncoder(nn.Module):
     def side_parameters(self, side: str) -> List[nn.Parameter]:
         return list(self.side_module(side).parameters())
 
-    def encode_image(self, images: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
-        features = self.image_encoder(images)
+    def encode_image(self, images: torch.Tensor, blend: Optional[Blend] = None,
+                     images_are_features: bool = False) -> torch.Tensor:
+        """``images_are_features``: ``images`` already are the image encoder's outputs (a frozen
+        encoder's features, computed once for many steps)."""
+        features = images if images_are_features else self.image_encoder(images)
         if blend is not None:
             features = blend.apply("image", features)
         if self.image_projection is not None:
@@ -115,8 +118,9 @@ class DualEncoder(nn.Module):
             text_features = blend.apply("text", text_features)
         return F.normalize(self.text_projection(text_features), dim=-1)
 
-    def forward(self, images: torch.Tensor, text_features: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor, blend: Optional[Blend] = None,
+                images_are_features: bool = False) -> torch.Tensor:
         """Logits (B_img x B_txt) = exp(logit_scale) * img @ txt.T; ``blend`` mixes representations
         between the batch's instances first (RepBlend's student steps)."""
-        return (self.logit_scale.exp() * self.encode_image(images, blend)
+        return (self.logit_scale.exp() * self.encode_image(images, blend, images_are_features)
                 @ self.encode_text(text_features, blend).t())

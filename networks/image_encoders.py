@@ -111,7 +111,9 @@ def create_image_encoder(name: str, pretrained: bool = False, checkpoint_dir: Op
     with torch.random.fork_rng(devices=[]):
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        if name in IMAGE_ENCODERS:
+        if name in IMAGE_ENCODERS and getattr(IMAGE_ENCODERS[name], "finds_own_weights", False):
+            model = IMAGE_ENCODERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir)
+        elif name in IMAGE_ENCODERS:
             model = IMAGE_ENCODERS[name](pretrained=False)
             if pretrained:
                 if not checkpoint_dir:

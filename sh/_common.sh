@@ -7,9 +7,23 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ANN_ROOT="${ANN_ROOT:-./data/Annotation/}"     # annotation JSON files
 BUFFER_ROOT="${BUFFER_ROOT:-./buffer}"          # expert and shortcut trajectories
 LOGGED_DIR="${LOGGED_DIR:-./logged_files}"      # distillation runs
-ENCODERS="${ENCODERS:-nfnet_bert}"              # the IMAGE_TEXT folder buffer.py names after the encoders
-read -r -a ENDS <<< "${SHORTCUT_ENDS:-6 8}"  # phase k matches convexified_0_{ENDS[k]}; an array of its own: arrays are not exported
-RECIPES=(flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100)
+RECIPES=(flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100 stamps20 stamps50 stamps100)
+STAMPS_DIR="${STAMPS_DIR:-./data/stamps}"       # sh/prepare_data.sh stamps: images in $STAMPS_DIR/images, split files beside
+# The stamps recipes' model and expert settings, shared by buffer.sh, distill.sh and eval.sh (the values
+# of the ablation's stamps settings, distill_utils/app/quickstart.py STAMPS; docs/real_data.md says why):
+# ImageNet EfficientNet-Lite0, frozen, at 96 px, MiniLM text features, projection heads 256 wide.
+STAMPS_MODEL=(--image_size 96 --image_encoder efficientnet_lite0 --text_encoder minilm --image_pretrained true
+              --image_trainable false --out_embedding 256 --num_workers 0)
+
+is_stamps() { [[ "$1" == stamps* ]]; }
+# the IMAGE_TEXT folder buffer.py names after the encoders, and the loss folder (stamps experts: no augmentation)
+if [[ -z "${ENCODERS:-}" ]]; then ENCODERS_DEFAULT=1; fi
+encoders_of() { if [[ -n "${ENCODERS_DEFAULT:-}" ]] && is_stamps "$1"; then echo efficientnet_lite0_minilm; else echo "${ENCODERS:-nfnet_bert}"; fi; }
+loss_folder_of() { if is_stamps "$1"; then echo InfoNCE_NoAug; else echo InfoNCE; fi; }
+ends_of() {  # phase k matches convexified_0_{ENDS[k]} (the stamps' two phases both match 0 -> 6)
+  if [[ -n "${SHORTCUT_ENDS:-}" ]]; then echo "$SHORTCUT_ENDS"; elif is_stamps "$1"; then echo "6"; else echo "6 8"; fi
+}
+ann_root_of() { if is_stamps "$1" && [[ "$ANN_ROOT" == ./data/Annotation/ ]]; then echo "$STAMPS_DIR"; else echo "$ANN_ROOT"; fi; }
 
 show_help() {  # the calling script's header comment
   sed -n '2,/^set -euo/p' "$1" | sed '$d; s/^# \{0,1\}//'
@@ -21,7 +35,8 @@ image_root_of() {  # IMAGE_ROOT overrides the dataset's default image folder
     flickr) echo "./distill_utils/data/Flickr30k/" ;;
     coco) echo "./distill_utils/data/COCO/" ;;
     cc3m) echo "./distill_utils/data/CC3M/" ;;
-    *) echo "unknown dataset '$1': pass flickr, coco or cc3m" >&2; return 2 ;;
+    stamps) echo "$STAMPS_DIR/images" ;;
+    *) echo "unknown dataset '$1': pass flickr, coco, cc3m or stamps" >&2; return 2 ;;
   esac
 }
 
@@ -31,10 +46,10 @@ dataset_of_recipe() {  # flickr500 -> flickr
     echo "unknown recipe '$recipe': pass one of ${RECIPES[*]}" >&2
     return 2
   fi
-  echo "${recipe:0:${#recipe}-3}"  # the size is the last three characters
+  [[ "$recipe" =~ ^(.*[^0-9])[0-9]+$ ]] && echo "${BASH_REMATCH[1]}"  # the size is the trailing number
 }
 
-normal_dir_of() { echo "$BUFFER_ROOT/$1/$ENCODERS/InfoNCE/normal"; }
+normal_dir_of() { echo "$BUFFER_ROOT/$1/$(encoders_of "$1")/$(loss_folder_of "$1")/normal"; }
 
 launcher() {  # NPROC=N runs the Python script under torchrun on N processes (one per visible GPU)
   if [[ -n "${NPROC:-}" && "${NPROC}" != "1" ]]; then

@@ -3,7 +3,7 @@
 # InfoNCE) for one dataset, into $BUFFER_ROOT/DATASET/nfnet_bert/InfoNCE/normal/.
 # Usage: bash sh/buffer.sh GPU [DATASET [buffer.py flags...]]   (DATASET default: flickr)
 #   GPU       CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1,2,3
-#   DATASET   flickr, coco or cc3m
+#   DATASET   flickr, coco, cc3m or stamps (stamps: EfficientNet-Lite0 ImageNet weights frozen + MiniLM, 5 experts)
 #   flags     passed to buffer.py after the recipe's own, so they override them (e.g. --num_experts 5)
 # Several GPUs: NPROC=4 bash sh/buffer.sh 0,1,2,3 flickr   (torchrun; each rank trains its own experts)
 # Reruns add experts (new indices and seeds); they never overwrite or repeat one.
@@ -13,6 +13,14 @@ positional sh/buffer.sh flickr "$@"
 export CUDA_VISIBLE_DEVICES="$GPU"
 DATASET="$NAME"
 IMAGE_ROOT="$(image_root_of "$DATASET")"
+
+if is_stamps "$DATASET"; then  # 5 experts x 6 epochs of the projection heads over a frozen ImageNet encoder
+  $(launcher) buffer.py --dataset stamps --image_root "$IMAGE_ROOT" --ann_root "$(ann_root_of stamps)" \
+      "${STAMPS_MODEL[@]}" --num_experts 5 --train_epochs 6 --batch_size_train 32 --no_aug \
+      --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --loss_type InfoNCE --eval_freq 6 --buffer_path "$BUFFER_ROOT" \
+      --disabled_wandb true "${REST[@]}"
+  exit 0
+fi
 
 $(launcher) buffer.py --dataset "$DATASET" --image_root "$IMAGE_ROOT" --ann_root "$ANN_ROOT" \
     --image_encoder nfnet --text_encoder bert --image_pretrained true --image_trainable \

@@ -2,7 +2,8 @@
 # Every distillation recipe of the paper, one per table row.
 # Usage: bash sh/distill.sh GPU [RECIPE [distill_ptm-st.py flags...]]   (RECIPE default: flickr500)
 #   GPU      CUDA_VISIBLE_DEVICES, e.g. 0
-#   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
+#   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100,
+#            stamps20 stamps50 stamps100 (the Tux Paint photographs, sh/prepare_data.sh stamps; CPU-sized)
 #   flags    passed after the recipe's own, so they override them (e.g. --keep_graphs 0, --resume)
 # Needs the shortcut trajectories of sh/convexify.sh; the run goes to $LOGGED_DIR/DATASET/RECIPE/.
 # The authors' 100-pair recipes passed two phases with one-element lists and crashed after the first
@@ -14,6 +15,7 @@ export CUDA_VISIBLE_DEVICES="$GPU"
 RECIPE="$NAME"
 DATASET="$(dataset_of_recipe "$RECIPE")"
 SHORTCUTS="$(dirname "$(normal_dir_of "$DATASET")")"
+read -r -a ENDS <<< "$(ends_of "$DATASET")"
 FIRST="$SHORTCUTS/convexified_0_${ENDS[0]}"                # convexified_0_6
 SECOND="$SHORTCUTS/convexified_0_${ENDS[1]:-${ENDS[0]}}"  # convexified_0_8
 TWO_PHASES=(--buffer_path "$FIRST" "$SECOND" --subset_num 2
@@ -30,7 +32,18 @@ case "$RECIPE" in
   cc3m500)   RECIPE_ARGS=("${TWO_PHASES[@]}" --num_queries 200 299 --lr_sim 50) ;;
   cc3m200)   RECIPE_ARGS=("${TWO_PHASES[@]}" --num_queries 99 100 --lr_sim 50) ;;
   cc3m100)   RECIPE_ARGS=("${ONE_PHASE[@]}" --num_queries 99 --lr_sim 50) ;;
+  stamps*)   STAMPS_PHASES=(--buffer_path "$FIRST" "$SECOND" --subset_num 2 --min_start_epoch 0 1 --max_start_epoch 2 3
+                        --Iteration 30 30 --eval_it 30) ;;
 esac
+if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encoder, sized for a 2-core CPU
+  SIZE="${RECIPE#stamps}"
+  exec ${PYTHON:-python} distill_ptm-st.py --dataset stamps --image_root "$(image_root_of stamps)" \
+      --ann_root "$(ann_root_of stamps)" "${STAMPS_MODEL[@]}" "${STAMPS_PHASES[@]}" \
+      --num_queries "$((SIZE / 2 + SIZE % 2))" "$((SIZE / 2))" --syn_steps 5 --mini_batch_size 8 --keep_graphs 5 \
+      --lr_img "${STAMPS_LR_IMG:-100}" --lr_txt 0.5 --lr_sim 0.05 --lr_lr 0 --ema_decay 0.9 \
+      --sim_type full --loss_type InfoNCE --epoch_eval_train 50 --num_eval 3 --eval_init false \
+      --logged_dir "$LOGGED_DIR" --name "$RECIPE" --disabled_wandb true "${REST[@]}"
+fi
 
 ${PYTHON:-python} distill_ptm-st.py --dataset "$DATASET" --image_root "$(image_root_of "$DATASET")" \
     --ann_root "$ANN_ROOT" --image_encoder nfnet --text_encoder bert --image_trainable \

@@ -4,12 +4,72 @@
 # after an interruption continues, and a rerun with everything in place needs no network.
 # Needs network, `hf` (pip install huggingface_hub), wget, unzip. Without network it stops at once and
 # says what to download and where to put it.
-# Usage: bash sh/prepare_data.sh DATASET [DATASET ...]   (flickr, coco, cc3m; default: flickr)
+# Usage: bash sh/prepare_data.sh DATASET [DATASET ...]   (flickr, coco, cc3m, stamps; default: flickr)
+# stamps: the Tux Paint stamps (real photographs and drawings with English captions, GPL-2: never commit
+#   them) from the Debian package tuxpaint-stamps-default, fetched with `apt-get download` (the Debian
+#   registry is the only network it needs) and unpacked with `dpkg-deb -x`, then converted into
+#   $STAMPS_DIR/images (NAME.png + NAME.txt; see distill_utils/data/stamps.py). STAMPS_SOURCE=DIR uses an
+#   already extracted stamps folder (EXTRACTED/usr/share/tuxpaint/stamps) or an installed Tux Paint's
+#   (/usr/share/tuxpaint/stamps, found by itself) instead of downloading. STAMPS_DIR default: ./data/stamps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   sed -n '2,/^set -euo/p' sh/prepare_data.sh | sed '$d; s/^# \{0,1\}//'
   exit 0
+fi
+STAMPS_DIR="${STAMPS_DIR:-./data/stamps}"
+STAMPS_PACKAGE=tuxpaint-stamps-default
+
+stamps_source() {  # prints the stamps folder to convert, fetching the package when none is at hand
+  if [[ -n "${STAMPS_SOURCE:-}" ]]; then
+    if [[ ! -d "$STAMPS_SOURCE" ]]; then
+      echo "error: STAMPS_SOURCE=$STAMPS_SOURCE is not a folder: point it at EXTRACTED/usr/share/tuxpaint/stamps" >&2
+      return 1
+    fi
+    echo "$STAMPS_SOURCE"; return 0
+  fi
+  if [[ -d /usr/share/tuxpaint/stamps ]]; then echo /usr/share/tuxpaint/stamps; return 0; fi
+  local package="$STAMPS_DIR/package" extracted="$STAMPS_DIR/package/extracted"
+  if [[ -d "$extracted/usr/share/tuxpaint/stamps" && -f "$package/.extracted" ]]; then
+    echo "$extracted/usr/share/tuxpaint/stamps"; return 0
+  fi
+  if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+    {
+      echo "error: fetching the stamps needs apt-get and dpkg-deb (a Debian or Ubuntu machine). Elsewhere, download"
+      echo "$STAMPS_PACKAGE_*.deb from https://packages.debian.org/$STAMPS_PACKAGE, unpack it (dpkg-deb -x FILE.deb DIR,"
+      echo "or: ar x FILE.deb && tar xf data.tar.xz -C DIR), then run: STAMPS_SOURCE=DIR/usr/share/tuxpaint/stamps bash sh/prepare_data.sh stamps"
+    } >&2
+    return 1
+  fi
+  mkdir -p "$package"
+  if ! ls "$package"/${STAMPS_PACKAGE}_*.deb >/dev/null 2>&1; then
+    echo "fetching $STAMPS_PACKAGE from the Debian registry into $package (about 160 MB)" >&2
+    if ! (cd "$package" && apt-get download "$STAMPS_PACKAGE" >&2); then
+      {
+        echo "error: apt-get download $STAMPS_PACKAGE failed (no Debian registry reachable, or the package lists are"
+        echo "stale: run apt-get update first). Or fetch the .deb elsewhere into $package, or set STAMPS_SOURCE to an"
+        echo "extracted stamps folder, then run this again."
+      } >&2
+      return 1
+    fi
+  fi
+  rm -rf "$extracted"
+  dpkg-deb -x "$(ls "$package"/${STAMPS_PACKAGE}_*.deb | head -n 1)" "$extracted"
+  touch "$package/.extracted"
+  echo "$extracted/usr/share/tuxpaint/stamps"
+}
+
+if [[ " $* " == *" stamps "* ]]; then
+  if [[ -f "$STAMPS_DIR/images/.prepared.json" ]]; then
+    echo "stamps ready in $STAMPS_DIR/images (nothing to do)"
+  else
+    SOURCE="$(stamps_source)"
+    ${PYTHON:-python3} -m distill_utils.app.stamps --source "$SOURCE" --out "$STAMPS_DIR/images"
+  fi
+  REMAINING=()
+  for dataset in "$@"; do [[ "$dataset" == stamps ]] || REMAINING+=("$dataset"); done
+  [[ ${#REMAINING[@]} -eq 0 ]] && exit 0
+  set -- "${REMAINING[@]}"
 fi
 ANN_ROOT=./data/Annotation
 FLICKR_ROOT=./distill_utils/data/Flickr30k
@@ -25,7 +85,7 @@ root_of() { case "$1" in flickr) echo "$FLICKR_ROOT" ;; coco) echo "$COCO_ROOT" 
 for dataset in "${DATASETS[@]}"; do
   case "$dataset" in
     flickr|coco|cc3m) ;;
-    *) echo "unknown dataset '$dataset': pass flickr, coco or cc3m" >&2; exit 2 ;;
+    *) echo "unknown dataset '$dataset': pass flickr, coco, cc3m or stamps" >&2; exit 2 ;;
   esac
 done
 

@@ -10,6 +10,8 @@
 #   evaluation    sh/eval.sh, every time (mean ± std over fresh students)
 # Usage: bash sh/reproduce.sh GPU [RECIPE]   (RECIPE default: flickr500; GPU cpu: no GPU)
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100
+#            stamps20 stamps50 stamps100: real photographs (Tux Paint stamps) through a frozen ImageNet
+#            EfficientNet-Lite0 and MiniLM, on a CPU in minutes: bash sh/reproduce.sh cpu stamps50
 # Extra flags per stage: BUFFER_FLAGS, CONVEXIFY_FLAGS, DISTILL_FLAGS, EVAL_FLAGS (space-separated),
 # e.g. DISTILL_FLAGS="--keep_graphs 0" bash sh/reproduce.sh 0 flickr500. SKIP_DATA=1 skips the download
 # step (data already in place).
@@ -18,7 +20,7 @@ source "$(dirname "$0")/_common.sh"
 positional sh/reproduce.sh flickr500 "$@"
 RECIPE="$NAME"
 DATASET="$(dataset_of_recipe "$RECIPE")"
-NUM_EXPERTS="${NUM_EXPERTS:-20}"
+if is_stamps "$DATASET"; then NUM_EXPERTS="${NUM_EXPERTS:-5}"; else NUM_EXPERTS="${NUM_EXPERTS:-20}"; fi
 read -r -a BUFFER_EXTRA <<< "${BUFFER_FLAGS:-}"
 read -r -a CONVEXIFY_EXTRA <<< "${CONVEXIFY_FLAGS:-}"
 read -r -a DISTILL_EXTRA <<< "${DISTILL_FLAGS:-}"

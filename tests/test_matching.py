@@ -152,3 +152,29 @@ def test_keep_graphs_is_a_count_or_auto(keep_graphs):
     model, *_ = build(True, "full")
     with pytest.raises(ValueError, match="keep_graphs must be a count >= 0 or 'auto'"):
         TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), 3, keep_graphs)
+
+
+@pytest.mark.parametrize("blend", [0.0, 0.4], ids=["plain", "blended"])
+def test_a_frozen_encoder_run_once_per_iteration_gives_the_per_step_gradients(blend):
+    """The frozen encoder's features are computed once per iteration and its gradient flows back once;
+    that must equal running the encoder inside every step (the only way for a trainable encoder)."""
+    model, synthetic, start, target = build(False, "full", seed=3)
+    criterion = MultilabelContrastiveLoss("InfoNCE")
+    batches = [torch.tensor([0, 2, 3]), torch.tensor([1, 2, 5]), torch.tensor([4, 0, 1])]  # 2 and 0 reused
+    grads = {}
+    for once in (True, False):
+        torch.manual_seed(7)
+        matcher = TrajectoryMatcher(model, criterion, syn_steps=3, keep_graphs=1, blend=blend, frozen_features=once)
+        assert matcher.frozen_features is once
+        loss = matcher.match(synthetic, start, target, batches).loss
+        grads[once] = (loss, grads_of(synthetic))
+        synthetic.zero_grad(set_to_none=True)
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-12)
+    for name, value in grads[False][1].items():
+        assert value.abs().sum() > 0, name
+        assert torch.allclose(grads[True][1][name], value, rtol=1e-9, atol=1e-12), name
+
+
+def test_a_trainable_encoder_never_takes_the_frozen_shortcut():
+    model, *_ = build(True, "full")
+    assert not TrajectoryMatcher(model, MultilabelContrastiveLoss("InfoNCE"), syn_steps=2).frozen_features

@@ -45,8 +45,9 @@ from .cli import run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .methods import METHODS
-from .quickstart import (PRESETS as QUICKSTART, Settings, common_flags, generate_data, make_shortcuts, pretrain_encoder,
-                         top_up_experts)
+from .evaluate import full_data_baseline
+from .quickstart import (PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data, make_shortcuts,
+                         pretrain_encoder, top_up_experts)
 
 log = logging.getLogger("ptmst.ablation")
 ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -91,6 +92,15 @@ PRESETS: Dict[str, Plan] = {
     # a handful of steps, for the test suite
     "smoke": Plan(seeds=(0,), budgets=(4,), quickstart=QUICKSTART["smoke"], frozen_out_embedding=32),
 }
+# --dataset stamps (or folder) among the pass-through flags: real photographs through a pretrained, frozen encoder
+REAL_PRESETS: Dict[str, Plan] = {
+    "default": Plan(budgets=(20, 50, 100), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "quick": Plan(seeds=(0,), budgets=(50,), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "smoke": Plan(seeds=(0,), budgets=(4,), frozen_out_embedding=STAMPS.out_embedding, quickstart=replace(
+        STAMPS, image_size=32, num_experts=1, train_epochs=3, phases=((0, 3, 0, 1), (0, 3, 0, 2)), iterations=(2, 2),
+        eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=1)),
+}
+FULL_DATA = "full training set"
 
 
 def one_phase_window(s: Settings) -> Tuple[int, int]:
@@ -238,10 +248,10 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
             load_final(Path(record.folder)), model_config(recorded, data.text_dim), settings, test, val, device)
         seconds[record.method] = seconds.get(record.method, 0.0) + time.perf_counter() - started
     # the reference rows: random real subsets, trained like every method's students (RepBlend's student
-    # has a frozen image encoder, a different model: it gets its own reference row)
+    # has a frozen image encoder, a different model where the others train theirs: it gets its own row)
     references = {"random": model_config(model, data.text_dim)}
     frozen = [r for r in records if r.method == "repblend"]
-    if frozen:
+    if frozen and model.image_trainable:
         recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
         references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
     for row, config in references.items():
@@ -254,12 +264,30 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
                                         model.phase_lr, seed)
                 results[(row, budget, seed)] = students(reals, config, settings, test, val, device)
                 seconds[row] = seconds.get(row, 0.0) + time.perf_counter() - started
+    if not plan.quickstart.builtin:
+        full_rows(plan, model, data, references["random"], test, device, results, seconds)
     return results, seconds
 
 
+def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, device, results: Dict,
+              seconds: Dict[str, float]) -> None:
+    """The whole training set, trained like an expert (``full_epochs``), tested at the end: one value per
+    seed, shown under every budget (neither protocol chooses a point)."""
+    s = plan.quickstart
+    for seed in plan.seeds:
+        started = time.perf_counter()
+        flags = argparse.Namespace(**{**vars(model), "num_eval": s.num_eval, "seed": seed, "full_epochs": s.full_epochs})
+        summary = full_data_baseline(data, flags, config, test, device)
+        for budget in plan.budgets:
+            results[(FULL_DATA, budget, seed)] = {"val": summary, "paper": summary}
+        seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
+
+
 def report_rows(plan: Plan) -> List[str]:
+    s = plan.quickstart
     return ([m for m in ORDER if m in plan.methods] + ["random"]
-            + ([FROZEN_RANDOM] if "repblend" in plan.methods else []))
+            + ([FROZEN_RANDOM] if "repblend" in plan.methods and s.image_trainable else [])
+            + ([] if s.builtin else [FULL_DATA]))
 
 
 def over_seeds(results: Dict, method: str, budget: int, seeds: Sequence[int], protocol: str) -> Tuple[float, float]:
@@ -404,7 +432,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="./ablation", help="data, experts, runs and reports go here "
                                                                 "(shared with the quick start's layout)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="default: seeds 0 1 2, budgets 20 40; quick: seed 0, budget 40; smoke: tests")
+                        help="default: seeds 0 1 2, budgets 20 40 (stamps: 20 50 100); quick: seed 0, budget 40 "
+                             "(stamps: 50); smoke: tests")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the preset's budgets (pairs)")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
@@ -426,8 +455,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"flags are passed to the stages that take them; see their --help)")
     args.distill_flags = flags_for(DISTILL_FLAGS, groups)
     args.buffer_flags = flags_for(BUFFER_FLAGS, groups)
-    args.builtin_data = not any(group[0].split("=", 1)[0] == "--dataset" for group in groups)
-    plan = PRESETS[args.preset]
+    datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
+                if group[0].split("=", 1)[0] == "--dataset"]
+    args.builtin_data = not datasets
+    if datasets and datasets[-1] not in ("stamps", "folder"):
+        parser.error(f"--dataset {datasets[-1]}: the ablation's settings are made for the built-in shapes (no "
+                     f"--dataset) and for real photographs through a pretrained encoder (--dataset stamps, or "
+                     f"--dataset folder --image_root DIR)")
+    plan = (PRESETS if args.builtin_data else REAL_PRESETS)[args.preset]
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
                    methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods)
@@ -435,7 +470,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if smallest < len(plan.quickstart.phases):
         parser.error(f"--budgets {smallest}: PTM-ST splits a budget over {len(plan.quickstart.phases)} phases, so "
                      f"every budget must be at least {len(plan.quickstart.phases)}")
-    if max(plan.budgets) > plan.quickstart.num_train * 5:
+    if plan.quickstart.builtin and max(plan.budgets) > plan.quickstart.num_train * 5:
         parser.error(f"--budgets {max(plan.budgets)} exceeds the {plan.quickstart.num_train * 5} training pairs")
     args.plan = plan
     return args
@@ -450,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     # written in a folder of its own and renamed when complete: a report folder is never half written
     report = Path(tempfile.mkdtemp(prefix=".ablation_", suffix=".partial", dir=work / "reports"))
     (report / "images").mkdir()
-    if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
+    if s.builtin:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
         generate_data(s, work)
         pretrain_encoder(s, work)
     model = model_namespace(plan, work, args.distill_flags)
@@ -458,8 +493,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     folders: Dict[str, object] = {"normal": normal}
     if "ptmst" in plan.methods:
         folders["shortcuts"] = make_shortcuts(s, normal)
-    if "repblend" in plan.methods:
-        folders["frozen"] = train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
+    if "repblend" in plan.methods:  # a frozen encoder's experts already are what RepBlend matches
+        folders["frozen"] = (train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
+                             if s.image_trainable else normal)
     records = distill_all(plan, work, folders, work / "ablation_runs", model.dataset, args.distill_flags)
     results, eval_seconds = evaluate_all(plan, work, records, model)
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

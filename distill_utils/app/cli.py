@@ -143,10 +143,19 @@ def script_parser(prog: str, description: str, epilog: str, student_evaluation: 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes"],
-                       help="shapes is the built-in offline dataset (python -m distill_utils.data.shapes)")
+    group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes", "stamps", "folder"],
+                       help="shapes: the built-in offline dataset (python -m distill_utils.data.shapes); stamps: the Tux "
+                            "Paint photographs (bash sh/prepare_data.sh stamps); folder: any --image_root of images "
+                            "with NAME.txt captions")
     group.add_argument("--image_root", default=None, help="image folder; None means the dataset's own (see README)")
-    group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files; None means ./data/Annotation/ (shapes: ./data/shapes/)")
+    group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files; None means ./data/Annotation/ "
+                       "(shapes: ./data/shapes/, stamps: ./data/stamps/, folder: the --image_root itself)")
+    folder = parser.add_argument_group("folder datasets (stamps, folder): how the split is drawn on first use")
+    folder.add_argument("--captions", default="first", choices=["first", "all"],
+                        help="first: a caption file's first non-empty line is the caption; all: every line is one")
+    folder.add_argument("--split_seed", type=int, default=0, help="seed of the train/val/test draw")
+    folder.add_argument("--val_fraction", type=positive(float), default=0.15, help="share of the images in val")
+    folder.add_argument("--test_fraction", type=positive(float), default=0.25, help="share of the images in test")
     group.add_argument("--image_size", type=positive(), default=224, help="images are resized to this square size")
     group.add_argument("--npz_dir", default="./npz", help="folder of the cached text features")
     group.add_argument("--num_workers", type=non_negative(), default=4, help="DataLoader worker processes")

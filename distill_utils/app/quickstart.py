@@ -70,7 +70,25 @@ class Settings:
     num_eval: int = 3
     full_epochs: int = 6
     seed: int = 0
+    dataset: str = "shapes"       # shapes: generated here, encoder pretrained here; others: read, encoder's own weights
+    image_trainable: bool = True  # False: frozen image encoder, both sides get projection heads
+    out_embedding: int = 2048     # projection width when the image encoder is frozen
+    lr_teacher: float = 0.1       # SGD rate of the experts, the full-data students and the random subsets
 
+    @property
+    def builtin(self) -> bool:
+        return self.dataset == "shapes"
+
+
+# The Tux Paint stamps (bash sh/prepare_data.sh stamps) through EfficientNet-Lite0's ImageNet weights, frozen,
+# and MiniLM: sized so that the ablation's default comparison finishes within an hour on a 2-core CPU
+# (docs/real_data.md says why each value).
+STAMPS = Settings(num_train=323, num_val=81, num_test=134, image_size=96, image_encoder="efficientnet_lite0",
+                  text_encoder="minilm", num_experts=5, train_epochs=6, expert_batch=32,
+                  phases=((0, 6, 0, 2), (0, 6, 1, 3)), num_queries=(25, 25), iterations=(30, 30), eval_it=30,
+                  syn_steps=5, mini_batch_size=8, lr_img=100.0, lr_txt=0.5, lr_sim=0.05, lr_lr=0.0, ema_decay=0.9,
+                  epoch_eval_train=50, num_eval=3, full_epochs=6, dataset="stamps", image_trainable=False,
+                  out_embedding=256)
 
 PRESETS: Dict[str, Settings] = {
     "default": Settings(),
@@ -111,13 +129,20 @@ def generate_data(s: Settings, work: Path) -> Path:
 
 
 def common_flags(s: Settings, work: Path, pretrained: bool = True) -> List[str]:
-    weights = ["--image_pretrained", "--checkpoint_dir", str(encoder_folder(s, work))] if pretrained else [
-        "--image_pretrained", "false"]
-    data = data_folder(s, work)
-    return ["--dataset", "shapes", "--image_root", str(data), "--ann_root", str(data),
-            "--image_size", str(s.image_size), "--npz_dir", str(work / "npz"), "--num_workers", "0",
+    if not s.builtin:  # a dataset on disk, an encoder with weights of its own (efficientnet_lite0's are packaged)
+        data, weights = ["--dataset", s.dataset], ["--image_pretrained", str(pretrained).lower()]
+    else:
+        folder = data_folder(s, work)
+        data = ["--dataset", "shapes", "--image_root", str(folder), "--ann_root", str(folder)]
+        weights = ["--image_pretrained", "--checkpoint_dir", str(encoder_folder(s, work))] if pretrained else [
+            "--image_pretrained", "false"]
+    model = ["--image_trainable"] if s.image_trainable else ["--image_trainable", "false",
+                                                             "--out_embedding", str(s.out_embedding)]
+    rates = [] if s.lr_teacher == Settings.lr_teacher else [
+        "--lr_teacher_img", str(s.lr_teacher), "--lr_teacher_txt", str(s.lr_teacher)]
+    return [*data, "--image_size", str(s.image_size), "--npz_dir", str(work / "npz"), "--num_workers", "0",
             "--image_encoder", s.image_encoder, "--text_encoder", s.text_encoder, *weights,
-            "--image_trainable", "--disabled_wandb", "--seed", str(s.seed)]
+            *model, *rates, "--disabled_wandb", "--seed", str(s.seed)]
 
 
 def expert_flags(s: Settings, work: Path, buffer: Path, count: int, epochs: int, seed: int, pretrained: bool):

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ..errors import UsageError
 from .captions import pre_caption
+from .folder import SPLIT_FILES, FolderError, FolderSplit, check_unchanged, ensure_split
 from .transforms import test_transform, train_transform
 
 
@@ -31,10 +32,14 @@ class DatasetSpec:
     image_root: str
     ann_root: str
     how_to_get: str
+    from_folder: bool = False  # the split files are drawn from an image folder (distill_utils/data/folder.py)
 
 
 _ANNOTATIONS_HINT = ("download the annotations with `hf download previsior/PTM-ST --repo-type dataset "
                      "--include 'Annotation/*' --local-dir ./data` (or pass --ann_root FOLDER)")
+_FOLDER_HINT = ("the split files are drawn from the image folder on first use: pass --image_root FOLDER (images "
+                "with NAME.txt captions beside them)")
+_STAMPS_HINT = "fetch and convert the Tux Paint stamps with `bash sh/prepare_data.sh stamps`"
 _SHAPES_HINT = "generate it with `python -m distill_utils.app.shapes --root ./data/shapes` (or pass --ann_root/--image_root)"
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -46,6 +51,10 @@ DATASETS: Dict[str, DatasetSpec] = {
                         "./distill_utils/data/CC3M/", "./data/Annotation/", _ANNOTATIONS_HINT),
     "shapes": DatasetSpec("shapes_train.json", "shapes_val.json", "shapes_test.json",
                           "./data/shapes/", "./data/shapes/", _SHAPES_HINT),
+    # any folder of images with caption files; the split files go beside the images unless --ann_root says where
+    "folder": DatasetSpec(*SPLIT_FILES, "", "", _FOLDER_HINT, from_folder=True),
+    # the Tux Paint stamps: real photographs and drawings with English captions (sh/prepare_data.sh stamps)
+    "stamps": DatasetSpec(*SPLIT_FILES, "./data/stamps/images/", "./data/stamps/", _STAMPS_HINT, from_folder=True),
 }
 
 
@@ -113,10 +122,19 @@ def check_images_exist(dataset, name: str, sample: int = 0) -> None:
                         f"it) or download the images again (sh/prepare_data.sh DATASET).")
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """RGB; transparent pixels composited on white (a cut-out photograph, a stamp), not on black."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return on_white(image)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist: check --image_root (the annotation paths are "
                         f"relative to it) or download the images again (sh/prepare_data.sh).") from None
@@ -199,14 +217,36 @@ class RetrievalEvalDataset(Dataset):
 
 def resolve_roots(dataset: str, image_root: Optional[str], ann_root: Optional[str]) -> Tuple[Path, Path]:
     spec = dataset_spec(dataset)
-    return Path(image_root or spec.image_root), Path(ann_root or spec.ann_root)
+    if spec.from_folder and not (image_root or spec.image_root):
+        raise DataError(f"--dataset {dataset} needs --image_root FOLDER: a folder of images, each NAME.png/.jpg "
+                        f"with its caption in NAME.txt beside it")
+    images = Path(image_root or spec.image_root)
+    return images, Path(ann_root or spec.ann_root or images)
+
+
+def prepare_folder_split(dataset: str, images: Path, annotations: Path, split: FolderSplit) -> None:
+    """Draw the split of a folder dataset once (or check the one drawn earlier against the folder)."""
+    if not images.is_dir():
+        hint = dataset_spec(dataset).how_to_get
+        raise DataError(f"image folder {images} (--dataset {dataset}) does not exist: {hint}.")
+    try:
+        existed = (annotations / SPLIT_FILES[0]).is_file()
+        ensure_split(images, annotations, split)
+        if existed:
+            check_unchanged(images, annotations)
+    except FolderError as error:
+        raise DataError(str(error)) from None
 
 
 def build_datasets(dataset: str, image_root: Optional[str] = None, ann_root: Optional[str] = None,
-                   image_size: int = 224, augment: bool = True, cache_decoded: bool = False):
-    """``(train, val, test)`` for a dataset name; ``--image_root``/``--ann_root`` override the defaults."""
+                   image_size: int = 224, augment: bool = True, cache_decoded: bool = False,
+                   split: FolderSplit = FolderSplit()):
+    """``(train, val, test)`` for a dataset name; ``--image_root``/``--ann_root`` override the defaults.
+    A folder dataset's split (``split``) is drawn on first use and written beside the data."""
     spec = dataset_spec(dataset)
     images, annotations = resolve_roots(dataset, image_root, ann_root)
+    if spec.from_folder:
+        prepare_folder_split(dataset, images, annotations, split)
     train = RetrievalTrainDataset(annotations / spec.train, images, train_transform(image_size, augment),
                                   spec.how_to_get, cache_decoded=cache_decoded)
     val = RetrievalEvalDataset(annotations / spec.val, images, test_transform(image_size), spec.how_to_get)

