@@ -40,7 +40,7 @@ if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encod
   exec ${PYTHON:-python} distill_ptm-st.py --dataset stamps --image_root "$(image_root_of stamps)" \
       --ann_root "$(ann_root_of stamps)" "${STAMPS_MODEL[@]}" "${STAMPS_PHASES[@]}" \
       --num_queries "$((SIZE / 2 + SIZE % 2))" "$((SIZE / 2))" --syn_steps 5 --mini_batch_size 8 --keep_graphs 5 \
-      --lr_img "${STAMPS_LR_IMG:-100}" --lr_txt 0.5 --lr_sim 0.05 --lr_lr 0 --ema_decay 0.9 \
+      --lr_img 100 --lr_txt 0.5 --lr_sim 0.05 --lr_lr 0 --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --ema_decay 0.9 \
       --sim_type full --loss_type InfoNCE --epoch_eval_train 50 --num_eval 3 --eval_init false \
       --logged_dir "$LOGGED_DIR" --name "$RECIPE" --disabled_wandb true "${REST[@]}"
 fi

@@ -36,7 +36,7 @@ stamps_source() {  # prints the stamps folder to convert, fetching the package w
   if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
     {
       echo "error: fetching the stamps needs apt-get and dpkg-deb (a Debian or Ubuntu machine). Elsewhere, download"
-      echo "$STAMPS_PACKAGE_*.deb from https://packages.debian.org/$STAMPS_PACKAGE, unpack it (dpkg-deb -x FILE.deb DIR,"
+      echo "${STAMPS_PACKAGE}_*.deb from https://packages.debian.org/$STAMPS_PACKAGE, unpack it (dpkg-deb -x FILE.deb DIR,"
       echo "or: ar x FILE.deb && tar xf data.tar.xz -C DIR), then run: STAMPS_SOURCE=DIR/usr/share/tuxpaint/stamps bash sh/prepare_data.sh stamps"
     } >&2
     return 1

@@ -200,3 +200,14 @@ def test_gpu_checks_stop_with_advice_when_no_gpu_is_visible():
     assert out.returncode != 0 and "no CUDA device is visible" in out.stderr
     assert "== tests ==" not in out.stdout
 
+
+
+def test_the_frozen_features_benchmark_times_both_modes_side_by_side(tmp_path, monkeypatch):
+    from benchmarks import common, frozen_features
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    payload = frozen_features.main(["--image_encoder", "convnet_tiny", "--image_size", "8", "--num_queries", "6",
+                                    "--mini_batch_size", "2", "--syn_steps", "2", "--text_dim", "7",
+                                    "--out_embedding", "6", "--repeats", "2"])
+    assert payload["once per iteration"]["repeats"] == payload["every step"]["repeats"] == 2
+    assert payload["ratio_once_over_every_step"] > 0
+    assert json.loads(next(tmp_path.glob("frozen_features_*.json")).read_text())["args"]["num_queries"] == 6

@@ -3,6 +3,7 @@ the packaged ImageNet weights recognising documented stamp photographs, the stam
 and the stamps recipe through every stage at smoke size (slow)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from distill_utils.app import buffer, distill
+from distill_utils.app.quickstart import STAMPS
 from distill_utils.data import build_datasets, load_image, transforms
 from networks import efficientnet_lite as lite
 from tests.test_recipes import recorded_argv
@@ -89,10 +91,18 @@ def test_stamps_recipes_use_the_frozen_pretrained_encoder_and_pass_flags_through
         assert args.text_encoder == "minilm" and args.lr_sim == 3.0
         assert args.ann_root == "./data/stamps" and args.image_root == "./data/stamps/images"
         assert all("efficientnet_lite0_minilm/InfoNCE_NoAug/convexified_0_6" in p for p in args.buffer_path)
+        s = STAMPS  # the recipes run what the ablation's stamps comparison runs for PTM-ST
+        assert (args.image_size, args.syn_steps, args.mini_batch_size, args.lr_img, args.lr_txt, args.lr_lr,
+                args.lr_teacher_img, args.Iteration, args.out_embedding, args.epoch_eval_train) == (
+            s.image_size, s.syn_steps, s.mini_batch_size, s.lr_img, s.lr_txt, s.lr_lr, s.lr_teacher,
+            list(s.iterations), s.out_embedding, s.epoch_eval_train)
+        assert [args.min_start_epoch, args.max_start_epoch] == [[p[2] for p in s.phases], [p[3] for p in s.phases]]
     done, calls = recorded_argv(tmp_path, "buffer.sh", "cpu", "stamps", "--num_experts", "2")
     assert done.returncode == 0, done.stderr
     args = buffer.parse_args(calls[0][1:])
-    assert args.no_aug and args.num_experts == 2 and args.image_size == 96 and not args.image_trainable
+    assert args.no_aug and args.num_experts == 2 and not args.image_trainable
+    assert (args.image_size, args.train_epochs, args.batch_size_train, args.lr_teacher_img) == (
+        STAMPS.image_size, STAMPS.train_epochs, STAMPS.expert_batch, STAMPS.lr_teacher)
 
 
 @pytest.mark.slow
@@ -115,3 +125,56 @@ def test_the_stamps_recipe_runs_every_stage_at_smoke_size(stamps_dir, tmp_path):
     rows = list(results["rows"])
     assert rows[0].startswith("ptmst (20 pairs)") and any(r.startswith("full training set") for r in rows)
     assert all(0 <= row["mean"]["r_mean"] <= 100 for row in results["rows"].values())
+
+
+def fake_stamps(root: Path) -> Path:
+    """A stamps tree as the package lays it out: captions with translations, a symbol, a mirror, an SVG."""
+    from PIL import Image
+    for relative, caption in (("animals/cats/tiger.png", "A tiger.\nde.utf8=Ein Tiger."),
+                              ("food/fruit/pear.png", "A pear.\nfr.utf8=Une poire."),
+                              ("symbols/letters/a.png", "The letter a.")):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGBA", (600, 300), (200, 10, 10, 128)).save(path)
+        path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+    Image.new("RGBA", (8, 8)).save(root / "animals/cats/tiger_mirror.png")  # no caption of its own
+    (root / "food/fruit/plum.svg").write_text("<svg/>")
+    (root / "food/fruit/plum.txt").write_text("A plum.\n")
+    return root
+
+
+def run_prepare(tmp_path, **env):
+    return subprocess.run(["bash", str(ROOT / "sh" / "prepare_data.sh"), "stamps"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "STAMPS_DIR": str(tmp_path / "out"), **env})
+
+
+def test_prepare_stamps_converts_an_extracted_folder_once(tmp_path):
+    source = fake_stamps(tmp_path / "stamps")
+    done = run_prepare(tmp_path, STAMPS_SOURCE=str(source))
+    assert done.returncode == 0, done.stderr
+    images = tmp_path / "out" / "images"
+    assert sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png")) == [
+        "animals/cats/tiger.png", "food/fruit/pear.png"]  # no symbol, no captionless mirror, no SVG
+    assert (images / "animals/cats/tiger.txt").read_text() == "A tiger.\n"  # English only
+    from PIL import Image
+    assert max(Image.open(images / "animals/cats/tiger.png").size) == 256
+    again = run_prepare(tmp_path, STAMPS_SOURCE=str(tmp_path / "nowhere"))  # done: the source is not needed
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_prepare_stamps_says_what_to_do_without_a_source_or_apt_get(tmp_path):
+    done = run_prepare(tmp_path, STAMPS_SOURCE=str(tmp_path / "missing"))
+    assert done.returncode != 0 and "STAMPS_SOURCE" in done.stderr and "Traceback" not in done.stderr
+    bin_dir = tmp_path / "bin"  # a PATH with the basic tools but neither apt-get nor dpkg-deb
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "ls", "head", "mkdir", "rm", "touch", "sed", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    if Path("/usr/share/tuxpaint/stamps").is_dir():
+        pytest.skip("Tux Paint is installed here: the script takes its stamps without fetching")
+    done = subprocess.run([shutil.which("bash"), str(ROOT / "sh" / "prepare_data.sh"), "stamps"], capture_output=True,
+                          text=True, env={"PATH": str(bin_dir), "PYTHON": sys.executable,
+                                          "STAMPS_DIR": str(tmp_path / "out")})
+    assert done.returncode != 0
+    assert "needs apt-get and dpkg-deb" in done.stderr and "STAMPS_SOURCE=" in done.stderr

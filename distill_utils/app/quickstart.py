@@ -88,7 +88,7 @@ STAMPS = Settings(num_train=323, num_val=81, num_test=134, image_size=96, image_
                   phases=((0, 6, 0, 2), (0, 6, 1, 3)), num_queries=(25, 25), iterations=(30, 30), eval_it=30,
                   syn_steps=5, mini_batch_size=8, lr_img=100.0, lr_txt=0.5, lr_sim=0.05, lr_lr=0.0, ema_decay=0.9,
                   epoch_eval_train=50, num_eval=3, full_epochs=6, dataset="stamps", image_trainable=False,
-                  out_embedding=256)
+                  out_embedding=256, lr_teacher=0.02)
 
 PRESETS: Dict[str, Settings] = {
     "default": Settings(),
