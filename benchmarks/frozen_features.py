@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--syn_steps", type=int, default=5)
     parser.add_argument("--text_dim", type=int, default=384)
     parser.add_argument("--out_embedding", type=int, default=256)
+    parser.add_argument("--keep_graphs", type=int, default=None, help="first-pass graphs kept (default: all steps)")
     parser.add_argument("--repeats", type=int, default=5)
     return parser.parse_args(argv)
 
@@ -54,7 +55,8 @@ def main(argv=None) -> dict:
     def iteration(once: bool):
         def run():
             synthetic.zero_grad(set_to_none=True)
-            TrajectoryMatcher(model, criterion, args.syn_steps, keep_graphs=args.syn_steps,
+            keep = args.syn_steps if args.keep_graphs is None else args.keep_graphs
+            TrajectoryMatcher(model, criterion, args.syn_steps, keep_graphs=keep,
                               frozen_features=once).match(synthetic, start, target, batches)
         return run
     times = alternating_seconds({"once per iteration": iteration(True), "every step": iteration(False)}, device,
@@ -62,7 +64,8 @@ def main(argv=None) -> dict:
     ratio = paired_ratio(times["once per iteration"], times["every step"])
     payload = {"args": vars(args), "device": device_name(device), "machine": platform.processor(),
                **{name: summary(t) for name, t in times.items()}, "ratio_once_over_every_step": ratio}
-    path = write_json(f"frozen_features_{args.image_encoder}_{args.image_size}px_{n}", payload)
+    keep = "all" if args.keep_graphs is None else args.keep_graphs
+    path = write_json(f"frozen_features_{args.image_encoder}_{args.image_size}px_{n}_keep{keep}", payload)
     print(f"{device_name(device)}: once per iteration {summary(times['once per iteration'])['median_s']:.3f} s, "
           f"every step {summary(times['every step'])['median_s']:.3f} s (ratio {ratio:.2f}); {path}")
     return payload

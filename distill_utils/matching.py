@@ -202,8 +202,8 @@ class _FrozenFeatureView:
     weights never move along a trajectory (only the projection heads do) and it holds no dropout or
     batch statistics, so every step would compute these same features again: doing it once and
     back-propagating the steps' summed feature gradients through the encoder once gives the same
-    gradients at a fraction of the cost (one encoder pass instead of two per step, and no second
-    derivative through it)."""
+    gradients with one encoder pass per image used, however often the steps draw it and whether or not
+    a step's graph is recomputed (benchmarks/README.md has what that saves, and where it does not)."""
 
     def __init__(self, synthetic: SyntheticSet, encoder: torch.nn.Module, batches: Sequence[torch.Tensor]):
         self.synthetic = synthetic

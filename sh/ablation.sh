@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Methods side by side (MTT-VL, LoRS, PTM-ST, AMD, RepBlend) on the built-in shapes data: shared experts,
-# equal budgets and iterations, val protocol (paper protocol beside it), mean ± std over seeds, a report folder.
+# Methods side by side (MTT-VL, LoRS, PTM-ST, AMD, RepBlend) on the built-in shapes data, or with --dataset stamps
+# (or --dataset folder --image_root DIR) on real photographs through the frozen ImageNet EfficientNet-Lite0 with
+# budgets 20 50 100 and a full-data row: shared experts, equal budgets and iterations, val protocol (paper
+# protocol beside it), mean ± std over seeds, a report folder.
 # Usage: bash sh/ablation.sh [--workdir DIR] [--preset default|quick] [--seeds 0 1 2] [--budgets 20 40]
 #                            [--methods mttvl lors ptmst amd repblend] [any distill_ptm-st.py flag, e.g. --syn_steps 4]
 set -euo pipefail

@@ -123,7 +123,7 @@ def test_the_stamps_recipe_runs_every_stage_at_smoke_size(stamps_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "stamps" / "stamps20" / "eval_results.json").read_text())
     rows = list(results["rows"])
-    assert rows[0].startswith("ptmst (20 pairs)") and any(r.startswith("full training set") for r in rows)
+    assert rows[0].startswith("PTM-ST (20 pairs)") and any(r.startswith("full training set") for r in rows)
     assert all(0 <= row["mean"]["r_mean"] <= 100 for row in results["rows"].values())
 
 

@@ -5,6 +5,9 @@ the encoder frozen), then for every budget, method and seed one distillation at 
 equal total iterations, every final set evaluated by the same fresh students: test recall at the
 measurement chosen on the val split (val protocol), and the best test measurement beside it (paper
 protocol), mean ± std over seeds. A random real subset of each budget is the reference row.
+``--dataset stamps`` (or ``folder``) among the pass-through flags switches to the real-photograph settings
+(``quickstart.STAMPS``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100) and adds the
+full training set as a row.
 Writes a report folder: README.md (tables, time per method, settings), results.json, a plot of mean
 recall against budget (SVG) and each method's synthetic images.
 

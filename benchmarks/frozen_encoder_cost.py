@@ -1,0 +1,56 @@
+"""What freezing the image encoder costs in recall on the stamps: full-data students (trained like an
+expert, 6 epochs) with EfficientNet-Lite0 frozen and two projection heads (the stamps recipes), against
+the whole encoder trained, at two image-side learning rates; one student per seed, seeds 0 1 2.
+
+    python -m benchmarks.frozen_encoder_cost        # needs bash sh/prepare_data.sh stamps
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from distill_utils.app import ablation, distill
+from distill_utils.app.context import load_data, model_config
+from distill_utils.app.evaluate import full_data_baseline
+from distill_utils.app.quickstart import STAMPS
+from distill_utils.retrieval import split_benchmarks
+from distill_utils.runlog import setup_logging
+
+from .common import write_json
+
+SETTINGS = ((False, 0.02), (True, 0.02), (True, 0.002))  # (image encoder trained, its learning rate)
+
+
+def full_data_recall(trainable: bool, lr_img: float, work: Path, seeds=(0, 1, 2)) -> dict:
+    plan = replace(ablation.REAL_PRESETS["default"], quickstart=replace(STAMPS, image_trainable=trainable))
+    flags = ablation.distill_flags(plan, work, "lors", 20, 0, {"normal": "unused"}, work, "unused")
+    args = distill.parse_args(flags + ["--lr_teacher_img", str(lr_img)])
+    device = torch.device("cpu")
+    data = load_data(args, device, augment=False)
+    test, _ = split_benchmarks(data, device, 128, 0)
+    config = model_config(args, data.text_dim)
+    recalls, started = [], time.perf_counter()
+    for seed in seeds:
+        student = argparse.Namespace(**{**vars(args), "num_eval": 1, "seed": seed, "full_epochs": STAMPS.full_epochs})
+        recalls.append(full_data_baseline(data, student, config, test, device)["selected"]["mean"]["r_mean"])
+    return {"trainable": trainable, "lr_img": lr_img, "r_mean": recalls, "mean": statistics.fmean(recalls),
+            "std": statistics.pstdev(recalls), "seconds": time.perf_counter() - started}
+
+
+def main() -> list:
+    setup_logging()
+    rows = [full_data_recall(t, lr, Path("./benchmarks/results/frozen_encoder_cost")) for t, lr in SETTINGS]
+    for row in rows:
+        print(f"encoder {'trained' if row['trainable'] else 'frozen '} lr_img {row['lr_img']}: "
+              f"R@mean {row['mean']:.2f} ± {row['std']:.2f} ({row['seconds']:.0f} s)")
+    print(write_json("frozen_encoder_cost", {"rows": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
