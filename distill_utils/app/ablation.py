@@ -461,11 +461,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
                 if group[0].split("=", 1)[0] == "--dataset"]
     args.builtin_data = not datasets
-    if datasets and datasets[-1] not in ("stamps", "folder"):
-        parser.error(f"--dataset {datasets[-1]}: the ablation's settings are made for the built-in shapes (no "
-                     f"--dataset) and for real photographs through a pretrained encoder (--dataset stamps, or "
-                     f"--dataset folder --image_root DIR)")
-    plan = (PRESETS if args.builtin_data else REAL_PRESETS)[args.preset]
+    # real photographs get the pretrained-encoder settings; any other --dataset runs the shapes settings on it
+    real = bool(datasets) and datasets[-1] in ("stamps", "folder")
+    plan = (REAL_PRESETS if real else PRESETS)[args.preset]
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
                    methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods)
@@ -488,7 +486,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     # written in a folder of its own and renamed when complete: a report folder is never half written
     report = Path(tempfile.mkdtemp(prefix=".ablation_", suffix=".partial", dir=work / "reports"))
     (report / "images").mkdir()
-    if s.builtin:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
+    if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
         generate_data(s, work)
         pretrain_encoder(s, work)
     model = model_namespace(plan, work, args.distill_flags)
