@@ -8,7 +8,7 @@ every batch, and never with dropout active).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -46,7 +46,9 @@ def make_optimizer(model: DualEncoder, optim: ExpertOptim, speed: SpeedOptions =
 
 def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch.Tensor, optimizer,
                     criterion, device: torch.device, speed: SpeedOptions = SpeedOptions(), desc: str = "",
-                    progress: bool = True) -> float:
+                    progress: bool = True, observe: Optional[Callable] = None) -> float:
+    """One pass over ``loader``; ``observe(caption_index, logits)`` sees every batch's logits (the
+    forgetting-event count of buffer.py)."""
     model.train()
     total, batches = 0.0, 0
     for images, caption_index in progress_bar(loader, desc=desc, unit="batch", leave=False, disable=not progress, inner=True):
@@ -54,6 +56,8 @@ def train_one_epoch(model: DualEncoder, loader: DataLoader, text_features: torch
         texts = text_features[caption_index].to(device, non_blocking=True)
         with speed.autocast(device):
             logits = model(images, texts)
+        if observe is not None:
+            observe(caption_index, logits)
         loss = criterion(logits.float(), torch.eye(len(images), device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

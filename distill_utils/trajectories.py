@@ -8,7 +8,9 @@ On disk, a folder of experts holds either
 * compact shortcut files ``shortcut_{n}.pt`` (written by convexify.py --compact): both endpoints and
   the per-layer beta table of every trajectory, both sides, with parameter names;
 
-plus, optionally, a sidecar ``meta.json`` (format version, encoders, parameter names and shapes).
+plus, optionally, a sidecar ``meta.json`` (format version, encoders, parameter names and shapes) and,
+per expert that buffer.py trained, ``forgetting_{n}.json`` (each training pair's forgetting events,
+for the forgetting coreset; written in one group with the expert's twin files).
 Image and text files are paired by their index ``n``, never by listing order.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import claims
-from .atomic import atomic_save, atomic_write_text, temporaries_of, torch_writer, write_all
+from .atomic import atomic_save, atomic_write_text, temporaries_of, text_writer, torch_writer, write_all
 from .errors import UsageError
 from .shortcut import shortcut_snapshot
 
@@ -109,11 +111,14 @@ def _taken_indices(folder: Path) -> List[int]:
 
 
 def _leftovers(folder: Path, index: int) -> List[Path]:
-    """What a writer of ``index`` killed part-way leaves: its temporaries, and a file without its twin."""
+    """What a writer of ``index`` killed part-way leaves: its temporaries, a file without its twin, and
+    a forgetting sidecar without both twins."""
     paths = [twin_path(folder, side, index) for side in SIDES]
-    found = [temporary for path in paths for temporary in temporaries_of(path)]
+    sidecar = forgetting_path(folder, index)
+    found = [temporary for path in [*paths, sidecar] for temporary in temporaries_of(path)]
     present = [path for path in paths if path.exists()]
-    return found + (present if len(present) == 1 else [])
+    lone_sidecar = [sidecar] if sidecar.exists() and len(present) < 2 else []
+    return found + (present if len(present) == 1 else []) + lone_sidecar
 
 
 def _unclaimed_temporaries(folder: Path) -> List[Path]:
@@ -149,15 +154,59 @@ def release_claim(folder: Path, index: int) -> None:
     claims.release(folder, index)
 
 
-def write_expert(folder: Path, index: int, image_trajectory: Trajectory, text_trajectory: Trajectory) -> Tuple[Path, Path]:
+def write_expert(folder: Path, index: int, image_trajectory: Trajectory, text_trajectory: Trajectory,
+                 forgetting: Optional[dict] = None) -> Tuple[Path, Path]:
     """Write one expert as the authors' twin files (each a list holding one trajectory), as a pair:
-    both temporaries first, then both renames, so a failure leaves neither file."""
+    both temporaries first, then both renames, so a failure leaves neither file. ``forgetting`` (the
+    expert's forgetting-event record) joins the group as ``forgetting_{index}.json``, renamed first, so
+    an expert whose twins exist always has its record."""
     if len(image_trajectory) != len(text_trajectory):
         raise ValueError("image and text trajectories must have the same number of snapshots")
     paths = twin_path(folder, "image", index), twin_path(folder, "text", index)
-    write_all([(paths[1], torch_writer([_to_cpu(text_trajectory)])),
+    sidecar = [] if forgetting is None else [(forgetting_path(folder, index), text_writer(json.dumps(forgetting)))]
+    write_all([*sidecar, (paths[1], torch_writer([_to_cpu(text_trajectory)])),
                (paths[0], torch_writer([_to_cpu(image_trajectory)]))])
     return paths
+
+
+def experts_source(folder: Path) -> Path:
+    """The folder of the experts that ``folder``'s trajectories come from: ``folder`` itself, or for a
+    shortcut folder the one its meta.json names (``normal`` beside it, where convexify.py puts shortcuts,
+    for folders written before it was recorded)."""
+    folder = Path(folder)
+    meta = read_meta(folder) if folder.is_dir() else None
+    if not meta or "shortcut" not in meta:
+        return folder
+    return Path(meta["shortcut"].get("source") or folder.parent / "normal")
+
+
+def forgetting_path(folder: Path, index: int) -> Path:
+    return Path(folder) / f"forgetting_{index}.json"
+
+
+def read_forgetting(folder: Path, index: int, pairs_digest: str) -> dict:
+    """Expert ``index``'s forgetting-event record, checked to belong to the training pairs of
+    ``pairs_digest``."""
+    path = forgetting_path(folder, index)
+    if not path.is_file():
+        raise TrajectoryError(
+            f"{path} does not exist: the forgetting baseline needs the forgetting events buffer.py records while an "
+            f"expert trains, and expert {index} in {folder} was trained before buffer.py recorded them (or by "
+            f"other code). Train experts into a new folder with this version of buffer.py (--buffer_path NEW) and "
+            f"pass it to eval.py as --expert_dir, or drop forgetting from --baseline.")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        events, learned = record["events"], record["learned"]
+        recorded_digest = record["pairs_digest"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrajectoryError(f"{path} is damaged ({type(error).__name__}: {error}); delete it and train the expert "
+                              f"again, or drop forgetting from --baseline.") from None
+    if recorded_digest != pairs_digest or len(events) != len(learned):
+        raise TrajectoryError(
+            f"{path} counts forgetting events of {len(events)} training pairs of another training set (its pair "
+            f"digest differs from this dataset's): the expert was trained on other data or another split. Pass the "
+            f"--expert_dir of experts trained on this data, or drop forgetting from --baseline.")
+    return record
 
 
 def _to_cpu(trajectory: Trajectory) -> Trajectory:

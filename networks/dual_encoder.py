@@ -44,6 +44,7 @@ class DualEncoderConfig:
     image_pretrained: bool = False
     checkpoint_dir: Optional[str] = None
     init_seed: int = 0  # seeds the random weights of a frozen, non-pretrained image encoder
+    input_size: Optional[int] = None  # resize images to this side first (a student of another architecture)
 
     def build(self, seed: Optional[int] = None) -> "DualEncoder":
         """A fresh model. ``seed`` draws the trainable parts; the image encoder's random start is
@@ -51,11 +52,29 @@ class DualEncoderConfig:
         encoder_seed = seed if (self.image_trainable and seed is not None) else self.init_seed
         image_encoder = create_image_encoder(self.image_encoder, self.image_pretrained,
                                              self.checkpoint_dir, init_seed=encoder_seed)
+        if self.input_size is not None:
+            image_encoder = ResizedInput(image_encoder, self.input_size)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
             return DualEncoder(image_encoder, self.text_dim, self.image_trainable,
                                self.out_embedding, self.temperature)
+
+
+class ResizedInput(nn.Module):
+    """An image encoder that first resizes its input to ``size`` x ``size`` (bilinear, antialiased)."""
+
+    def __init__(self, encoder: nn.Module, size: int):
+        super().__init__()
+        self.encoder = encoder
+        self.size = size
+        self.num_features = encoder.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return self.encoder(images)
 
 
 class DualEncoder(nn.Module):

@@ -4,7 +4,8 @@
 # Usage: bash sh/eval.sh GPU [RECIPE [eval.py flags...]]   (RECIPE default: flickr500)
 #   RECIPE   flickr500 ... cc3m100, stamps20 stamps50 stamps100 (stamps: val protocol, random and full-data rows)
 #   flags    override, e.g. --eval_protocol val --phase_lr own (choose on val, report test),
-#            --baseline random full, --num_eval 3
+#            --baseline random herding kcenter forgetting full (coresets of the run's experts),
+#            --student_image_encoder convnet (cross-architecture students), --num_eval 3
 # Paper protocol by default (the authors'; what the paper tables report).
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from networks import DualEncoder
 
 from .. import trajectories
+from ..coresets import ForgettingTracker, pairs_digest
 from ..errors import writable_folder
 from ..experts import ExpertOptim, make_optimizer, side_snapshot, train_one_epoch
 from ..losses import LOSSES, MultilabelContrastiveLoss
@@ -76,15 +77,16 @@ def expert_optim(args: argparse.Namespace) -> ExpertOptim:
     return ExpertOptim(args.lr_teacher_img, args.lr_teacher_txt, args.mom, args.l2, args.train_epochs, args.decay)
 
 
-def train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
-    """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories. Everything
+def train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list, ForgettingTracker]:
+    """Train expert ``expert`` from seed ``args.seed + expert``; return its two trajectories and the
+    forgetting events of its training pairs. Everything
     it draws (weights, batch order, dropout masks) comes from that seed, so an expert is the same whether
     its process trained others before it or not (a rerun that appends, a torchrun rank)."""
     with seeded(args.seed + expert, device):
         return _train_expert(expert, args, data, config, benchmark, device, metrics)
 
 
-def _train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list]:
+def _train_expert(expert: int, args, data, config, benchmark, device, metrics) -> Tuple[list, list, ForgettingTracker]:
     model = config.build(seed=args.seed + expert).to(device)
     speed = SpeedOptions.for_device(device, args.bf16).for_model(model)
     speed.prepare_model(model)
@@ -95,12 +97,13 @@ def _train_expert(expert: int, args, data, config, benchmark, device, metrics) -
                         num_workers=args.num_workers, generator=generator, pin_memory=device.type == "cuda",
                         persistent_workers=args.num_workers > 0)
     image_snapshots, text_snapshots = [], []
+    forgetting = ForgettingTracker(len(data.train))
     for snapshot, store in zip(side_snapshot(model), (image_snapshots, text_snapshots)):
         store.append(snapshot)
     for epoch in range(args.train_epochs):
         started = time.perf_counter()
         loss = train_one_epoch(model, loader, data.train_text, optimizer, criterion, device, speed,
-                               desc=f"expert {expert} epoch {epoch + 1}/{args.train_epochs}")
+                               desc=f"expert {expert} epoch {epoch + 1}/{args.train_epochs}", observe=forgetting.update)
         seconds = time.perf_counter() - started
         record = {"expert": expert, "epoch": epoch + 1, "train_loss": loss, "epoch_seconds": seconds}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.train_epochs:
@@ -114,7 +117,7 @@ def _train_expert(expert: int, args, data, config, benchmark, device, metrics) -
         scheduler.step()
     if not all(torch.isfinite(t).all() for t in image_snapshots[-1] + text_snapshots[-1]):
         raise FloatingPointError(f"expert {expert} diverged (NaN/Inf parameters); lower --lr_teacher_img/--lr_teacher_txt")
-    return image_snapshots, text_snapshots
+    return image_snapshots, text_snapshots, forgetting
 
 
 def expert_meta(args: argparse.Namespace, model: DualEncoder) -> dict:
@@ -170,8 +173,9 @@ def train_and_write(args, data, config, benchmark, device, metrics, folder) -> i
     folder and reruns add new experts instead of repeating old ones; write its pair; release."""
     index = trajectories.claim_next_index(folder)
     try:
-        image_traj, text_traj = train_expert(index, args, data, config, benchmark, device, metrics)
-        paths = trajectories.write_expert(folder, index, image_traj, text_traj)
+        image_traj, text_traj, forgetting = train_expert(index, args, data, config, benchmark, device, metrics)
+        digest = pairs_digest(data.train.image_paths(), data.train.captions)
+        paths = trajectories.write_expert(folder, index, image_traj, text_traj, forgetting.as_record(digest))
     finally:
         trajectories.release_claim(folder, index)
     log.info("saved expert %d as %s + %s (%.1f MB)", index, paths[0].name, paths[1].name,

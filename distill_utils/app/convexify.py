@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     meta = trajectories.read_meta(folder)
     if meta is not None:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(
-            {**meta, "shortcut": {"start": args.start, "end": args.end, "compact": args.compact}}, indent=1, default=str))
+            {**meta, "shortcut": {"start": args.start, "end": args.end, "compact": args.compact,
+                               "source": str(folder.resolve())}}, indent=1, default=str))
     written = skipped = full_bytes = 0
     for index in progress(indices, desc=f"convexify [{args.start}:{args.end}] -> {out.name}", unit="expert"):
         done = (trajectories.compact_path(out, index).is_file() if args.compact else

@@ -1,8 +1,11 @@
 """Evaluate saved distilled sets against baselines at the same budget (``eval.py``).
 
-Rows of the table: the distilled phases (``--ckpt_path``, in phase order), a random real subset of
-the same sizes with identity similarity (``--baseline random``), and optionally the full training
-set (``--baseline full``, trained like an expert). Every row is mean ± std over ``--num_eval`` runs.
+Rows of the table: the distilled phases (``--ckpt_path``, in phase order), then the ``--baseline`` rows:
+real training pairs of the same per-phase sizes with identity similarity, chosen at random
+(``random``) or by a coreset selection (``herding``, ``kcenter``, ``forgetting``: see
+:mod:`distill_utils.coresets`), and the full training set (``full``, trained like an expert). Every row
+is mean ± std over ``--num_eval`` students. ``--student_image_encoder`` trains every row's students with
+another image encoder than the distiller's (cross-architecture evaluation).
 """
 from __future__ import annotations
 
@@ -10,15 +13,20 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
+from networks import DualEncoderConfig
+
 from .. import checkpoint
 from ..atomic import text_writer, write_all
+from .. import trajectories
+from ..coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
 from ..data import DataError
-from ..errors import writable_folder
+from ..errors import UsageError, writable_folder
 from ..evaluation import StudentRun, evaluate_subsets, format_table, student_seed, summarise
 from ..experts import ExpertOptim, make_optimizer, train_one_epoch
 from ..losses import MultilabelContrastiveLoss
@@ -28,11 +36,12 @@ from ..runlog import resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 from ..synthetic import FrozenSubset
 
-from .cli import eval_settings, positive, script_parser
+from .cli import add_bool_flag, eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
+BASELINES = ("random", *CORESETS, "full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a distill_ptm-st.py run folder: its args.json gives the data and model flags and "
                             "the last checkpoint of every phase (flags given here still win)")
     group.add_argument("--ckpt_path", nargs="+", default=None, help="distilled_*.pt of each phase, in phase order")
-    group.add_argument("--baseline", nargs="*", default=["random"], choices=["random", "full"],
-                       help="reference rows: a random real subset of the same sizes, the full training set")
+    group.add_argument("--baseline", nargs="*", default=["random"], choices=list(BASELINES),
+                       help="reference rows, shown in this order: real training pairs of the distilled set's "
+                            "per-phase sizes chosen at random, by herding or k-center in the joint embedding of "
+                            "the first expert's final snapshot, or as the pairs that expert forgot most often; "
+                            "the full training set")
+    group.add_argument("--expert_dir", default=None,
+                       help="experts (buffer.py's folder) whose first expert herding, kcenter and forgetting "
+                            "use (default with --run: the experts behind its first phase's --buffer_path)")
     group.add_argument("--lr_teacher_img", type=positive(float), default=0.1, help="baseline image-side lr")
     group.add_argument("--lr_teacher_txt", type=positive(float), default=0.1, help="baseline text-side lr")
     group.add_argument("--full_epochs", type=positive(), default=10, help="epochs of the full-data baseline")
@@ -58,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sim_type", default=None, choices=["full", "lowrank"],
                        help="accepted for the reference's commands; the checkpoint's matrix is used")
     group.add_argument("--out_dir", default=None, help="where eval_results.{json,md} go (default: beside the last checkpoint)")
+    student = parser.add_argument_group(
+        "cross-architecture students", "train every row's students with another image encoder than the "
+        "distiller's; the synthetic texts are the distiller's text features, so the text encoder stays")
+    student.add_argument("--student_image_encoder", default=None,
+                         help="image encoder of the students (built-in name or timm model), e.g. convnet")
+    add_bool_flag(student, "--student_image_pretrained", default=False,
+                  help="start the students' encoder from pretrained weights (--checkpoint_dir or the hub)")
+    add_bool_flag(student, "--student_image_trainable", default=True,
+                  help="train the students' image encoder (else a frozen encoder under a trained head)")
+    student.add_argument("--student_image_size", type=positive(), default=None,
+                         help="the students' input side: every image (synthetic, real, test) is resized to it "
+                              "(default: --image_size)")
+    student.add_argument("--student_text_encoder", default=None,
+                         help="accepted only when equal to --text_encoder (synthetic texts are its features)")
     return parser
 
 
@@ -106,10 +135,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run = RunFolder(Path(args.run))
     recorded = run.recorded_args()
     parser.set_defaults(**{k: recorded[k] for k in RUN_FLAGS if k in recorded})
+    if recorded.get("buffer_path"):
+        parser.set_defaults(expert_dir=str(trajectories.experts_source(Path(recorded["buffer_path"][0]))))
     args = parser.parse_args(argv)
     if not args.ckpt_path:
         args.ckpt_path = run_checkpoints(run, recorded)
     return args
+
+
+def check_student_flags(args: argparse.Namespace) -> None:
+    """Refuse a student text encoder other than the distiller's, and coresets without experts."""
+    if args.student_text_encoder not in (None, args.text_encoder):
+        raise UsageError(
+            f"--student_text_encoder {args.student_text_encoder}: the distilled texts are features of the "
+            f"distiller's text encoder ({args.text_encoder}), so students must read them with it; cross-architecture "
+            f"evaluation changes the image encoder only (--student_image_encoder). Drop --student_text_encoder.")
+    coresets = [b for b in args.baseline if b in CORESETS]
+    if coresets and args.expert_dir is None:
+        raise UsageError(f"--baseline {' '.join(coresets)} selects with an expert trained on the full data: pass "
+                         f"--expert_dir (buffer.py's folder of experts for this dataset and model), or --run RUN, "
+                         f"whose --buffer_path gives it")
 
 
 def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: int) -> Tuple[List[FrozenSubset], str]:
@@ -134,12 +179,25 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
 
 
 LABELS = {"ptmst": "PTM-ST", "mttvl": "MTT-VL", "lors": "LoRS", "amd": "AMD", "repblend": "RepBlend"}
+BASELINE_LABELS = {"random": "random real subset", "herding": "herding coreset", "kcenter": "k-center coreset",
+                   "forgetting": "forgetting coreset"}
+
+
+def real_subsets(data: DataContext, chunks: Sequence[Sequence[int]], lr_img: float,
+                 lr_txt: float) -> List[FrozenSubset]:
+    """Training pairs ``chunks`` (one list of pair indices per phase), test-time transform, identity similarity."""
+    subsets = []
+    for chunk in chunks:
+        chunk = [int(i) for i in chunk]
+        images = torch.stack([data.train[i][0] for i in chunk])
+        subsets.append(FrozenSubset(images, data.train_text[chunk].clone(), torch.eye(len(chunk)), lr_img, lr_txt))
+    return subsets
 
 
 def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
                    generator: torch.Generator) -> List[FrozenSubset]:
-    """Real training pairs (test-time transform), identity similarity; distinct across phases when the
-    training set holds enough pairs, else distinct within each phase."""
+    """Random real training pairs; distinct across phases when the training set holds enough pairs,
+    else distinct within each phase."""
     available = len(data.train)
     if sum(sizes) <= available:
         chunks = torch.randperm(available, generator=generator)[:sum(sizes)].split(list(sizes))
@@ -150,11 +208,56 @@ def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_tx
         log.warning("the training set has %d pairs, fewer than the %d the phases hold together: each phase's "
                     "random subset is drawn on its own, so they may share pairs", available, sum(sizes))
         chunks = [torch.randperm(available, generator=generator)[:size] for size in sizes]
-    subsets = []
-    for chunk in chunks:
-        images = torch.stack([data.train[i][0] for i in chunk.tolist()])
-        subsets.append(FrozenSubset(images, data.train_text[chunk].clone(), torch.eye(len(chunk)), lr_img, lr_txt))
-    return subsets
+    return real_subsets(data, [c.tolist() for c in chunks], lr_img, lr_txt)
+
+
+class CoresetSelector:
+    """Herding, k-center and forgetting selections of one training set, made with the first expert of
+    ``expert_dir`` (a model of ``config``, the distiller's). The joint embeddings are computed once."""
+
+    def __init__(self, data: DataContext, expert_dir: Path, config, device: torch.device, seed: int):
+        self.data, self.expert_dir, self.config, self.device, self.seed = data, Path(expert_dir), config, device, seed
+        self._embeddings = None
+        self.expert_index: Optional[int] = None
+
+    def embeddings(self):
+        if self._embeddings is None:
+            model, self.expert_index = expert_at_end(self.config, self.expert_dir, self.device)
+            train = self.data.train
+            images_of = {path: train.transform(train.folder(path)) for path in dict.fromkeys(train.image_paths())}
+            self._embeddings = pair_embeddings(model, images_of, train.image_paths(), self.data.train_text, self.device)
+        return self._embeddings
+
+    def forgetting_record(self) -> dict:
+        index = trajectories.TrajectoryBuffer(self.expert_dir).indices[0]
+        train = self.data.train
+        return trajectories.read_forgetting(self.expert_dir, index, pairs_digest(train.image_paths(), train.captions))
+
+    def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float) -> List[FrozenSubset]:
+        if sum(sizes) > len(self.data.train):
+            raise DataError(f"the {kind} baseline needs {sum(sizes)} training pairs but the dataset has "
+                            f"{len(self.data.train)}: drop --baseline {kind} or use a larger training set")
+        if kind == "forgetting":
+            ranking = rank_pairs(kind, sum(sizes), forgetting=self.forgetting_record(), seed=self.seed)
+        else:
+            ranking = rank_pairs(kind, sum(sizes), embeddings=self.embeddings())
+        return real_subsets(self.data, split_ranking(ranking, sizes), lr_img, lr_txt)
+
+
+def student_config(args: argparse.Namespace, text_dim: int) -> Tuple[DualEncoderConfig, str]:
+    """The students' model and a label naming it ("" for the distiller's own model)."""
+    config = model_config(args, text_dim)
+    if args.student_image_encoder is None:
+        if args.student_image_size is not None:
+            raise UsageError("--student_image_size resizes the images for a student of another architecture: give "
+                             "--student_image_encoder too, or drop --student_image_size")
+        return config, ""
+    size = args.student_image_size or args.image_size
+    config = replace(config, image_encoder=args.student_image_encoder, image_trainable=args.student_image_trainable,
+                     image_pretrained=args.student_image_pretrained, input_size=None if size == args.image_size else size)
+    label = (f"{args.student_image_encoder}{', pretrained' if args.student_image_pretrained else ''}"
+             f"{'' if args.student_image_trainable else ', frozen'}, {size} px")
+    return config, label
 
 
 def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark, device) -> dict:
@@ -178,16 +281,26 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
     return summarise(runs)
 
 
-def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace) -> Path:
+def results_stem(args: argparse.Namespace) -> str:
+    """``eval_results``, or ``eval_results_student_NAME`` for other students (so neither replaces the other)."""
+    if args.student_image_encoder is None:
+        return "eval_results"
+    return "eval_results_student_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in args.student_image_encoder)
+
+
+def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace, student: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     payload = {"rows": rows, "protocol": args.eval_protocol, "phase_lr": args.phase_lr, "num_eval": args.num_eval,
-               "ckpt_path": args.ckpt_path, "epoch_eval_train": args.epoch_eval_train}
-    write_all([(folder / "eval_results.json", text_writer(json.dumps(payload, indent=1))),
-               (folder / "eval_results.md", text_writer(
-                   f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n"
+               "ckpt_path": args.ckpt_path, "epoch_eval_train": args.epoch_eval_train,
+               "student": student or "the distiller's model", "expert_dir": args.expert_dir}
+    stem = results_stem(args)
+    students = f"students: {student}\n\n" if student else ""
+    write_all([(folder / f"{stem}.json", text_writer(json.dumps(payload, indent=1))),
+               (folder / f"{stem}.md", text_writer(
+                   f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n{students}"
                    f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}\n\n{table}\n"))])
-    return folder / "eval_results.md"
+    return folder / f"{stem}.md"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
@@ -200,25 +313,33 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
             raise checkpoint.CheckpointError(f"--ckpt_path {path} {what}: pass the distilled_PHASE_IT.pt files of "
                                              f"a run (logged_files/DATASET/RUN/), one per phase, in phase order")
     check_phase_order(args.ckpt_path)
+    check_student_flags(args)
     out_dir = writable_folder(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, "--out_dir")
     device = resolve_device(args.device)
     enable_fast_math(device)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     subsets, method = load_checkpoints(args.ckpt_path, args, data.text_dim)
-    config = model_config(args, data.text_dim)
+    config, student = student_config(args, data.text_dim)
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
-    rows = {f"{method} ({sum(sizes)} pairs)": evaluate_subsets(subsets, config, settings, test, val, device,
-                                                             "distilled set")["selected"]}
-    if "random" in args.baseline:
-        reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
-                               torch.Generator().manual_seed(args.seed + 12345))
-        rows[f"random real subset ({sum(sizes)} pairs)"] = evaluate_subsets(
-            reals, config, settings, test, val, device, "random subset")["selected"]
+    suffix = f", student {student}" if student else ""
+    rows = {f"{method} ({sum(sizes)} pairs){suffix}": evaluate_subsets(subsets, config, settings, test, val, device,
+                                                                      "distilled set")["selected"]}
+    selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device, args.seed) \
+        if args.expert_dir else None
+    for baseline in [b for b in BASELINES if b in args.baseline and b != "full"]:
+        if baseline == "random":
+            reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
+                                   torch.Generator().manual_seed(args.seed + 12345))
+        else:
+            reals = selector.subsets(baseline, sizes, args.lr_teacher_img, args.lr_teacher_txt)
+        rows[f"{BASELINE_LABELS[baseline]} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(
+            reals, config, settings, test, val, device, f"{baseline} subset")["selected"]
     if "full" in args.baseline:
-        rows[f"full training set ({len(data.train)} pairs)"] = full_data_baseline(data, args, config, test, device)["selected"]
+        rows[f"full training set ({len(data.train)} pairs){suffix}"] = full_data_baseline(
+            data, args, config, test, device)["selected"]
     print(format_table(rows), flush=True)  # before writing: a failed write must not lose the table
-    out = write_results(out_dir, rows, args)
+    out = write_results(out_dir, rows, args, student)
     print(f"written to {out} and {out.with_suffix('.json')}")
     return rows
