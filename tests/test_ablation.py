@@ -14,6 +14,7 @@ from distill_utils.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mttvl", "lors", "ptmst", "amd", "repblend")
+ROWS = METHODS + ("random", "random, frozen encoder", "herding", "kcenter", "forgetting")
 
 
 def run_of(work: Path, method: str, budget: int = 4, seed: int = 0) -> Path:
@@ -29,7 +30,7 @@ def report_runs(report: Path):
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     work = tmp_path_factory.mktemp("ablation")
-    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1", "--students", "convnet"])
     return work, report
 
 
@@ -37,15 +38,26 @@ def smoke_report(tmp_path_factory):
 def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_report):
     work, report = smoke_report
     text = report.read_text()
-    for method in METHODS + ("random", "random, frozen encoder"):
+    for method in ROWS:
         assert len(re.findall(rf"^\| {method} \| \d+\.\d\d ± \d+\.\d\d \|$", text, re.M)) == 2, method  # val + paper
+        # the papers' layout: 7 recalls of the budget, val and paper protocol
+        assert len(re.findall(rf"^\| {method} \|( \d+\.\d ± \d+\.\d \|){{7}}$", text, re.M)) >= 2, method
+    assert "| method | 4 pairs: IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | mean |" in text
     assert "## Learning-rate search" in text and "None for any method" in text
-    svg = (report.parent / "recall_vs_budget.svg").read_text()
-    assert svg.count("<polyline") == len(METHODS) + 2
+    for plot in ("recall_vs_budget.png", "cross_architecture.png"):
+        assert (report.parent / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot})" in text
+    assert not list(report.parent.glob("*.svg"))
+    # cross-architecture: every set but the frozen-encoder reference trained by the convnet student
+    assert "| method | 4 pairs: distiller's model | convnet |" in text
+    for row in METHODS + ("random", "herding", "kcenter", "forgetting"):
+        assert len(re.findall(rf"^\| {row} \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d ± \d+\.\d\d \|$", text,
+                              re.M)) == 2, row
     images = sorted(p.name for p in (report.parent / "images").iterdir())
     assert images == sorted([f"{m}_b4_phase0.png" for m in METHODS] + ["ptmst_b4_phase1.png"])
     results = json.loads((report.parent / "results.json").read_text())
-    assert {(r["method"], r["budget"], r["seed"]) for r in results["results"]} == {(m, 4, 0) for m in METHODS + ("random", "random, frozen encoder")}
+    assert {(r["method"], r["budget"], r["seed"]) for r in results["results"] if r["student"] is None} == {
+        (m, 4, 0) for m in ROWS}
+    assert {r["method"] for r in results["results"] if r["student"] == "convnet"} == set(ROWS) - {"random, frozen encoder"}
     assert not list((work / "reports").glob(".*partial"))
     seconds = {m: float(re.search(rf"^\| {m} \| (\d+) \|", text, re.M).group(1)) for m in METHODS}
     recorded = {m: json.loads((run_of(work, m) / "ablation_seconds.json").read_text()) for m in METHODS}
@@ -73,7 +85,7 @@ def test_every_method_ran_with_its_flags_at_equal_budget_and_iterations(smoke_re
 def test_a_second_call_reuses_every_finished_run(smoke_report):
     work, _ = smoke_report
     histories = {p: p.read_text() for p in (work / "ablation_runs" / "shapes").glob("*/args_history.jsonl")}
-    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1"])
+    report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1", "--students", "convnet"])
     assert report.is_file()
     assert {p: p.read_text() for p in histories} == histories  # no run started again
     assert sorted(report_runs(report)) == sorted(run_of(work, m) for m in METHODS)
@@ -129,8 +141,52 @@ def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
     (["--budgets", "1"], "every budget must be at least 2"),
     (["--seed", "3"], "--seed is set by the ablation itself"),
     (["--methods", "nope"], "invalid choice"),
+    (["--coresets", "greedy"], "invalid choice"),
+    (["--students", "no_such_net"], "--students 'no_such_net' is neither built in"),
+    (["--students", "convnet", "convnet"], "--students names convnet more than once"),
 ])
 def test_bad_ablation_flags_name_the_flag(argv, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distill_utils.app.ablation", "--workdir", str(tmp_path), *argv],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def fake_results(rows, budgets, seeds, students=()):
+    results = {}
+    for r, row in enumerate(rows):
+        for b in budgets:
+            for seed in seeds:
+                for student in (None, *students):
+                    value = 10.0 * r + b + seed + (0.5 if student else 0.0)
+                    summary = {"selected": {"mean": {k: value for k in ("img_r1", "img_r5", "img_r10", "txt_r1",
+                                                                         "txt_r5", "txt_r10", "r_mean")}}}
+                    key = (row, b, seed) + ((student,) if student else ())
+                    results[key] = {"val": summary, "paper": summary}
+    return results
+
+
+def test_plots_are_matplotlib_pngs_of_every_row(tmp_path, monkeypatch):
+    from matplotlib import image as mpimg
+    plan = ablation.Plan(seeds=(0, 1), budgets=(4, 8), methods=("lors",), coresets=("herding",),
+                         students=("convnet",))
+    rows = ["lors", "random", "herding"]
+    results = fake_results(rows, plan.budgets, plan.seeds, plan.students)
+    drawn = {}
+    original = ablation.lines_with_error_bars
+
+    def spy(path, xs, series, *rest):
+        drawn.update(series)
+        original(path, xs, series, *rest)
+    monkeypatch.setattr(ablation, "lines_with_error_bars", spy)
+    names = ablation.draw_plots(plan, results, tmp_path, rows)
+    assert names == ["recall_vs_budget.png", "cross_architecture.png"]
+    # lors at budget 8: (0 + 8 + 0, 0 + 8 + 1) over seeds -> mean 8.5, std 0.5
+    assert drawn["lors"] == [(4.5, 0.5), (8.5, 0.5)] and list(drawn) == rows
+    for name in names:
+        height, width, _ = mpimg.imread(tmp_path / name).shape
+        assert height > 100 and width > 100
+    table = ablation.paper_table(plan, results, "val", rows)
+    assert table.splitlines()[0].startswith("| method | 4 pairs: IR@1 | IR@5 |") and "| 8 pairs: IR@1 |" in table
+    assert "| herding | " + " | ".join(["24.5 ± 0.5"] * 7 + ["28.5 ± 0.5"] * 7) + " |" in table
+    cross = ablation.cross_table(plan, results, "val", rows)
+    assert "| random | 14.50 ± 0.50 | 15.00 ± 0.50 | 18.50 ± 0.50 | 19.00 ± 0.50 |" in cross

@@ -4,12 +4,16 @@ One set of experts (plus, for RepBlend's frozen image encoder, one set trained t
 the encoder frozen), then for every budget, method and seed one distillation at equal budget and
 equal total iterations, every final set evaluated by the same fresh students: test recall at the
 measurement chosen on the val split (val protocol), and the best test measurement beside it (paper
-protocol), mean ± std over seeds. A random real subset of each budget is the reference row.
+protocol), mean ± std over seeds. Real training pairs of each budget are the reference rows: a random
+subset and the herding, k-center and forgetting coresets (``--coresets``, selected with the first expert).
+``--students NAME ...`` adds a cross-architecture table: every method's sets and every reference row
+trained by students of each listed image encoder.
 ``--dataset stamps`` (or ``folder``) among the pass-through flags switches to the real-photograph settings
 (``quickstart.STAMPS``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100) and adds the
 full training set as a row.
-Writes a report folder: README.md (tables, time per method, settings), results.json, a plot of mean
-recall against budget (SVG) and each method's synthetic images.
+Writes a report folder: README.md (tables laid out like the papers': budgets as column groups of IR@1/5/10,
+TR@1/5/10 and their mean; time per method; settings), results.json, matplotlib plots (PNG) of mean
+recall against budget and across students, and each method's synthetic images.
 
 Reuse is by fingerprint: each run's folder is ``{method}_b{budget}_s{seed}_{digest}``, the digest taken
 over every flag that decides its result (the experts' folders are fingerprinted the same way, and
@@ -33,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from networks.image_encoders import is_known_image_encoder, unknown_image_encoder_message
+
 from .. import checkpoint
 from ..errors import UsageError
 from ..runs import RunFolder, find_matching_run
@@ -46,9 +52,10 @@ from ..runlog import resolve_device, setup_logging
 from . import buffer, distill
 from .cli import run_script
 from .context import load_data, model_config
-from .evaluate import random_subsets
+from ..coresets import CORESETS
+from ..plots import grouped_bars, lines_with_error_bars
+from .evaluate import CoresetSelector, full_data_baseline, random_subsets
 from .methods import METHODS
-from .evaluate import full_data_baseline
 from .quickstart import (PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data, make_shortcuts,
                          pretrain_encoder, top_up_experts)
 
@@ -87,6 +94,8 @@ class Plan:
     methods: Tuple[str, ...] = ORDER
     quickstart: Settings = field(default_factory=Settings)
     frozen_out_embedding: int = 256  # projection width of RepBlend's frozen-encoder model (2048 is NFNet-sized)
+    coresets: Tuple[str, ...] = CORESETS
+    students: Tuple[str, ...] = ()   # image encoders of the cross-architecture table
 
 
 PRESETS: Dict[str, Plan] = {
@@ -233,43 +242,82 @@ def model_namespace(plan: Plan, work: Path, extra: Sequence[str]) -> argparse.Na
                                             work / "unused", "unused") + list(extra))
 
 
-def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord],
-                 model: argparse.Namespace) -> Tuple[Dict, Dict[str, float]]:
-    """{(method, budget, seed): {"val": summary, "paper": summary}} including the random subsets,
-    and the evaluation seconds per method. Each run's students are built from the flags it recorded."""
-    s = plan.quickstart
+def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord], model: argparse.Namespace,
+                 experts: Path) -> Tuple[Dict, Dict[str, float]]:
+    """{(row, budget, seed): {"val": summary, "paper": summary}} for every method's runs and the
+    reference rows (random subsets, coresets, full data), and the evaluation seconds per row; with
+    ``plan.students``, also {(row, budget, seed, student): ...}, the same sets trained by each student.
+    Each run's students are built from the flags it recorded."""
     device = resolve_device(model.device)
     data = load_data(model, device, augment=False, need_val=True)
     test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
     results, seconds = {}, {}
-    for record in progress(records, desc="evaluations", unit="set"):
+
+    def score(key, subsets, config, settings):
         started = time.perf_counter()
+        results[key] = students(subsets, config, settings, test, val, device)
+        seconds[key[0]] = seconds.get(key[0], 0.0) + time.perf_counter() - started
+
+    student_configs = {name: cross_student(model_config(model, data.text_dim), name) for name in plan.students}
+    for record in progress(records, desc="evaluations", unit="set"):
         recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
-        settings = EvalSettings(recorded.epoch_eval_train, recorded.batch_train, s.num_eval, recorded.loss_type, "val",
-                                recorded.phase_lr, record.seed)
-        results[(record.method, record.budget, record.seed)] = students(
-            load_final(Path(record.folder)), model_config(recorded, data.text_dim), settings, test, val, device)
-        seconds[record.method] = seconds.get(record.method, 0.0) + time.perf_counter() - started
-    # the reference rows: random real subsets, trained like every method's students (RepBlend's student
+        settings = eval_settings_of(plan, recorded, record.seed)
+        subsets = load_final(Path(record.folder))
+        score((record.method, record.budget, record.seed), subsets, model_config(recorded, data.text_dim), settings)
+        for name, config in student_configs.items():
+            score((record.method, record.budget, record.seed, name), subsets, config, settings)
+    # the reference rows: real subsets, trained like every method's students (RepBlend's student
     # has a frozen image encoder, a different model where the others train theirs: it gets its own row)
     references = {"random": model_config(model, data.text_dim)}
     frozen = [r for r in records if r.method == "repblend"]
     if frozen and model.image_trainable:
         recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
         references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
-    for row, config in references.items():
+    selectors = {seed: CoresetSelector(data, experts, references["random"], device, seed) for seed in plan.seeds}
+    for row in [*references, *available_coresets(plan, selectors[plan.seeds[0]])]:
+        config = references.get(row, references["random"])
         for budget in plan.budgets:
             for seed in plan.seeds:
-                started = time.perf_counter()
-                reals = random_subsets(data, [budget], model.lr_teacher_img, model.lr_teacher_txt,
-                                       torch.Generator().manual_seed(seed + 12345))
-                settings = EvalSettings(model.epoch_eval_train, model.batch_train, s.num_eval, model.loss_type, "val",
-                                        model.phase_lr, seed)
-                results[(row, budget, seed)] = students(reals, config, settings, test, val, device)
-                seconds[row] = seconds.get(row, 0.0) + time.perf_counter() - started
+                reals = reference_subsets(row, data, budget, seed, selectors[seed], model)
+                settings = eval_settings_of(plan, model, seed)
+                score((row, budget, seed), reals, config, settings)
+                if row != FROZEN_RANDOM:
+                    for name, student in student_configs.items():
+                        score((row, budget, seed, name), reals, student, settings)
     if not plan.quickstart.builtin:
         full_rows(plan, model, data, references["random"], test, device, results, seconds)
     return results, seconds
+
+
+def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
+    return EvalSettings(flags.epoch_eval_train, flags.batch_train, plan.quickstart.num_eval, flags.loss_type, "val",
+                        flags.phase_lr, seed)
+
+
+def cross_student(config, image_encoder: str):
+    """A student of another image encoder: random weights, trained (it has no pretrained start of its own)."""
+    return replace(config, image_encoder=image_encoder, image_trainable=True, image_pretrained=False)
+
+
+def reference_subsets(row: str, data, budget: int, seed: int, selector: CoresetSelector, model: argparse.Namespace):
+    if row in CORESETS:
+        return selector.subsets(row, [budget], model.lr_teacher_img, model.lr_teacher_txt)
+    return random_subsets(data, [budget], model.lr_teacher_img, model.lr_teacher_txt,
+                          torch.Generator().manual_seed(seed + 12345))
+
+
+def available_coresets(plan: Plan, selector: CoresetSelector) -> List[str]:
+    """The plan's coresets; forgetting is left out, with a warning, when the experts hold no record of it."""
+    kept = []
+    for kind in plan.coresets:
+        if kind == "forgetting":
+            try:
+                selector.forgetting_record()
+            except UsageError as error:
+                log.warning("no forgetting row: %s", error)
+                continue
+        kept.append(kind)
+    return kept
 
 
 def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, device, results: Dict,
@@ -286,16 +334,28 @@ def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, device,
         seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
 
 
-def report_rows(plan: Plan) -> List[str]:
+def report_rows(plan: Plan, results: Optional[Dict] = None) -> List[str]:
+    """The table's rows in order; with ``results``, only the reference rows that were measured."""
     s = plan.quickstart
-    return ([m for m in ORDER if m in plan.methods] + ["random"]
+    rows = ([m for m in ORDER if m in plan.methods] + ["random"]
             + ([FROZEN_RANDOM] if "repblend" in plan.methods and s.image_trainable else [])
-            + ([] if s.builtin else [FULL_DATA]))
+            + list(plan.coresets) + ([] if s.builtin else [FULL_DATA]))
+    if results is None:
+        return rows
+    measured = {key[0] for key in results}
+    return [row for row in rows if row in measured]
 
 
-def over_seeds(results: Dict, method: str, budget: int, seeds: Sequence[int], protocol: str) -> Tuple[float, float]:
-    """Mean and (population) std over seeds of each seed's mean recall over its students."""
-    values = [results[(method, budget, seed)][protocol]["selected"]["mean"]["r_mean"] for seed in seeds]
+def cross_rows(plan: Plan, results: Dict) -> List[str]:
+    return [row for row in report_rows(plan, results) if plan.students and (row, plan.budgets[0], plan.seeds[0],
+                                                                            plan.students[0]) in results]
+
+
+def over_seeds(results: Dict, method: str, budget: int, seeds: Sequence[int], protocol: str,
+               metric: str = "r_mean", student: Optional[str] = None) -> Tuple[float, float]:
+    """Mean and (population) std over seeds of each seed's mean ``metric`` over its students."""
+    values = [results[(method, budget, seed) + ((student,) if student else ())][protocol]["selected"]["mean"][metric]
+              for seed in seeds]
     return statistics.fmean(values), statistics.pstdev(values)
 
 
@@ -308,48 +368,51 @@ def table(plan: Plan, results: Dict, protocol: str, rows: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f")
+# the papers' column order: image retrieval (text -> image) then text retrieval (image -> text)
+PAPER_COLUMNS = (("IR@1", "img_r1"), ("IR@5", "img_r5"), ("IR@10", "img_r10"), ("TR@1", "txt_r1"),
+                 ("TR@5", "txt_r5"), ("TR@10", "txt_r10"), ("mean", "r_mean"))
 
 
-def svg_plot(plan: Plan, results: Dict, rows: Sequence[str], protocol: str = "val") -> str:
-    """Mean recall against budget, one line per method, error bars of one std over seeds."""
-    width, height, left, right, top, bottom = 640, 400, 60, 150, 20, 50
-    points = {m: [(b, *over_seeds(results, m, b, plan.seeds, protocol)) for b in plan.budgets] for m in rows}
-    highs = [mean + std for line in points.values() for _, mean, std in line]
-    lows = [mean - std for line in points.values() for _, mean, std in line]
-    y_min, y_max = max(0.0, min(lows) - 2), max(highs) + 2
-    x_min, x_max = min(plan.budgets), max(plan.budgets)
-    span = (x_max - x_min) or 1
+def paper_table(plan: Plan, results: Dict, protocol: str, rows: Sequence[str], student: Optional[str] = None) -> str:
+    """Budgets as column groups, each IR@1/5/10, TR@1/5/10 and their mean (mean ± std over seeds)."""
+    header = ["method"] + [f"{b} pairs: {name}" if k == 0 else name for b in plan.budgets
+                           for k, (name, _) in enumerate(PAPER_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    for row in rows:
+        cells = ["{:.1f} ± {:.1f}".format(*over_seeds(results, row, b, plan.seeds, protocol, key, student))
+                 for b in plan.budgets for _, key in PAPER_COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-    def x(b):
-        return left + (0.5 if x_max == x_min else (b - x_min) / span) * (width - left - right)
 
-    def y(v):
-        return top + (1 - (v - y_min) / (y_max - y_min)) * (height - top - bottom)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
-             f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">synthetic pairs</text>',
-             f'<text x="15" y="{(top + height - bottom) / 2}" transform="rotate(-90 15 {(top + height - bottom) / 2})" '
-             f'text-anchor="middle">mean recall (%), {protocol} protocol</text>']
-    for b in plan.budgets:
-        parts.append(f'<text x="{x(b):.1f}" y="{height - bottom + 16}" text-anchor="middle">{b}</text>')
-    for k in range(6):
-        v = y_min + k * (y_max - y_min) / 5
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
-    for index, (method, line) in enumerate(points.items()):
-        colour = COLOURS[index % len(COLOURS)]
-        path = " ".join(f"{x(b):.1f},{y(mean):.1f}" for b, mean, _ in line)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for b, mean, std in line:
-            parts.append(f'<line x1="{x(b):.1f}" y1="{y(mean - std):.1f}" x2="{x(b):.1f}" y2="{y(mean + std):.1f}" '
-                         f'stroke="{colour}"/><circle cx="{x(b):.1f}" cy="{y(mean):.1f}" r="3" fill="{colour}"/>')
-        legend_y = top + 16 * index + 10
-        parts.append(f'<line x1="{width - right + 15}" y1="{legend_y}" x2="{width - right + 35}" y2="{legend_y}" '
-                     f'stroke="{colour}" stroke-width="2"/><text x="{width - right + 40}" y="{legend_y + 4}">{method}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+def cross_table(plan: Plan, results: Dict, protocol: str, rows: Sequence[str]) -> str:
+    """Mean recall of each row's sets trained by the distiller's model and by each listed student."""
+    columns = [(None, "distiller's model")] + [(name, name) for name in plan.students]
+    lines = ["| method | " + " | ".join(f"{b} pairs: {label}" if k == 0 else label for b in plan.budgets
+                                      for k, (_, label) in enumerate(columns)) + " |",
+             "|---|" + "---|" * (len(columns) * len(plan.budgets))]
+    for row in rows:
+        cells = ["{:.2f} ± {:.2f}".format(*over_seeds(results, row, b, plan.seeds, protocol, student=student))
+                 for b in plan.budgets for student, _ in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draw_plots(plan: Plan, results: Dict, report: Path, rows: Sequence[str]) -> List[str]:
+    """recall_vs_budget.png, and cross_architecture.png with students; returns the file names."""
+    lines_with_error_bars(report / "recall_vs_budget.png", plan.budgets,
+                          {row: [over_seeds(results, row, b, plan.seeds, "val") for b in plan.budgets] for row in rows},
+                          "synthetic pairs", "mean recall (%), val protocol", "mean ± std over seeds")
+    names = ["recall_vs_budget.png"]
+    crossed = cross_rows(plan, results)
+    if crossed:
+        budget = plan.budgets[-1]
+        series = {label: [over_seeds(results, row, budget, plan.seeds, "val", student=student) for row in crossed]
+                  for student, label in [(None, "distiller's model")] + [(n, n) for n in plan.students]}
+        grouped_bars(report / "cross_architecture.png", crossed, series, "mean recall (%), val protocol",
+                     f"{budget} pairs: each set trained by each student")
+        names.append("cross_architecture.png")
+    return names
 
 
 def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[str]:
@@ -368,13 +431,14 @@ def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[s
 
 def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunRecord], eval_seconds: Dict[str, float],
                  command: str, images: Sequence[str], model: argparse.Namespace) -> Path:
-    rows = report_rows(plan)
+    rows = report_rows(plan, results)
     distill_seconds = {m: sum(r.seconds for r in records if r.method == m) for m in plan.methods}
     s = plan.quickstart
-    atomic_write_text(report / "recall_vs_budget.svg", svg_plot(plan, results, rows))
+    plots = draw_plots(plan, results, report, rows)
     payload = {"plan": asdict(plan), "command": command,
-               "results": [{"method": m, "budget": b, "seed": seed, **protocols}
-                           for (m, b, seed), protocols in results.items()],
+               "results": [{"method": key[0], "budget": key[1], "seed": key[2],
+                            "student": key[3] if len(key) > 3 else None, **protocols}
+                           for key, protocols in results.items()],
                "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
     atomic_write_text(report / "results.json", json.dumps(payload, indent=1, default=str))
     lines = [
@@ -388,7 +452,13 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         table(plan, results, "val", rows), "",
         "## Paper protocol (best of the test measurements, as the papers report)", "",
         table(plan, results, "paper", rows), "",
-        "![mean recall against budget](recall_vs_budget.svg)", "",
+        "![mean recall against budget](recall_vs_budget.png)", "",
+        *coreset_note(plan, rows),
+        "## Every recall, laid out as the papers' tables", "",
+        "IR: image retrieval (text to image); TR: text retrieval (image to text); mean: of the six.", "",
+        "### Val protocol", "", paper_table(plan, results, "val", rows), "",
+        "### Paper protocol", "", paper_table(plan, results, "paper", rows), "",
+        *cross_section(plan, results), *[f"![{name}]({name})" for name in plots[1:]], "",
         "## Time per method (seconds, all budgets and seeds)", "",
         "| method | distillation | evaluation |", "|---|---|---|",
         *[f"| {m} | {distill_seconds.get(m, 0.0):.0f} | {eval_seconds.get(m, 0.0):.0f} |" for m in rows], "",
@@ -408,6 +478,34 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
     path = report / "README.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def coreset_note(plan: Plan, rows: Sequence[str]) -> List[str]:
+    shown = [row for row in rows if row in CORESETS]
+    missing = [kind for kind in plan.coresets if kind not in shown]
+    lines = []
+    if shown:
+        lines += [f"Coreset rows ({', '.join(shown)}) select real training pairs with the first expert (its final "
+                  "snapshot's joint embedding; its recorded forgetting events): see docs/methods.md.", ""]
+    if missing:
+        lines += [f"Left out: {', '.join(missing)} (the experts hold no forgetting record: they were trained before "
+                  "buffer.py recorded one; see the log).", ""]
+    return lines
+
+
+def cross_section(plan: Plan, results: Dict) -> List[str]:
+    rows = cross_rows(plan, results)
+    if not rows:
+        return []
+    return ["## Cross-architecture: each set trained by other students", "",
+            "The same distilled sets and reference subsets, trained by students of another image encoder (random "
+            "weights, trained, at the distiller's image size). Mean recall (%), mean ± std "
+            "over seeds.", "",
+            "### Val protocol", "", cross_table(plan, results, "val", rows), "",
+            "### Paper protocol", "", cross_table(plan, results, "paper", rows), "",
+            *[line for student in plan.students for line in (
+                f"### Student {student}: every recall (val protocol)", "",
+                paper_table(plan, results, "val", rows, student), "")]]
 
 
 def report_stamp() -> str:
@@ -441,8 +539,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the preset's budgets (pairs)")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
                         help="override the preset's methods")
+    parser.add_argument("--coresets", nargs="*", default=None, choices=list(CORESETS),
+                        help="coreset rows beside the random subset (default: all three; none: --coresets)")
+    parser.add_argument("--students", nargs="+", default=None, metavar="IMAGE_ENCODER",
+                        help="add a cross-architecture table: every set and reference row trained by students of "
+                             "each of these image encoders (built-in names or timm models, e.g. convnet)")
     args, extra = parser.parse_known_args(argv)
-    for flag, values in (("--seeds", args.seeds), ("--budgets", args.budgets), ("--methods", args.methods)):
+    for flag, values in (("--seeds", args.seeds), ("--budgets", args.budgets), ("--methods", args.methods),
+                         ("--coresets", args.coresets), ("--students", args.students)):
         repeated = sorted({v for v in values or () if list(values).count(v) > 1}, key=str)
         if repeated:
             parser.error(f"{flag} names {', '.join(map(str, repeated))} more than once: each seed, budget or method "
@@ -466,7 +570,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     plan = (REAL_PRESETS if real else PRESETS)[args.preset]
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
-                   methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods)
+                   methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods,
+                   coresets=tuple(c for c in CORESETS if c in args.coresets) if args.coresets is not None
+                   else plan.coresets, students=tuple(args.students or ()))
+    unknown = [name for name in plan.students if not is_known_image_encoder(name)]
+    if unknown:
+        parser.error(unknown_image_encoder_message(unknown[0]).replace("--image_encoder", "--students"))
     smallest = min(plan.budgets)
     if smallest < len(plan.quickstart.phases):
         parser.error(f"--budgets {smallest}: PTM-ST splits a budget over {len(plan.quickstart.phases)} phases, so "
@@ -498,12 +607,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         folders["frozen"] = (train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
                              if s.image_trainable else normal)
     records = distill_all(plan, work, folders, work / "ablation_runs", model.dataset, args.distill_flags)
-    results, eval_seconds = evaluate_all(plan, work, records, model)
+    results, eval_seconds = evaluate_all(plan, work, records, model, normal)
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]),
                  model)
     path = publish(report, work / "reports", report_stamp()) / "README.md"
-    rows = report_rows(plan)
+    rows = report_rows(plan, results)
     print(f"\nreport: {path}\n\nval protocol, mean recall (%), mean ± std over seeds {list(plan.seeds)}\n"
           f"{table(plan, results, 'val', rows)}")
     return path
