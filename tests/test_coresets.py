@@ -114,10 +114,10 @@ def test_split_ranking_takes_consecutive_chunks():
         coresets.split_ranking([1, 2], [2, 1])
 
 
-def test_buffer_writes_each_experts_forgetting_record_beside_its_twins(expert_dirs, shapes_root):
+def test_buffer_writes_each_experts_forgetting_record_beside_its_twins(expert_dirs, shapes_root, tmp_path):
     _, normal, shortcut, _ = expert_dirs
     from distill_utils.app.context import load_data
-    args = evaluate.build_parser().parse_args(shapes_args(shapes_root, normal, "--ckpt_path", "x.pt"))
+    args = evaluate.build_parser().parse_args(shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt"))
     data = load_data(args, torch.device("cpu"), augment=False)
     digest = coresets.pairs_digest(data.train.image_paths(), data.train.captions)
     for index in trajectories.twin_indices(normal):
@@ -129,6 +129,8 @@ def test_buffer_writes_each_experts_forgetting_record_beside_its_twins(expert_di
     assert trajectories.experts_source(shortcut) == normal.resolve()
     with pytest.raises(trajectories.TrajectoryError, match="another training set"):
         trajectories.read_forgetting(normal, 0, "0" * 40)
+    # buffer.py's folder holds the experts, their records and meta.json only (the shared fixture stays clean)
+    assert all(p.is_file() for p in normal.iterdir())
 
 
 def test_a_folder_without_forgetting_records_gets_a_clear_message(tmp_path):
