@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
@@ -141,17 +141,18 @@ class PairEmbeddings:
 
 
 @torch.no_grad()
-def pair_embeddings(model, images_of: Dict[str, torch.Tensor], pair_images: Sequence[str],
+def pair_embeddings(model, load_image: Callable[[str], torch.Tensor], pair_images: Sequence[str],
                     text_features: torch.Tensor, device: torch.device, batch_size: int = 256) -> PairEmbeddings:
-    """Each pair's normalised image and text embedding under ``model`` (in eval mode). ``images_of``
-    maps each distinct image path to its (C, H, W) tensor: an image with five captions is encoded once."""
+    """Each pair's normalised image and text embedding under ``model`` (in eval mode). ``load_image``
+    gives an image path's (C, H, W) tensor; each distinct image is decoded and encoded once (an image
+    with five captions), a batch at a time, so the training images are never all in memory."""
     was_training = model.training
     model.eval()
     try:
-        names = list(images_of)
+        names = list(dict.fromkeys(pair_images))
         encoded = []
         for start in range(0, len(names), batch_size):
-            batch = torch.stack([images_of[n] for n in names[start:start + batch_size]]).to(device)
+            batch = torch.stack([load_image(n) for n in names[start:start + batch_size]]).to(device)
             encoded.append(model.encode_image(batch).cpu())
         position = {name: k for k, name in enumerate(names)}
         image = torch.cat(encoded)[torch.tensor([position[p] for p in pair_images], dtype=torch.long)]

@@ -172,8 +172,8 @@ def test_eval_coreset_rows_select_the_pairs_their_ranking_names(expert_dirs, sha
     model, index = coresets.expert_at_end(model_config(args, data.text_dim), normal, torch.device("cpu"))
     assert index == 0
     train = data.train
-    images_of = {p: train.transform(train.folder(p)) for p in dict.fromkeys(train.image_paths())}
-    joint = coresets.pair_embeddings(model, images_of, train.image_paths(), data.train_text, torch.device("cpu")).joint()
+    joint = coresets.pair_embeddings(model, lambda p: train.transform(train.folder(p)), train.image_paths(),
+                                     data.train_text, torch.device("cpu"), batch_size=7).joint()
     # independent embedding: the model's own encode_image / encode_text on every pair
     with torch.no_grad():
         model.eval()

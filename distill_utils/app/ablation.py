@@ -273,12 +273,12 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord], model: ar
     if frozen and model.image_trainable:
         recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
         references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
-    selectors = {seed: CoresetSelector(data, experts, references["random"], device, seed) for seed in plan.seeds}
-    for row in [*references, *available_coresets(plan, selectors[plan.seeds[0]])]:
+    selector = CoresetSelector(data, experts, references["random"], device)
+    for row in [*references, *available_coresets(plan, selector)]:
         config = references.get(row, references["random"])
         for budget in plan.budgets:
             for seed in plan.seeds:
-                reals = reference_subsets(row, data, budget, seed, selectors[seed], model)
+                reals = reference_subsets(row, data, budget, seed, selector, model)
                 settings = eval_settings_of(plan, model, seed)
                 score((row, budget, seed), reals, config, settings)
                 if row != FROZEN_RANDOM:
@@ -301,7 +301,7 @@ def cross_student(config, image_encoder: str):
 
 def reference_subsets(row: str, data, budget: int, seed: int, selector: CoresetSelector, model: argparse.Namespace):
     if row in CORESETS:
-        return selector.subsets(row, [budget], model.lr_teacher_img, model.lr_teacher_txt)
+        return selector.subsets(row, [budget], model.lr_teacher_img, model.lr_teacher_txt, seed)
     return random_subsets(data, [budget], model.lr_teacher_img, model.lr_teacher_txt,
                           torch.Generator().manual_seed(seed + 12345))
 
@@ -334,14 +334,12 @@ def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, device,
         seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
 
 
-def report_rows(plan: Plan, results: Optional[Dict] = None) -> List[str]:
-    """The table's rows in order; with ``results``, only the reference rows that were measured."""
+def report_rows(plan: Plan, results: Dict) -> List[str]:
+    """The table's rows in order, those of them that ``results`` holds (forgetting may be left out)."""
     s = plan.quickstart
     rows = ([m for m in ORDER if m in plan.methods] + ["random"]
             + ([FROZEN_RANDOM] if "repblend" in plan.methods and s.image_trainable else [])
             + list(plan.coresets) + ([] if s.builtin else [FULL_DATA]))
-    if results is None:
-        return rows
     measured = {key[0] for key in results}
     return [row for row in rows if row in measured]
 

@@ -213,32 +213,37 @@ def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_tx
 
 class CoresetSelector:
     """Herding, k-center and forgetting selections of one training set, made with the first expert of
-    ``expert_dir`` (a model of ``config``, the distiller's). The joint embeddings are computed once."""
+    ``expert_dir`` (a model of ``config``, the distiller's). The joint embeddings and the forgetting
+    record are read once, however many budgets and seeds select from them."""
 
-    def __init__(self, data: DataContext, expert_dir: Path, config, device: torch.device, seed: int):
-        self.data, self.expert_dir, self.config, self.device, self.seed = data, Path(expert_dir), config, device, seed
+    def __init__(self, data: DataContext, expert_dir: Path, config, device: torch.device):
+        self.data, self.expert_dir, self.config, self.device = data, Path(expert_dir), config, device
         self._embeddings = None
-        self.expert_index: Optional[int] = None
+        self._forgetting: Optional[dict] = None
 
     def embeddings(self):
         if self._embeddings is None:
-            model, self.expert_index = expert_at_end(self.config, self.expert_dir, self.device)
+            model, _ = expert_at_end(self.config, self.expert_dir, self.device)
             train = self.data.train
-            images_of = {path: train.transform(train.folder(path)) for path in dict.fromkeys(train.image_paths())}
-            self._embeddings = pair_embeddings(model, images_of, train.image_paths(), self.data.train_text, self.device)
+            self._embeddings = pair_embeddings(model, lambda path: train.transform(train.folder(path)),
+                                               train.image_paths(), self.data.train_text, self.device)
         return self._embeddings
 
     def forgetting_record(self) -> dict:
-        index = trajectories.TrajectoryBuffer(self.expert_dir).indices[0]
-        train = self.data.train
-        return trajectories.read_forgetting(self.expert_dir, index, pairs_digest(train.image_paths(), train.captions))
+        if self._forgetting is None:
+            index = trajectories.TrajectoryBuffer(self.expert_dir).indices[0]
+            train = self.data.train
+            self._forgetting = trajectories.read_forgetting(self.expert_dir, index,
+                                                            pairs_digest(train.image_paths(), train.captions))
+        return self._forgetting
 
-    def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float) -> List[FrozenSubset]:
+    def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float, seed: int) -> List[FrozenSubset]:
+        """``seed`` orders the forgetting counts that tie; herding and k-center do not depend on it."""
         if sum(sizes) > len(self.data.train):
             raise DataError(f"the {kind} baseline needs {sum(sizes)} training pairs but the dataset has "
                             f"{len(self.data.train)}: drop --baseline {kind} or use a larger training set")
         if kind == "forgetting":
-            ranking = rank_pairs(kind, sum(sizes), forgetting=self.forgetting_record(), seed=self.seed)
+            ranking = rank_pairs(kind, sum(sizes), forgetting=self.forgetting_record(), seed=seed)
         else:
             ranking = rank_pairs(kind, sum(sizes), embeddings=self.embeddings())
         return real_subsets(self.data, split_ranking(ranking, sizes), lr_img, lr_txt)
@@ -326,14 +331,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     suffix = f", student {student}" if student else ""
     rows = {f"{method} ({sum(sizes)} pairs){suffix}": evaluate_subsets(subsets, config, settings, test, val, device,
                                                                       "distilled set")["selected"]}
-    selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device, args.seed) \
+    selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device) \
         if args.expert_dir else None
     for baseline in [b for b in BASELINES if b in args.baseline and b != "full"]:
         if baseline == "random":
             reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
                                    torch.Generator().manual_seed(args.seed + 12345))
         else:
-            reals = selector.subsets(baseline, sizes, args.lr_teacher_img, args.lr_teacher_txt)
+            reals = selector.subsets(baseline, sizes, args.lr_teacher_img, args.lr_teacher_txt, args.seed)
         rows[f"{BASELINE_LABELS[baseline]} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(
             reals, config, settings, test, val, device, f"{baseline} subset")["selected"]
     if "full" in args.baseline:
