@@ -164,3 +164,109 @@ def test_a_students_result_does_not_depend_on_what_was_evaluated_before(shapes_r
     used = split_benchmarks(data, torch.device("cpu"), 4, 0)
     history(*used)
     assert history(*used) == fresh
+
+
+class SnapshotBenchmark:
+    """Records the student's parameters at every measurement (and scores nothing)."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def evaluate(self, model):
+        self.snapshots.append([p.detach().clone() for p in model.parameters()])
+        return {k: 0.0 for k in ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")}
+
+
+def hand_trained(subsets, schedule, epochs, batch, seed, phase_lr="current", momentum=0.9, weight_decay=5e-4):
+    """The student schedules written out: SGD with momentum and weight decay by hand, the x0.1 decay
+    by hand, the subsets (or their union) in the order the schedule says; the parameters after every epoch."""
+    from distill_utils.evaluation import student_seed
+    from distill_utils.losses import MultilabelContrastiveLoss
+    from distill_utils.runlog import seeded
+    seed = student_seed(seed, 0)
+    if schedule == "union":
+        n = sum(len(s) for s in subsets)
+        similarity = torch.zeros(n, n)
+        offset = 0
+        for s in subsets:
+            similarity[offset:offset + len(s), offset:offset + len(s)] = s.similarity
+            offset += len(s)
+        subsets = [FrozenSubset(torch.cat([s.images for s in subsets]), torch.cat([s.texts for s in subsets]),
+                                similarity, subsets[-1].lr_img, subsets[-1].lr_txt)]
+    with seeded(seed, torch.device("cpu")):
+        model = CONFIG.build(seed=seed).train()
+        image_ids = {id(p) for p in model.side_parameters("image")}
+        params = model.side_parameters("image") + model.side_parameters("text")
+        velocity = {id(p): None for p in params}
+        criterion = MultilabelContrastiveLoss("InfoNCE")
+        order = torch.Generator().manual_seed(seed)
+        after, total_epochs = [], 0
+        for k, s in enumerate(subsets):
+            source = s if phase_lr == "own" else subsets[-1]
+            for epoch in range(epochs + 1):
+                decayed = (epoch if schedule == "restart" else total_epochs) > epochs // 2
+                scale = 0.1 if decayed else 1.0
+                for idx in torch.randperm(len(s), generator=order).split(batch):
+                    loss = criterion(model(s.images[idx], s.texts[idx]), s.similarity[idx][:, idx])
+                    grads = torch.autograd.grad(loss, params)
+                    with torch.no_grad():
+                        for p, g in zip(params, grads):
+                            step = g + weight_decay * p
+                            v = velocity[id(p)]
+                            velocity[id(p)] = step.clone() if v is None else momentum * v + step
+                            rate = (source.lr_img if id(p) in image_ids else source.lr_txt) * scale
+                            p -= rate * velocity[id(p)]
+                total_epochs += 1
+                after.append([p.detach().clone() for p in model.parameters()])
+    return after
+
+
+@pytest.mark.parametrize("schedule, phase_lr", [("paper", "current"), ("paper", "own"), ("restart", "current"),
+                                                ("restart", "own"), ("union", "current")])
+def test_student_schedules_equal_a_hand_written_loop(schedule, phase_lr):
+    """Every schedule trains exactly the parameters the written-out loop does, at every epoch; the
+    schedules differ from one another (so the comparison could fail)."""
+    g = torch.Generator().manual_seed(3)
+    subsets = [subset(5, 0.02, 0.03, 0), subset(3, 0.05, 0.01, 1)]
+    subsets[0].similarity[0, 1] = subsets[0].similarity[1, 0] = 0.5  # a learned-looking matrix
+    subsets[1].similarity += 0.1 * torch.rand(3, 3, generator=g)
+    settings = EvalSettings(epochs=4, batch_train=3, num_eval=1, loss_type="InfoNCE", phase_lr=phase_lr,
+                            schedule=schedule)
+    bench = SnapshotBenchmark()
+    train_student(subsets, CONFIG, settings, bench, None, 0, torch.device("cpu"))
+    expected = hand_trained(subsets, schedule, 4, 3, 0, phase_lr)
+    assert len(bench.snapshots) == len(expected) == (5 if schedule == "union" else 10)
+    for got, want in zip(bench.snapshots, expected):
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-5, atol=2e-5)  # float32 sums in another order
+    others = [hand_trained(subsets, other, 4, 3, 0, phase_lr)[-1] for other in ("paper", "restart", "union")
+              if other != schedule and not (other == "union" and phase_lr == "own")]
+    for other in others:
+        assert max((a - b).abs().max().item() for a, b in zip(bench.snapshots[-1], other)) > 1e-2
+
+
+def test_union_with_own_step_sizes_is_refused(shapes_root, tmp_path):
+    with pytest.raises(Exception, match="drop --phase_lr own"):
+        EvalSettings(schedule="union", phase_lr="own")
+    args = shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt", "--student_schedule", "union", "--phase_lr", "own")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(args)
+
+
+def test_union_similarity_is_block_diagonal():
+    from distill_utils.evaluation import union_of
+    a, b = subset(2, 0.1, 0.2, 0), subset(3, 0.3, 0.4, 1)
+    a.similarity[0, 1] = 0.7
+    joined = union_of([a, b])
+    assert joined.similarity.shape == (5, 5) and joined.similarity[0, 1] == 0.7
+    assert joined.similarity[:2, 2:].abs().sum() == 0 and joined.similarity[2:, :2].abs().sum() == 0
+    assert torch.equal(joined.images[2:], b.images) and (joined.lr_img, joined.lr_txt) == (0.3, 0.4)
+
+
+def test_other_schedules_write_their_own_result_files():
+    from argparse import Namespace
+    assert evaluate.results_stem(Namespace(student_image_encoder=None, student_schedule="paper")) == "eval_results"
+    assert evaluate.results_stem(Namespace(student_image_encoder=None, student_schedule="union")) == \
+        "eval_results_schedule_union"
+    assert evaluate.results_stem(Namespace(student_image_encoder="convnet", student_schedule="restart")) == \
+        "eval_results_student_convnet_schedule_restart"

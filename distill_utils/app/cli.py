@@ -13,7 +13,7 @@ from typing import Sequence
 from networks import EncoderError
 
 from ..errors import UsageError, describe_os_error
-from ..evaluation import EvalSettings
+from ..evaluation import SCHEDULES, EvalSettings, schedule_problem
 from ..losses import LOSSES
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -195,6 +195,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--phase_lr", default="current", choices=["current", "own"],
                        help="current: every phase trains at the last phase's learned step sizes (paper); "
                             "own: each phase at its own")
+    group.add_argument("--student_schedule", default="paper", choices=list(SCHEDULES),
+                       help="paper: the phases' subsets one after the other under one x0.1 decay (it fires inside "
+                            "the first); restart: one after the other, the decay restarting with each subset; "
+                            "union: all subsets at once, similarity block-diagonal over the phases")
     group.add_argument("--num_eval", type=positive(), default=5, help="fresh students per evaluation (mean ± std)")
     group.add_argument("--epoch_eval_train", type=positive(), default=100, help="student epochs per subset")
     group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
@@ -205,7 +209,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def eval_settings(args: argparse.Namespace) -> EvalSettings:
     """The student-evaluation flags of :func:`add_eval_args` as settings."""
     return EvalSettings(args.epoch_eval_train, args.batch_train, args.num_eval, args.loss_type,
-                        args.eval_protocol, args.phase_lr, args.seed)
+                        args.eval_protocol, args.phase_lr, args.seed, schedule=args.student_schedule)
+
+
+def check_eval_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse student-evaluation flags that cannot go together, before any work starts."""
+    problem = schedule_problem(args.student_schedule, args.phase_lr)
+    if problem:
+        parser.error(problem)
 
 
 def user_message(error: BaseException) -> str:

@@ -39,8 +39,8 @@ from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mea
 from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
 from ..visualize import nearest_captions, save_grid, write_captions
 
-from .cli import (add_bool_flag, check_per_phase_lists, count_or, eval_settings, finite_float, non_negative, positive,
-                  script_parser)
+from .cli import (add_bool_flag, check_eval_args, check_per_phase_lists, count_or, eval_settings, finite_float,
+                  non_negative, positive, script_parser)
 from .context import DataContext, load_data, model_config
 from .methods import METHODS, apply_preset, check_method_fits, chosen_method, given_flags
 
@@ -145,6 +145,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     apply_preset(parser, chosen_method(argv))
     args = parser.parse_args(argv)
+    check_eval_args(parser, args)
     if not 0.0 <= args.blend <= 1.0:
         parser.error(f"--blend must be in [0, 1] (the largest weight of a partner's representation), got {args.blend}")
     if args.sim_rank is None:

@@ -36,7 +36,7 @@ from ..runlog import resolve_device, seeded, setup_logging
 from ..speed import SpeedOptions, enable_fast_math
 from ..synthetic import FrozenSubset
 
-from .cli import add_bool_flag, eval_settings, positive, script_parser
+from .cli import add_bool_flag, check_eval_args, eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config
 
 log = logging.getLogger("ptmst.eval")
@@ -131,6 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.run is None:
         if not args.ckpt_path:
             parser.error("pass --run RUN_FOLDER (logged_files/DATASET/RUN) or --ckpt_path with a checkpoint per phase")
+        check_eval_args(parser, args)
         return args
     run = RunFolder(Path(args.run))
     recorded = run.recorded_args()
@@ -138,6 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if recorded.get("buffer_path"):
         parser.set_defaults(expert_dir=str(trajectories.experts_source(Path(recorded["buffer_path"][0]))))
     args = parser.parse_args(argv)
+    check_eval_args(parser, args)
     if not args.ckpt_path:
         args.ckpt_path = run_checkpoints(run, recorded)
     return args
@@ -288,15 +290,19 @@ def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark
 
 def results_stem(args: argparse.Namespace) -> str:
     """``eval_results``, or ``eval_results_student_NAME`` for other students (so neither replaces the other)."""
-    if args.student_image_encoder is None:
-        return "eval_results"
-    return "eval_results_student_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in args.student_image_encoder)
+    stem = "eval_results"
+    if args.student_image_encoder is not None:
+        stem += "_student_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in args.student_image_encoder)
+    if args.student_schedule != "paper":
+        stem += f"_schedule_{args.student_schedule}"
+    return stem
 
 
 def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace, student: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
-    payload = {"rows": rows, "protocol": args.eval_protocol, "phase_lr": args.phase_lr, "num_eval": args.num_eval,
+    payload = {"rows": rows, "protocol": args.eval_protocol, "phase_lr": args.phase_lr,
+               "student_schedule": args.student_schedule, "num_eval": args.num_eval,
                "ckpt_path": args.ckpt_path, "epoch_eval_train": args.epoch_eval_train,
                "student": student or "the distiller's model", "expert_dir": args.expert_dir}
     stem = results_stem(args)
@@ -304,7 +310,8 @@ def write_results(folder: Path, rows: Dict[str, dict], args: argparse.Namespace,
     write_all([(folder / f"{stem}.json", text_writer(json.dumps(payload, indent=1))),
                (folder / f"{stem}.md", text_writer(
                    f"# Retrieval recall (%), mean ± std over {args.num_eval} students\n\n{students}"
-                   f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}\n\n{table}\n"))])
+                   f"protocol: {args.eval_protocol}, step sizes: {args.phase_lr}, schedule: {args.student_schedule}\n\n"
+                   f"{table}\n"))])
     return folder / f"{stem}.md"
 
 
