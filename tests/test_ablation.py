@@ -144,6 +144,8 @@ def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
     (["--coresets", "greedy"], "invalid choice"),
     (["--students", "no_such_net"], "--students 'no_such_net' is neither built in"),
     (["--students", "convnet", "convnet"], "--students names convnet more than once"),
+    (["--lr_search", "2", "--lr_img", "3"], "--lr_img is what --lr_search searches"),
+    (["--lr_search", "-1"], "--lr_search -1: give the number of configurations"),
 ])
 def test_bad_ablation_flags_name_the_flag(argv, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distill_utils.app.ablation", "--workdir", str(tmp_path), *argv],
@@ -190,3 +192,39 @@ def test_plots_are_matplotlib_pngs_of_every_row(tmp_path, monkeypatch):
     assert "| herding | " + " | ".join(["24.5 ± 0.5"] * 7 + ["28.5 ± 0.5"] * 7) + " |" in table
     cross = ablation.cross_table(plan, results, "val", rows)
     assert "| random | 14.50 ± 0.50 | 15.00 ± 0.50 | 18.50 ± 0.50 | 19.00 ± 0.50 |" in cross
+
+
+def test_search_configurations_are_fixed_and_start_at_the_presets_rates():
+    s = ablation.PRESETS["default"].quickstart
+    configs = ablation.search_configs(s, 5)
+    assert configs == ablation.search_configs(s, 5) and len({tuple(c.values()) for c in configs}) == 5
+    assert configs[0] == {"lr_img": s.lr_img, "lr_txt": s.lr_txt, "lr_lr": s.lr_lr}
+    for c in configs[1:]:
+        assert s.lr_img / 4 <= c["lr_img"] <= s.lr_img * 4 and s.lr_txt / 4 <= c["lr_txt"] <= s.lr_txt * 4
+        assert s.lr_lr / 10 <= c["lr_lr"] <= s.lr_lr * 10
+    assert ablation.search_configs(s, 2) == configs[:2]
+
+
+@pytest.mark.slow
+def test_lr_search_gives_every_method_the_same_configurations_and_runs_the_val_choice(tmp_path, monkeypatch):
+    """Each method and budget distils every configuration at the search's own seed; the configuration
+    with the best val score (the cells the report shows) is the one the reported seeds ran with."""
+    report = ablation.main(["--workdir", str(tmp_path), "--preset", "smoke", "--methods", "lors", "ptmst",
+                            "--coresets", "--syn_steps", "1", "--lr_search", "3"])
+    payload = json.loads((report.parent / "results.json").read_text())
+    searches = payload["lr_search"]
+    assert {(s["method"], s["budget"]) for s in searches} == {("lors", 4), ("ptmst", 4)}
+    assert searches[0]["configs"] == searches[1]["configs"] and len(searches[0]["configs"]) == 3
+    runs = tmp_path / "ablation_runs" / "shapes"
+    for found in searches:
+        assert found["chosen"] == max(range(3), key=lambda k: (found["scores"][k], -k))
+        for k, config in enumerate(found["configs"]):
+            (folder,) = runs.glob(f"search{k}_{found['method']}_b4_*")
+            recorded = RunFolder(folder).recorded_args()
+            assert recorded["seed"] == ablation.SEARCH_SEED and recorded["lr_img"] == config["lr_img"]
+        chosen = found["configs"][found["chosen"]]
+        final = RunFolder(run_of(tmp_path, found["method"])).recorded_args()
+        assert (final["lr_img"], final["lr_txt"], final["lr_lr"]) == (chosen["lr_img"], chosen["lr_txt"],
+                                                                         chosen["lr_lr"])
+    text = report.read_text()
+    assert "tried the same 3 configurations" in text and "**" in text

@@ -232,6 +232,7 @@ def test_both_protocols_select_by_val_and_by_test_from_one_history():
     assert both["val"]["selected"]["mean"]["r_mean"] == pytest.approx(statistics.fmean([20, 3]))
     assert both["paper"]["selected"]["mean"]["r_mean"] == pytest.approx(statistics.fmean([30, 7]))
     assert both["paper"]["selected"]["std"]["r_mean"] == pytest.approx(statistics.pstdev([30, 7]))
+    assert both["val"]["selected_val_r_mean"] == pytest.approx(statistics.fmean([9, 2]))  # val's own best, never test's
 
 
 def test_the_distiller_starts_from_the_prototypes_when_asked():

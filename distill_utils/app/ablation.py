@@ -96,6 +96,7 @@ class Plan:
     frozen_out_embedding: int = 256  # projection width of RepBlend's frozen-encoder model (2048 is NFNet-sized)
     coresets: Tuple[str, ...] = CORESETS
     students: Tuple[str, ...] = ()   # image encoders of the cross-architecture table
+    lr_search: int = 0               # configurations of the learning rates tried per method and budget (0: none)
 
 
 PRESETS: Dict[str, Plan] = {
@@ -140,19 +141,35 @@ def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, f
     else:
         low, high = one_phase_window(s)
         paths, lows, highs = [folders["frozen" if method == "repblend" else "normal"]], [low], [high]
-    flags = common_flags(s, work) + [
-        "--method", method, "--seed", str(seed), "--buffer_path", *map(str, paths), "--subset_num", str(len(sizes)),
-        "--min_start_epoch", *map(str, lows), "--max_start_epoch", *map(str, highs),
-        "--num_queries", *map(str, sizes), "--Iteration", *map(str, iterations),
-        "--eval_it", str(max(iterations)), "--eval_init", "false", "--num_eval", "1",
-        "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(min(s.mini_batch_size, min(sizes))),
+    flags = phase_flags(s, work, method, seed, Phases(paths, lows, highs, sizes, iterations), logged, name)
+    if method == "repblend":
+        flags += ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)]
+    return flags
+
+
+@dataclass(frozen=True)
+class Phases:
+    """One value per phase: trajectory folder, start range [low, high), pairs, iterations."""
+    paths: Sequence
+    lows: Sequence[int]
+    highs: Sequence[int]
+    sizes: Sequence[int]
+    iterations: Sequence[int]
+
+
+def phase_flags(s: Settings, work: Path, method: str, seed: int, phases: Phases, logged: Path, name: str) -> List[str]:
+    """The distiller's flags for ``phases`` under the settings' rates, model and evaluation."""
+    return common_flags(s, work) + [
+        "--method", method, "--seed", str(seed), "--buffer_path", *map(str, phases.paths),
+        "--subset_num", str(len(phases.sizes)),
+        "--min_start_epoch", *map(str, phases.lows), "--max_start_epoch", *map(str, phases.highs),
+        "--num_queries", *map(str, phases.sizes), "--Iteration", *map(str, phases.iterations),
+        "--eval_it", str(max(phases.iterations)), "--eval_init", "false", "--num_eval", "1",
+        "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(min(s.mini_batch_size, min(phases.sizes))),
         "--keep_graphs", str(s.syn_steps), "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt),
         "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr), "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type,
         "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
         "--logged_dir", str(logged), "--name", name]
-    if method == "repblend":
-        flags += ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)]
-    return flags
 
 
 def train_expert_set(plan: Plan, work: Path, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
@@ -186,30 +203,96 @@ def run_for(plan: Plan, work: Path, method: str, budget: int, seed: int, folders
             dataset: str, extra: Sequence[str]) -> Tuple[RunFolder, List[str]]:
     """The run folder whose recorded flags are exactly this run's (``{method}_b{budget}_s{seed}_{digest}``)
     and the distiller's flags for it (``extra`` after the plan's, so they win)."""
-    def flags(name: str) -> List[str]:
-        return distill_flags(plan, work, method, budget, seed, folders, logged, name) + list(extra)
-    requested = vars(distill.parse_args(flags("unnamed")))
-    run = find_matching_run(logged / dataset, f"{method}_b{budget}_s{seed}", requested)
-    return run, flags(run.name)
+    return matching_run(logged / dataset, f"{method}_b{budget}_s{seed}", lambda name: distill_flags(
+        plan, work, method, budget, seed, folders, logged, name) + list(extra))
+
+
+def matching_run(parent: Path, base: str, flags_named) -> Tuple[RunFolder, List[str]]:
+    """``parent/{base}_{digest}`` for the flags ``flags_named(name)`` gives, and those flags."""
+    run = find_matching_run(parent, base, vars(distill.parse_args(flags_named("unnamed"))))
+    return run, flags_named(run.name)
+
+
+def ensure_run(run: RunFolder, flags: List[str], label: str) -> float:
+    """Distil ``run`` unless it finished earlier (a cut one resumes); its distillation seconds, all calls together."""
+    started = time.perf_counter()
+    finished = run.finished()
+    log.info("%s -> %s%s", label, run.name, " (finished earlier with the same flags: reused)" if finished else
+             " (cut earlier with the same flags: resumed)" if run.holds_run() else "")
+    if not finished:
+        distill_run(run, flags + (["--resume"] if run.holds_run() else []))
+        seconds = recorded_seconds(run.path) + time.perf_counter() - started  # a resumed run adds its parts
+        atomic_write_text(run.path / SECONDS_FILE, json.dumps({"seconds": seconds}))
+    return recorded_seconds(run.path)
+
+
+SEARCHED = ("lr_img", "lr_txt", "lr_lr")  # the synthetic data's and the step sizes' learning rates
+SEARCH_SEED = 1000  # the search distils and trains students at a seed of its own, never one the table reports
+
+
+def search_configs(s: Settings, count: int) -> List[Dict[str, float]]:
+    """The same ``count`` configurations for every method: the settings' own rates first, then rates
+    drawn log-uniformly from a fixed generator (images and texts within 4x either way, the step sizes'
+    rate within 10x; a rate of 0 stays 0)."""
+    generator = torch.Generator().manual_seed(0)
+    configs = [{name: getattr(s, name) for name in SEARCHED}]
+    for _ in range(count - 1):
+        u = (torch.rand(3, generator=generator, dtype=torch.float64) * 2 - 1).tolist()
+        configs.append({"lr_img": float(f"{s.lr_img * 4 ** u[0]:.4g}"), "lr_txt": float(f"{s.lr_txt * 4 ** u[1]:.4g}"),
+                        "lr_lr": float(f"{s.lr_lr * 10 ** u[2]:.4g}")})
+    return configs[:count]
+
+
+def rate_flags(config: Dict[str, float]) -> List[str]:
+    return [token for name in SEARCHED for token in (f"--{name}", str(config[name]))]
+
+
+def val_score(summary: Dict[str, dict]) -> float:
+    """What the search ranks by: the students' mean r_mean on the val split at the point the val
+    protocol selects (never test recall)."""
+    return summary["val"]["selected_val_r_mean"]
+
+
+def search_rates(plan: Plan, work: Path, folders: Dict[str, object], logged: Path, model: argparse.Namespace,
+                 extra: Sequence[str]) -> Dict[Tuple[str, int], dict]:
+    """For every method and budget: each configuration distilled at SEARCH_SEED and scored on the val split;
+    {(method, budget): {"configs": [...], "scores": [...], "chosen": index}}."""
+    configs = search_configs(plan.quickstart, plan.lr_search)
+    device = resolve_device(model.device)
+    data = load_data(model, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
+    outcome = {}
+    jobs = [(m, b) for b in plan.budgets for m in plan.methods]
+    for number, (method, budget) in enumerate(jobs, 1):
+        scores = []
+        for k, config in enumerate(configs):
+            run, flags = matching_run(logged / model.dataset, f"search{k}_{method}_b{budget}", lambda name: distill_flags(
+                plan, work, method, budget, SEARCH_SEED, folders, logged, name) + rate_flags(config) + list(extra))
+            ensure_run(run, flags, f"search {number}/{len(jobs)}, configuration {k + 1}/{len(configs)}: {method}, "
+                                   f"{budget} pairs")
+            recorded = argparse.Namespace(**RunFolder(run.path).recorded_args())
+            settings = eval_settings_of(plan, recorded, SEARCH_SEED)
+            summary = students(load_final(run.path), model_config(recorded, data.text_dim), settings, test, val, device)
+            scores.append(val_score(summary))
+        chosen = max(range(len(configs)), key=lambda k: (scores[k], -k))
+        log.info("search: %s at %d pairs -> configuration %d %s (val r_mean %.2f)", method, budget, chosen,
+                 configs[chosen], scores[chosen])
+        outcome[(method, budget)] = {"configs": configs, "scores": scores, "chosen": chosen}
+    return outcome
 
 
 def distill_all(plan: Plan, work: Path, folders: Dict[str, object], logged: Path, dataset: str,
-                extra: Sequence[str] = ()) -> List[RunRecord]:
-    """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win)."""
+                extra: Sequence[str] = (), searched: Optional[Dict[Tuple[str, int], dict]] = None) -> List[RunRecord]:
+    """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win),
+    with the rates ``searched`` chose for its method and budget."""
     records = []
     jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
     for number, (budget, method, seed) in enumerate(jobs, 1):  # a log line each: the runs draw their own bars
-        run, flags = run_for(plan, work, method, budget, seed, folders, logged, dataset, extra)
-        started = time.perf_counter()
-        finished = run.finished()
-        log.info("run %d/%d: %s, %d pairs, seed %d -> %s%s", number, len(jobs), method, budget, seed, run.name,
-                 " (finished earlier with the same flags: reused)" if finished else
-                 " (cut earlier with the same flags: resumed)" if run.holds_run() else "")
-        if not finished:
-            distill_run(run, flags + (["--resume"] if run.holds_run() else []))
-            seconds = recorded_seconds(run.path) + time.perf_counter() - started  # a resumed run adds its parts
-            atomic_write_text(run.path / SECONDS_FILE, json.dumps({"seconds": seconds}))
-        records.append(RunRecord(method, budget, seed, str(run.path), recorded_seconds(run.path)))
+        chosen = searched.get((method, budget)) if searched else None
+        rates = rate_flags(chosen["configs"][chosen["chosen"]]) if chosen else []
+        run, flags = run_for(plan, work, method, budget, seed, folders, logged, dataset, rates + list(extra))
+        seconds = ensure_run(run, flags, f"run {number}/{len(jobs)}: {method}, {budget} pairs, seed {seed}")
+        records.append(RunRecord(method, budget, seed, str(run.path), seconds))
     return records
 
 
@@ -291,7 +374,7 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord], model: ar
 
 def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
     return EvalSettings(flags.epoch_eval_train, flags.batch_train, plan.quickstart.num_eval, flags.loss_type, "val",
-                        flags.phase_lr, seed)
+                        flags.phase_lr, seed, schedule=getattr(flags, "student_schedule", "paper"))
 
 
 def cross_student(config, image_encoder: str):
@@ -428,7 +511,8 @@ def copy_images(records: Sequence[RunRecord], report: Path, seed: int) -> List[s
 
 
 def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunRecord], eval_seconds: Dict[str, float],
-                 command: str, images: Sequence[str], model: argparse.Namespace) -> Path:
+                 command: str, images: Sequence[str], model: argparse.Namespace,
+                 searched: Optional[Dict[Tuple[str, int], dict]] = None) -> Path:
     rows = report_rows(plan, results)
     distill_seconds = {m: sum(r.seconds for r in records if r.method == m) for m in plan.methods}
     s = plan.quickstart
@@ -437,7 +521,8 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
                "results": [{"method": key[0], "budget": key[1], "seed": key[2],
                             "student": key[3] if len(key) > 3 else None, **protocols}
                            for key, protocols in results.items()],
-               "distill_seconds": distill_seconds, "eval_seconds": eval_seconds}
+               "distill_seconds": distill_seconds, "eval_seconds": eval_seconds,
+               "lr_search": [{"method": m, "budget": b, **found} for (m, b), found in (searched or {}).items()]}
     atomic_write_text(report / "results.json", json.dumps(payload, indent=1, default=str))
     lines = [
         "# Methods side by side on one codebase", "",
@@ -461,11 +546,7 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         "| method | distillation | evaluation |", "|---|---|---|",
         *[f"| {m} | {distill_seconds.get(m, 0.0):.0f} | {eval_seconds.get(m, 0.0):.0f} |" for m in rows], "",
         "A run reused from an earlier call counts with the time it took then (0 if that was not recorded).", "",
-        "## Learning-rate search", "",
-        "None for any method: every method uses the same rates "
-        f"(--lr_img {model.lr_img} --lr_txt {model.lr_txt} --lr_sim {model.lr_sim} --lr_lr {model.lr_lr}; by default "
-        "the quick start's, chosen for PTM-ST before this comparison existed). The search budget is therefore equal "
-        "(zero) for every method.", "",
+        "## Learning-rate search", "", *search_section(plan, model, searched or {}),
         "## Runs this report is built from", "",
         "Each folder's name ends in the fingerprint of the flags that decide its result; its args.json and "
         "args_history.jsonl hold them.", "",
@@ -476,6 +557,28 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
     path = report / "README.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def search_section(plan: Plan, model: argparse.Namespace, searched: Dict[Tuple[str, int], dict]) -> List[str]:
+    if not searched:
+        return ["None for any method: every method uses the same rates "
+                f"(--lr_img {model.lr_img} --lr_txt {model.lr_txt} --lr_sim {model.lr_sim} --lr_lr {model.lr_lr}; by "
+                "default the quick start's, chosen for PTM-ST before this comparison existed). The search budget is "
+                "therefore equal (zero) for every method (--lr_search N gives each the same N configurations).", ""]
+    configs = next(iter(searched.values()))["configs"]
+    lines = [f"Every method and budget tried the same {len(configs)} configurations (the first is the settings' own "
+             f"rates), each distilled at seed {SEARCH_SEED} and trained by {plan.quickstart.num_eval} students at that "
+             "seed; the cell is their mean r_mean on the val split at the point the val protocol selects. The "
+             "configuration with the highest val score (bold) then ran every reported seed. Test recall never "
+             "entered the choice.", "",
+             "| configuration | " + " | ".join(SEARCHED) + " |", "|---|" + "---|" * len(SEARCHED),
+             *[f"| {k} | " + " | ".join(f"{c[name]:g}" for name in SEARCHED) + " |" for k, c in enumerate(configs)], "",
+             "| method | budget | " + " | ".join(f"config {k}" for k in range(len(configs))) + " |",
+             "|---|---|" + "---|" * len(configs)]
+    for (method, budget), found in searched.items():
+        cells = [f"**{v:.2f}**" if k == found["chosen"] else f"{v:.2f}" for k, v in enumerate(found["scores"])]
+        lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def coreset_note(plan: Plan, rows: Sequence[str]) -> List[str]:
@@ -510,11 +613,11 @@ def report_stamp() -> str:
     return f"{datetime.datetime.now():%Y%m%d_%H%M%S}"
 
 
-def publish(partial: Path, reports: Path, stamp: str) -> Path:
-    """Rename the finished ``partial`` folder to ``reports/ablation_STAMP`` (``_2``, ``_3``, ... when
+def publish(partial: Path, reports: Path, stamp: str, prefix: str = "ablation") -> Path:
+    """Rename the finished ``partial`` folder to ``reports/PREFIX_STAMP`` (``_2``, ``_3``, ... when
     another call of the same second took that name: a rename onto a folder with files fails)."""
     for number in range(1, 1000):
-        final = reports / (f"ablation_{stamp}" if number == 1 else f"ablation_{stamp}_{number}")
+        final = reports / (f"{prefix}_{stamp}" if number == 1 else f"{prefix}_{stamp}_{number}")
         if final.exists():
             continue
         try:
@@ -522,7 +625,7 @@ def publish(partial: Path, reports: Path, stamp: str) -> Path:
             return final
         except OSError:
             continue  # taken between the check and the rename
-    raise FileExistsError(f"{reports}: ablation_{stamp} and 998 numbered variants exist; move old reports away")
+    raise FileExistsError(f"{reports}: {prefix}_{stamp} and 998 numbered variants exist; move old reports away")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -539,6 +642,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="override the preset's methods")
     parser.add_argument("--coresets", nargs="*", default=None, choices=list(CORESETS),
                         help="coreset rows beside the random subset (default: all three; none: --coresets)")
+    parser.add_argument("--lr_search", type=int, default=0, metavar="N",
+                        help="give every method the same N configurations of --lr_img, --lr_txt and --lr_lr (the "
+                             "first: the preset's), distilled at a seed of their own and chosen on the val split; "
+                             "the chosen one runs the reported seeds (default 0: no search)")
     parser.add_argument("--students", nargs="+", default=None, metavar="IMAGE_ENCODER",
                         help="add a cross-architecture table: every set and reference row trained by students of "
                              "each of these image encoders (built-in names or timm models, e.g. convnet)")
@@ -570,7 +677,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
                    methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods,
                    coresets=tuple(c for c in CORESETS if c in args.coresets) if args.coresets is not None
-                   else plan.coresets, students=tuple(args.students or ()))
+                   else plan.coresets, students=tuple(args.students or ()), lr_search=args.lr_search)
+    if args.lr_search < 0:
+        parser.error(f"--lr_search {args.lr_search}: give the number of configurations to try (0: no search)")
+    searched = [g[0] for g in groups if g[0].split("=", 1)[0] in {f"--{name}" for name in SEARCHED}]
+    if args.lr_search and searched:
+        parser.error(f"{searched[0]} is what --lr_search searches: drop one of the two")
     unknown = [name for name in plan.students if not is_known_image_encoder(name)]
     if unknown:
         parser.error(unknown_image_encoder_message(unknown[0]).replace("--image_encoder", "--students"))
@@ -604,11 +716,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if "repblend" in plan.methods:  # a frozen encoder's experts already are what RepBlend matches
         folders["frozen"] = (train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
                              if s.image_trainable else normal)
-    records = distill_all(plan, work, folders, work / "ablation_runs", model.dataset, args.distill_flags)
+    logged = work / "ablation_runs"
+    searched = search_rates(plan, work, folders, logged, model, args.distill_flags) if plan.lr_search else {}
+    records = distill_all(plan, work, folders, logged, model.dataset, args.distill_flags, searched)
     results, eval_seconds = evaluate_all(plan, work, records, model, normal)
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]),
-                 model)
+                 model, searched)
     path = publish(report, work / "reports", report_stamp()) / "README.md"
     rows = report_rows(plan, results)
     print(f"\nreport: {path}\n\nval protocol, mean recall (%), mean ± std over seeds {list(plan.seeds)}\n"
