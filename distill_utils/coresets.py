@@ -173,11 +173,7 @@ def expert_at_end(config, folder, device: torch.device):
     buffer = trajectories.TrajectoryBuffer(folder, expected)
     index = buffer.indices[0]
     expert = buffer.experts_in_file(index)[0]
-    last = expert.num_snapshots - 1
-    with torch.no_grad():
-        for side in ("image", "text"):
-            for parameter, value in zip(model.side_parameters(side), expert.snapshot(side, last)):
-                parameter.copy_(value)
+    trajectories.load_snapshot(model, expert, expert.num_snapshots - 1)
     return model.to(device), index
 
 

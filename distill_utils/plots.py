@@ -57,3 +57,25 @@ def grouped_bars(path: Path, groups: Sequence[str], series: Dict[str, Sequence[P
     axes.grid(axis="y", alpha=0.3)
     axes.legend(fontsize=8)
     _save(pyplot, figure, path)
+
+
+def heatmaps(path: Path, matrices: Dict[str, Sequence[Sequence[float]]], ticks: Sequence[int], label: str,
+             low: float = -1.0, high: float = 1.0, title: str = "") -> None:
+    """Square matrices side by side on one colour scale [low, high], ``ticks`` labelling rows and columns."""
+    pyplot, figure = _figure(width=3.3 * len(matrices) + 1.2, height=3.6)
+    image = None
+    for k, (name, matrix) in enumerate(matrices.items()):
+        axes = figure.add_subplot(1, len(matrices), k + 1)
+        image = axes.imshow([list(row) for row in matrix], vmin=low, vmax=high, cmap="viridis")
+        axes.set_xticks(range(len(ticks)))
+        axes.set_xticklabels(list(ticks), fontsize=7)
+        axes.set_yticks(range(len(ticks)))
+        axes.set_yticklabels(list(ticks), fontsize=7)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel(label, fontsize=8)
+    if image is not None:
+        figure.colorbar(image, ax=figure.axes, shrink=0.8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    atomic_write_bytes_with(Path(path), lambda stream: figure.savefig(stream, format="png", bbox_inches="tight"))
+    pyplot.close(figure)

@@ -362,6 +362,14 @@ class CompactExpert(Expert):
         return shortcut_snapshot(part["first"], part["last"], part["beta"], t)
 
 
+def load_snapshot(model, expert: "Expert", t: int) -> None:
+    """Copy snapshot ``t`` of ``expert`` into ``model``'s side parameters (a dual encoder of its shapes)."""
+    with torch.no_grad():
+        for side in SIDES:
+            for parameter, value in zip(model.side_parameters(side), expert.snapshot(side, t)):
+                parameter.copy_(value)
+
+
 @dataclass
 class ExpectedShapes:
     """What the model needs: per side, the (name, shape) list in parameters() order."""

@@ -1,0 +1,586 @@
+"""Studies of where phased teachers and shortcut trajectories help (``bash sh/study.sh STUDY``).
+
+``teacher_stage`` (the paper's Figure 2a): one-phase distillation (LoRS: normal trajectories, learned
+    similarity) with its start window slid along the experts' epochs; the students' recall of each
+    distilled set, and the experts' own recall at the window's first epoch, against the window's position.
+``gradients`` (Figures 2b and 4): one fixed synthetic set (the seed's initial real pairs) and one fixed
+    list of mini-batches; the matcher's exact gradient with respect to the images and to the text
+    features from every start epoch, on the normal and on the shortcut trajectories of the same
+    experts: its norm against the start epoch, and the cosine similarity between start epochs.
+``components`` (the paper's ablation table): BASE (one phase, normal trajectories, no EMA), +EMA, +PTM
+    (phases on normal trajectories), +ST (one phase on a shortcut trajectory), PTM+ST; the phased rows
+    both at equal total iterations and at the paper's per-phase iterations (each phase as many as a
+    one-phase run has in total).
+``schedule``: the student schedules of ``--student_schedule`` and ``--phase_lr own`` on PTM-ST's sets and
+    on random real subsets split the same way, a one-phase LoRS set beside them.
+
+Every study trains its own experts long enough to have stages (10 epochs, as the paper's) and reuses,
+by fingerprint, every run and expert a previous call made with the same flags. Flags of
+distill_ptm-st.py and buffer.py given after the study's own are passed to the runs (``--dataset stamps``
+switches to the real-photograph settings). The report folder (``WORKDIR/reports/study_NAME_STAMP``) holds
+README.md (tables, plots, the exact command, the runs), results.json and the PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import trajectories
+from ..atomic import atomic_write_text
+from ..errors import writable_folder
+from ..evaluation import EvalSettings
+from ..losses import MultilabelContrastiveLoss
+from ..matching import MiniBatchSampler, TrajectoryMatcher
+from ..plots import grouped_bars, heatmaps, lines_with_error_bars
+from ..progress import progress
+from ..retrieval import split_benchmarks
+from ..runlog import resolve_device, seeded, setup_logging
+from ..runs import RunFolder
+
+from . import convexify, distill
+from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, flag_groups, flags_for, load_final,
+                       matching_run, phase_flags, phase_sizes, publish, report_stamp, students, train_expert_set,
+                       Plan)
+from .cli import run_script
+from .context import load_data, model_config
+from .evaluate import random_subsets
+from .quickstart import PRESETS as QUICKSTART, STAMPS, Settings, generate_data, pretrain_encoder
+
+log = logging.getLogger("ptmst.study")
+STUDIES = ("teacher_stage", "gradients", "components", "schedule")
+# ten-epoch experts, the paper's; its Flickr recipe's phases: shortcuts over snapshots 0..5 and 0..7,
+# starts from [0, 2) and [1, 3)
+TEN_EPOCHS = dict(train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)))
+SMOKE = replace(QUICKSTART["smoke"], train_epochs=4, phases=((0, 3, 0, 1), (0, 4, 1, 2)))
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    settings: Settings
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    budgets: Tuple[int, ...] = (40,)
+    iterations: int = 200            # a one-phase run's; PTM-ST's phases share them (or each gets them)
+    windows: Tuple[int, ...] = ()    # teacher_stage: first start epoch of each window (default: every one)
+    width: int = 2                   # teacher_stage: start epochs per window
+    experts: int = 5                 # gradients: experts whose gradients are averaged
+    schedules: Tuple[str, ...] = ("paper", "own", "restart", "union")
+
+
+def default_plan(study: str, settings: Settings) -> StudyPlan:
+    s = replace(settings, **TEN_EPOCHS) if settings is not SMOKE else settings
+    # 200 one-phase iterations keep the components' 21 runs within 30 minutes on 2 CPU cores; the real
+    # photographs' settings have their own (fewer, larger) iterations
+    iterations = 200 if s.builtin else sum(s.iterations)
+    if study == "teacher_stage":
+        return StudyPlan(s, seeds=(0, 1), budgets=(20,), iterations=iterations)
+    if study == "gradients":
+        return StudyPlan(s, seeds=(0,), budgets=(20,), iterations=iterations)
+    if study == "components":
+        return StudyPlan(s, seeds=(0, 1, 2), budgets=(40,), iterations=iterations)
+    return StudyPlan(s, seeds=(0, 1, 2), budgets=(20, 40), iterations=iterations)  # 40 pairs: the components' runs
+
+
+def smoke_plan(study: str) -> StudyPlan:
+    return replace(default_plan(study, SMOKE), seeds=(0,), budgets=(4,), iterations=2, experts=1)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Workspace:
+    """What every study shares: the folders, the parsed model flags, the experts, data and benchmarks."""
+    plan: StudyPlan
+    work: Path
+    extra: List[str]
+    model: argparse.Namespace
+    normal: Path
+    runs: Path
+    data: object = None
+    test: object = None
+    val: object = None
+    device: torch.device = None
+    records: List[dict] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return self.plan.settings
+
+    def load(self) -> None:
+        """The data and the test and val benchmarks (once)."""
+        if self.data is None:
+            self.device = resolve_device(self.model.device)
+            self.data = load_data(self.model, self.device, augment=False, need_val=True)
+            self.test, self.val = split_benchmarks(self.data, self.device, self.model.batch_size_test,
+                                                   self.model.num_workers)
+
+    def shortcut(self, start: int, end: int) -> Path:
+        return convexify.main(["--normal_dir", str(self.normal), "--start", str(start), "--end", str(end)])
+
+    def shortcuts(self) -> List[Path]:
+        return [self.shortcut(start, end) for start, end, _, _ in self.settings.phases]
+
+    def distil(self, base: str, method: str, seed: int, phases: Phases, overrides: Sequence[str] = ()) -> RunFolder:
+        """The run of these phases (reused when finished earlier with the same flags), recorded for the report."""
+        def flags(name: str) -> List[str]:
+            return (phase_flags(self.settings, self.work, method, seed, phases, self.runs, name) + list(overrides)
+                    + self.extra)
+        run, argv = matching_run(self.runs / self.model.dataset, base, flags)
+        seconds = ensure_run(run, argv, base)
+        self.records.append({"run": str(run.path), "seconds": seconds})
+        return run
+
+    def score(self, subsets, seed: int, schedule: str = "paper", phase_lr: str = "current") -> Dict[str, dict]:
+        """Both protocols' summaries of ``num_eval`` fresh students trained on ``subsets``."""
+        self.load()
+        m = self.model
+        settings = EvalSettings(m.epoch_eval_train, m.batch_train, self.settings.num_eval, m.loss_type, "val",
+                                phase_lr, seed, schedule=schedule)
+        return students(subsets, model_config(m, self.data.text_dim), settings, self.test, self.val, self.device)
+
+    def random(self, sizes: Sequence[int], seed: int):
+        self.load()
+        return random_subsets(self.data, sizes, self.model.lr_teacher_img, self.model.lr_teacher_txt,
+                              torch.Generator().manual_seed(seed + 12345))
+
+
+def prepare(plan: StudyPlan, work: Path, distill_extra: List[str], buffer_extra: List[str], builtin: bool) -> Workspace:
+    if builtin:
+        generate_data(plan.settings, work)
+        pretrain_encoder(plan.settings, work)
+    smallest = min(phase_sizes("ptmst", min(plan.budgets), plan.settings))  # so every run's mini-batch fits
+    model = distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(["unused"], [0], [1], [smallest], [1]),
+                                           work / "unused", "unused") + distill_extra)
+    normal = train_expert_set(Plan(quickstart=plan.settings), work, model, buffer_extra, frozen=False)
+    return Workspace(plan, work, distill_extra, model, normal, work / "study_runs")
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def recall(summary: Dict[str, dict], protocol: str = "val", metric: str = "r_mean") -> float:
+    return summary[protocol]["selected"]["mean"][metric]
+
+
+def cell(point: Tuple[float, float]) -> str:
+    return "{:.2f} ± {:.2f}".format(*point)
+
+
+# ------------------------------------------------------------------------------------------ teacher stage
+
+
+def window_starts(plan: StudyPlan) -> List[int]:
+    last = plan.settings.train_epochs - plan.width  # the window's last start plus --expert_epochs 1 must exist
+    return list(plan.windows) if plan.windows else list(range(0, last + 1))
+
+
+@torch.no_grad()
+def expert_recall(ws: Workspace, epochs: Sequence[int]) -> Dict[int, Tuple[float, float]]:
+    """Test recall (mean ± std over the experts) of the experts' snapshot at each epoch."""
+    ws.load()
+    config = model_config(ws.model, ws.data.text_dim)
+    model = config.build(seed=0).to(ws.device).eval()
+    buffer = trajectories.TrajectoryBuffer(ws.normal)
+    out = {}
+    for epoch in epochs:
+        values = []
+        for expert in buffer.experts():
+            trajectories.load_snapshot(model, expert, epoch)
+            values.append(ws.test.evaluate(model)["r_mean"])
+        out[epoch] = mean_std(values)
+    return out
+
+
+def teacher_stage(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
+    plan = ws.plan
+    budget, starts = plan.budgets[0], window_starts(plan)
+    results = {}
+    for start in progress(starts, desc="windows", unit="window"):
+        for seed in plan.seeds:
+            run = ws.distil(f"lors_w{start}-{start + plan.width}_b{budget}_s{seed}", "lors", seed, Phases(
+                [ws.normal], [start], [start + plan.width], [budget], [plan.iterations]))
+            results[(start, seed)] = ws.score(load_final(run.path), seed)
+    randoms = [ws.score(ws.random([budget], seed), seed) for seed in plan.seeds]
+    experts = expert_recall(ws, starts)
+    distilled = {w: mean_std([recall(results[(w, seed)]) for seed in plan.seeds]) for w in starts}
+    paper = {w: mean_std([recall(results[(w, seed)], "paper") for seed in plan.seeds]) for w in starts}
+    random_point = mean_std([recall(r) for r in randoms])
+    lines_with_error_bars(report / "teacher_stage.png", starts, {
+        "distilled set (students, val protocol)": [distilled[w] for w in starts],
+        "expert at the window's first epoch (test)": [experts[w] for w in starts],
+        f"random subset of {budget} pairs": [random_point] * len(starts)},
+        "first start epoch of the window", "mean recall (%)",
+        f"one phase, {budget} pairs, windows of {plan.width} start epochs")
+    rows = ["| window (start epochs) | distilled, val protocol | distilled, paper protocol | expert at first epoch |",
+            "|---|---|---|---|"]
+    rows += [f"| [{w}, {w + plan.width}) | {cell(distilled[w])} | {cell(paper[w])} | {cell(experts[w])} |"
+             for w in starts]
+    best = max(starts, key=lambda w: distilled[w][0])
+    text = [
+        "## Distilled-set recall against the teacher's stage", "",
+        f"One-phase LoRS runs of {budget} pairs, {plan.iterations} iterations each, starts drawn from the window, "
+        f"target = start + 1 epoch; each set trained by {ws.settings.num_eval} fresh students per seed, mean ± std "
+        f"over seeds {list(plan.seeds)}. The expert column is the test recall of the experts' snapshot at the "
+        f"window's first epoch (mean ± std over the experts).", "", *rows, "",
+        f"Random real subset of {budget} pairs: {cell(random_point)} (val protocol).", "",
+        f"Best window: [{best}, {best + plan.width}) at {distilled[best][0]:.2f}; "
+        f"first window {distilled[starts[0]][0]:.2f}, last {distilled[starts[-1]][0]:.2f}.", "",
+        "![teacher stage](teacher_stage.png)", ""]
+    payload = {"windows": starts, "width": plan.width, "distilled_val": distilled, "distilled_paper": paper,
+               "expert_test": experts, "random_val": random_point,
+               "per_seed": [{"window": w, "seed": s, **results[(w, s)]} for (w, s) in results]}
+    return text, payload
+
+
+# ----------------------------------------------------------------------------------------------- gradients
+
+
+def matching_gradient(matcher: TrajectoryMatcher, synthetic, expert, start: int, expert_epochs: int, batches,
+                      device: torch.device, seed: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The matcher's exact gradient with respect to the images and the text features (flattened) from
+    snapshot ``start`` to ``start + expert_epochs``, dropout drawn from ``seed`` (the same for every start)."""
+    begin = {side: expert.flat(side, start).to(device) for side in trajectories.SIDES}
+    target = {side: expert.flat(side, start + expert_epochs).to(device) for side in trajectories.SIDES}
+    synthetic.zero_grad(set_to_none=True)
+    with seeded(seed, device):
+        result = matcher.match(synthetic, begin, target, batches)
+    return synthetic.images.grad.detach().flatten().clone(), synthetic.texts.grad.detach().flatten().clone(), result.loss
+
+
+def cosine_matrix(vectors: Sequence[torch.Tensor]) -> List[List[float]]:
+    stacked = torch.stack([v.double() for v in vectors])
+    unit = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return (unit @ unit.T).tolist()
+
+
+def mean_off_diagonal(matrix: Sequence[Sequence[float]]) -> float:
+    n = len(matrix)
+    values = [matrix[i][j] for i in range(n) for j in range(n) if i != j]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def gradient_directions(ws: Workspace, seed: int, budget: int, folders: Dict[str, Path], count: int):
+    """{kind: {"image"|"text": {"norm": [(mean, std) per start], "cosine": mean matrix}, "loss": [...]}}."""
+    ws.load()
+    m = ws.model
+    epochs = m.expert_epochs
+    config = model_config(m, ws.data.text_dim)
+    student = config.build(seed=seed).to(ws.device)
+    spec = distill.PhaseSpec(0, str(folders["normal"]), 0, 1, budget, 0, m.sim_rank[0])
+    generator = torch.Generator().manual_seed(seed * 1000)
+    synthetic = distill.initial_set(spec, m, ws.data, generator).to(ws.device)
+    sampler = MiniBatchSampler(budget, min(m.mini_batch_size, budget), generator)
+    batches = [sampler.next().to(ws.device) for _ in range(m.syn_steps)]
+    matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(m.loss_type), m.syn_steps, m.syn_steps,
+                                blend=m.blend, normalization=m.match_norm)
+    out = {}
+    for kind, folder in folders.items():
+        experts = trajectories.TrajectoryBuffer(folder).experts()[:count]
+        last = min(e.num_snapshots for e in experts) - 1 - epochs
+        starts = list(range(0, last + 1))
+        per_expert = {"image": [], "text": []}
+        losses, steps = [], {"image": [], "text": []}
+        for expert in progress(experts, desc=f"{kind} gradients", unit="expert"):
+            grads = [matching_gradient(matcher, synthetic, expert, t, epochs, batches, ws.device, seed) for t in starts]
+            per_expert["image"].append([g[0] for g in grads])
+            per_expert["text"].append([g[1] for g in grads])
+            losses.append([g[2] for g in grads])
+            for side in steps:  # how far each target lies from its start: what the student has to cover
+                steps[side].append([(expert.flat(side, t + epochs) - expert.flat(side, t)).norm().item()
+                                    for t in starts])
+        out[kind] = {"starts": starts, "loss": [mean_std([row[t] for row in losses]) for t in range(len(starts))]}
+        for side, lists in per_expert.items():
+            norms = [mean_std([vectors[t].norm().item() for vectors in lists]) for t in range(len(starts))]
+            matrices = [cosine_matrix(vectors) for vectors in lists]
+            mean_matrix = [[statistics.fmean(mat[i][j] for mat in matrices) for j in range(len(starts))]
+                           for i in range(len(starts))]
+            out[kind][side] = {"norm": norms, "cosine": mean_matrix, "mean_off_diagonal": mean_off_diagonal(mean_matrix),
+                               "target_distance": [mean_std([row[t] for row in steps[side]])
+                                                   for t in range(len(starts))]}
+    return out
+
+
+def gradients(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
+    plan, s = ws.plan, ws.settings
+    seed, budget = plan.seeds[0], plan.budgets[0]
+    folders = {"normal": ws.normal, "shortcut": ws.shortcut(0, s.train_epochs + 1)}
+    found = gradient_directions(ws, seed, budget, folders, plan.experts)
+    starts = found["normal"]["starts"]
+    for side in ("image", "text"):
+        lines_with_error_bars(report / f"gradient_norm_{side}.png", starts,
+                              {kind: found[kind][side]["norm"] for kind in folders}, "start epoch",
+                              f"gradient norm, {side} side",
+                              f"{budget} initial pairs, mean ± std over {plan.experts} experts")
+    heatmaps(report / "gradient_cosine.png",
+             {f"{kind}, {side}": found[kind][side]["cosine"] for side in ("image", "text") for kind in folders},
+             starts, "start epoch", title="cosine similarity of the matching gradients between start epochs")
+    text = ["## Matching gradients along the trajectories", "",
+            f"One fixed synthetic set (seed {seed}'s {budget} initial real pairs, step sizes "
+            f"{ws.model.lr_teacher_img}/{ws.model.lr_teacher_txt}), one fixed list of {ws.model.syn_steps} mini-batches "
+            f"and one dropout draw; from each start epoch t the matcher's exact gradient (target t + "
+            f"{ws.model.expert_epochs}) on the normal trajectories and on the shortcut over all "
+            f"{s.train_epochs + 1} snapshots, for each of {plan.experts} experts. Norms: mean ± std over the "
+            "experts; cosines: the mean over experts of each expert's matrix.", ""]
+    for side in ("image", "text"):
+        text += [f"### Norm of the gradient w.r.t. the {side} side", "",
+                 "| start epoch | " + " | ".join(folders) + " |", "|---|" + "---|" * len(folders)]
+        text += [f"| {t} | " + " | ".join("{:.3g} ± {:.2g}".format(*found[k][side]["norm"][i]) for k in folders) + " |"
+                 for i, t in enumerate(starts)]
+        text += ["", f"![norm, {side}](gradient_norm_{side}.png)", "",
+                 f"Distance from start to target on the {side} side (mean over experts): " + "; ".join(
+                     f"{k}: " + ", ".join(f"{v[0]:.3g}" for v in found[k][side]["target_distance"]) for k in folders),
+                 ""]
+    text += ["### Mean cosine similarity between different start epochs", "",
+             "| side | " + " | ".join(folders) + " |", "|---|" + "---|" * len(folders),
+             *[f"| {side} | " + " | ".join(f"{found[k][side]['mean_off_diagonal']:.3f}" for k in folders) + " |"
+               for side in ("image", "text")], "", "![cosine matrices](gradient_cosine.png)", "",
+             "Matching loss from each start epoch (mean over experts): " + "; ".join(
+                 f"{k}: " + ", ".join(f"{v[0]:.3f}" for v in found[k]["loss"]) for k in folders), ""]
+    return text, {"seed": seed, "budget": budget, "folders": {k: str(v) for k, v in folders.items()}, **found}
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+COMPONENTS = ("BASE", "+EMA", "+PTM", "+ST", "PTM+ST")
+
+
+def component_runs(ws: Workspace, budget: int, seed: int, shortcuts: List[Path]) -> Dict[str, RunFolder]:
+    """Each component's run; the phased rows at equal total and at per-phase iterations."""
+    s, total = ws.settings, ws.plan.iterations
+    low, high = min(p[2] for p in s.phases), max(p[3] for p in s.phases)
+    sizes = phase_sizes("ptmst", budget, s)
+    lows, highs = [p[2] for p in s.phases], [p[3] for p in s.phases]
+    phases = len(s.phases)
+    one = dict(lows=[low], highs=[high], sizes=[budget], iterations=[total])
+    runs = {
+        "BASE": ws.distil(f"base_b{budget}_s{seed}", "lors", seed, Phases([ws.normal], **one), ["--ema_decay", "0"]),
+        "+EMA": ws.distil(f"lors_b{budget}_s{seed}", "lors", seed, Phases([ws.normal], **one)),
+        "+ST": ws.distil(f"st_b{budget}_s{seed}", "lors", seed, Phases([shortcuts[0]], **one))}
+    for regime, each in (("equal", [total // phases + (1 if k < total % phases else 0) for k in range(phases)]),
+                         ("per-phase", [total] * phases)):
+        runs[f"+PTM ({regime})"] = ws.distil(f"ptm_{regime}_b{budget}_s{seed}", "ptmst", seed, Phases(
+            [ws.normal] * phases, lows, highs, sizes, each))
+        runs[f"PTM+ST ({regime})"] = ws.distil(f"ptmst_{regime}_b{budget}_s{seed}", "ptmst", seed, Phases(
+            shortcuts, lows, highs, sizes, each))
+    return runs
+
+
+def components(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
+    plan = ws.plan
+    shortcuts = ws.shortcuts()
+    results: Dict[Tuple[str, int, int], Dict] = {}
+    for budget in plan.budgets:
+        for seed in plan.seeds:
+            for row, run in component_runs(ws, budget, seed, shortcuts).items():
+                results[(row, budget, seed)] = ws.score(load_final(run.path), seed)
+            results[("random", budget, seed)] = ws.score(ws.random(phase_sizes("ptmst", budget, ws.settings), seed),
+                                                         seed)
+    rows = ["BASE", "+EMA", "+PTM (equal)", "+ST", "PTM+ST (equal)", "+PTM (per-phase)", "PTM+ST (per-phase)",
+            "random"]
+    table = {(row, b, p): mean_std([recall(results[(row, b, seed)], p) for seed in plan.seeds])
+             for row in rows for b in plan.budgets for p in ("val", "paper")}
+    iterations = {"BASE": plan.iterations, "+EMA": plan.iterations, "+ST": plan.iterations,
+                  "+PTM (equal)": plan.iterations, "PTM+ST (equal)": plan.iterations,
+                  "+PTM (per-phase)": plan.iterations * len(ws.settings.phases),
+                  "PTM+ST (per-phase)": plan.iterations * len(ws.settings.phases), "random": 0}
+    lines = ["| row | total iterations | " + " | ".join(f"{b} pairs, val | {b} pairs, paper" for b in plan.budgets) + " |",
+             "|---|---|" + "---|---|" * len(plan.budgets)]
+    lines += [f"| {row} | {iterations[row]} | " + " | ".join(f"{cell(table[(row, b, 'val')])} | {cell(table[(row, b, 'paper')])}"
+                                                          for b in plan.budgets) + " |" for row in rows]
+    budget = plan.budgets[-1]
+    grouped_bars(report / "components.png", rows, {"val protocol": [table[(r, budget, "val")] for r in rows],
+                                                   "paper protocol": [table[(r, budget, "paper")] for r in rows]},
+                 "mean recall (%)", f"{budget} pairs, mean ± std over seeds {list(plan.seeds)}")
+    text = ["## Components at equal and at per-phase iterations", "",
+            f"BASE: one phase of {plan.iterations} iterations on normal trajectories, no EMA (--ema_decay 0); +EMA: the "
+            f"same with --ema_decay {ws.settings.ema_decay}; +ST: one phase on the shortcut over snapshots "
+            f"{ws.settings.phases[0][0]}..{ws.settings.phases[0][1] - 1}; +PTM: {len(ws.settings.phases)} phases on the "
+            f"normal trajectories, start ranges {[(p[2], p[3]) for p in ws.settings.phases]}; PTM+ST: those phases on "
+            "their shortcuts (PTM-ST). 'equal': the phases share the one-phase total; 'per-phase': each phase gets it, "
+            "as in the paper's recipes. Every row but BASE keeps the EMA; every set evaluated by "
+            f"{ws.settings.num_eval} students per seed under the paper's student schedule; mean ± std over seeds "
+            f"{list(plan.seeds)}.", "", *lines, "", "![components](components.png)", ""]
+    payload = {"table": {f"{r}|{b}|{p}": v for (r, b, p), v in table.items()}, "iterations": iterations,
+               "per_seed": [{"row": r, "budget": b, "seed": s, **v} for (r, b, s), v in results.items()]}
+    return text, payload
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+SCHEDULE_VARIANTS = {  # label: (--student_schedule, --phase_lr)
+    "paper": ("paper", "current"), "own": ("paper", "own"), "restart": ("restart", "current"),
+    "union": ("union", "current")}
+
+
+def schedule(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
+    plan, s = ws.plan, ws.settings
+    shortcuts = ws.shortcuts()
+    phases = len(s.phases)
+    variants = list(plan.schedules)
+    results = {}
+    for budget in plan.budgets:
+        sizes = phase_sizes("ptmst", budget, s)
+        each = [plan.iterations // phases + (1 if k < plan.iterations % phases else 0) for k in range(phases)]
+        for seed in plan.seeds:
+            ptmst = load_final(ws.distil(f"ptmst_equal_b{budget}_s{seed}", "ptmst", seed, Phases(
+                shortcuts, [p[2] for p in s.phases], [p[3] for p in s.phases], sizes, each)).path)
+            lors = load_final(ws.distil(f"lors_b{budget}_s{seed}", "lors", seed, Phases(
+                [ws.normal], [min(p[2] for p in s.phases)], [max(p[3] for p in s.phases)], [budget],
+                [plan.iterations])).path)
+            reals = ws.random(sizes, seed)
+            for variant in variants:
+                chosen, phase_lr = SCHEDULE_VARIANTS[variant]
+                results[("PTM-ST", variant, budget, seed)] = ws.score(ptmst, seed, chosen, phase_lr)
+                results[("random, split", variant, budget, seed)] = ws.score(reals, seed, chosen, phase_lr)
+            results[("LoRS (one phase)", "paper", budget, seed)] = ws.score(lors, seed)
+    rows = [("PTM-ST", v) for v in variants] + [("random, split", v) for v in variants] + [("LoRS (one phase)", "paper")]
+    table = {(r, v, b, p): mean_std([recall(results[(r, v, b, seed)], p) for seed in plan.seeds])
+             for r, v in rows for b in plan.budgets for p in ("val", "paper")}
+    lines = ["| set | schedule | " + " | ".join(f"{b} pairs, val | {b} pairs, paper" for b in plan.budgets) + " |",
+             "|---|---|" + "---|---|" * len(plan.budgets)]
+    lines += [f"| {r} | {v} | " + " | ".join(f"{cell(table[(r, v, b, 'val')])} | {cell(table[(r, v, b, 'paper')])}"
+                                             for b in plan.budgets) + " |" for r, v in rows]
+    lines_with_error_bars(report / "schedule.png", list(plan.budgets), {
+        f"{r}, {v}": [table[(r, v, b, "val")] for b in plan.budgets] for r, v in rows},
+        "synthetic pairs", "mean recall (%), val protocol", f"mean ± std over seeds {list(plan.seeds)}")
+    text = ["## Student schedules", "",
+            "paper: the phases' subsets one after the other, one x0.1 decay at epoch epochs//2 + 1 counted across "
+            "them (it fires inside the first), every subset at the last phase's learned step sizes; own: the same, each "
+            "subset at its own phase's step sizes (--phase_lr own); restart: the decay restarts with each subset "
+            "(--student_schedule restart); union: all subsets at once, similarity block-diagonal over the phases "
+            f"(--student_schedule union). 'random, split': random real pairs split as PTM-ST splits its budget "
+            f"({' + '.join(map(str, phase_sizes('ptmst', plan.budgets[-1], s)))} at {plan.budgets[-1]} pairs), at the "
+            "initial step sizes (so 'own' equals 'paper' there). LoRS: one phase, the same total iterations "
+            f"({plan.iterations}).", "", *lines, "", "![schedules](schedule.png)", ""]
+    payload = {"table": {f"{r}|{v}|{b}|{p}": x for (r, v, b, p), x in table.items()},
+               "per_seed": [{"set": r, "schedule": v, "budget": b, "seed": sd, **x}
+                            for (r, v, b, sd), x in results.items()]}
+    return text, payload
+
+
+STUDY_FUNCTIONS = {"teacher_stage": teacher_stage, "gradients": gradients, "components": components,
+                   "schedule": schedule}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="study", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=STUDIES, help="which study")
+    parser.add_argument("--workdir", default="./study", help="data, experts, runs and reports go here (the "
+                                                               "quick start's and the ablation's layout: a shared "
+                                                               "workdir reuses their data and encoder)")
+    parser.add_argument("--preset", default="default", choices=["default", "smoke"], help="smoke: the test suite's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the study's budgets (pairs)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="iterations of a one-phase run (phased runs share them, or each phase gets them)")
+    parser.add_argument("--windows", type=int, nargs="+", default=None,
+                        help="teacher_stage: first start epoch of each window (default: every window that fits)")
+    parser.add_argument("--width", type=int, default=None, help="teacher_stage: start epochs per window (default 2)")
+    parser.add_argument("--experts", type=int, default=None, help="gradients: experts averaged (default 5)")
+    parser.add_argument("--schedules", nargs="+", default=None, choices=list(SCHEDULE_VARIANTS),
+                        help="schedule: the student schedules compared (default: all four)")
+    args, extra = parser.parse_known_args(argv)
+    groups = flag_groups(extra)
+    for group in groups:
+        flag = group[0].split("=", 1)[0]
+        if flag in OWNED | {"--ema_decay", "--iterations"}:
+            parser.error(f"{flag} is set by the study itself for every run (seeds, budgets, phases, folders and "
+                         f"iterations come from the study's own flags); drop it")
+        if flag not in DISTILL_FLAGS | BUFFER_FLAGS:
+            parser.error(f"{flag} is neither a study flag nor a flag of distill_ptm-st.py or buffer.py (see "
+                         f"`bash sh/study.sh {args.study} --help` and their --help)")
+    args.distill_flags, args.buffer_flags = flags_for(DISTILL_FLAGS, groups), flags_for(BUFFER_FLAGS, groups)
+    datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
+                if group[0].split("=", 1)[0] == "--dataset"]
+    args.builtin_data = not datasets
+    real = bool(datasets) and datasets[-1] in ("stamps", "folder")
+    if args.preset == "smoke":
+        plan = smoke_plan(args.study)
+    else:
+        plan = default_plan(args.study, STAMPS if real else QUICKSTART["default"])
+    plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
+                   budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
+                   iterations=args.iterations or plan.iterations,
+                   windows=tuple(args.windows) if args.windows else plan.windows, width=args.width or plan.width,
+                   experts=args.experts or plan.experts,
+                   schedules=tuple(args.schedules) if args.schedules else plan.schedules)
+    check_plan(parser, args.study, plan)
+    args.plan = plan
+    return args
+
+
+def check_plan(parser: argparse.ArgumentParser, study: str, plan: StudyPlan) -> None:
+    s = plan.settings
+    phases = len(s.phases)
+    if min(plan.budgets) < phases:
+        parser.error(f"--budgets {min(plan.budgets)}: PTM-ST splits a budget over {phases} phases, so every budget "
+                     f"must be at least {phases}")
+    if max(plan.budgets) > s.num_train * 5 and s.builtin:
+        parser.error(f"--budgets {max(plan.budgets)} exceeds the {s.num_train * 5} training pairs")
+    if plan.iterations < phases:
+        parser.error(f"--iterations {plan.iterations}: the phases share them, so give at least {phases}")
+    if plan.width < 1 or plan.experts < 1:
+        parser.error("--width and --experts must be at least 1")
+    last = s.train_epochs - plan.width
+    bad = [w for w in plan.windows if not 0 <= w <= last]
+    if bad:
+        parser.error(f"--windows {bad[0]}: a window [w, w + {plan.width}) needs snapshot w + {plan.width} of "
+                     f"{s.train_epochs}-epoch experts, so w must be in 0..{last}")
+
+
+def write_report(report: Path, study: str, command: str, text: List[str], payload: dict, ws: Workspace,
+                 seconds: float) -> Path:
+    records = ws.records
+    unique = {r["run"]: r["seconds"] for r in records}
+    atomic_write_text(report / "results.json", json.dumps(
+        {"study": study, "command": command, "plan": asdict(ws.plan), "seconds": seconds, "runs": unique,
+         "experts": str(ws.normal), **payload}, indent=1, default=str))
+    lines = [f"# Study: {study}", "", f"Command: `{command}`", "",
+             f"Wall time of this call: {seconds / 60:.1f} min (runs reused from earlier calls count as 0 here; "
+             "their own times are listed below). Experts: "
+             f"{ws.settings.num_experts} x {ws.settings.train_epochs} epochs in `{ws.normal}`.", "",
+             *text,
+             "## Runs this report is built from", "",
+             "Each folder's name ends in the fingerprint of the flags that decide its result; its args.json holds "
+             "them (the distillation seconds are those the run took when it was made).", "",
+             *[f"- `{run}` ({secs:.0f} s)" for run, secs in unique.items()], "",
+             "## Settings", "", "```json", json.dumps(asdict(ws.plan), indent=1), "```", ""]
+    path = report / "README.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = parse_args(argv)
+    setup_logging()
+    started = time.perf_counter()
+    work = writable_folder(Path(args.workdir), "--workdir")
+    (work / "reports").mkdir(parents=True, exist_ok=True)
+    report = Path(tempfile.mkdtemp(prefix=f".study_{args.study}_", suffix=".partial", dir=work / "reports"))
+    ws = prepare(args.plan, work, args.distill_flags, args.buffer_flags, args.builtin_data)
+    text, payload = STUDY_FUNCTIONS[args.study](ws, report)
+    command = "bash sh/study.sh " + " ".join(list(argv) if argv is not None else sys.argv[1:])
+    write_report(report, args.study, command.strip(), text, payload, ws, time.perf_counter() - started)
+    path = publish(report, work / "reports", report_stamp(), prefix=f"study_{args.study}") / "README.md"
+    print(f"\nreport: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    run_script(main, interrupted="interrupted: finished runs are kept in --workdir/study_runs and a cut run resumes: "
+                                 "run the same command again to go on.")
