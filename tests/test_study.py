@@ -165,6 +165,14 @@ def test_components_study(smoke_work):
     assert "convexified" in shortcut["buffer_path"][0] and "convexified" not in ema["buffer_path"][0]
     assert sum(equal["Iteration"]) == base["Iteration"][0] == 2 and per_phase["Iteration"] == [2, 2]
     assert all(path.endswith("normal") for path in ptm["buffer_path"]) and ptm["subset_num"] == 2
+    sizes = {(entry["row"], entry["budget"]): entry["per_seed"] for entry in payload["step_sizes"]}
+    assert len(sizes[("BASE", 4)][0]) == 1 and len(sizes[("PTM+ST (equal)", 4)][0]) == 2  # one pair per phase
+    assert "| PTM+ST (per-phase) | 4 |" in text
+
+
+def test_learned_step_sizes_are_averaged_over_seeds_per_phase():
+    lines = study.learned_step_sizes({("PTM+ST", 40): [[(0.1, 0.2), (0.3, 0.4)], [(0.2, 0.4), (0.5, 0.6)]]}, 0.1, 0.1)
+    assert "| PTM+ST | 40 | 0.150 / 0.300, 0.400 / 0.500 |" in lines
 
 
 @pytest.mark.slow

@@ -380,10 +380,13 @@ def components(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
     plan = ws.plan
     shortcuts = ws.shortcuts()
     results: Dict[Tuple[str, int, int], Dict] = {}
+    step_sizes: Dict[Tuple[str, int], List[List[Tuple[float, float]]]] = {}
     for budget in plan.budgets:
         for seed in plan.seeds:
             for row, run in component_runs(ws, budget, seed, shortcuts).items():
-                results[(row, budget, seed)] = ws.score(load_final(run.path), seed)
+                subsets = load_final(run.path)
+                step_sizes.setdefault((row, budget), []).append([(x.lr_img, x.lr_txt) for x in subsets])
+                results[(row, budget, seed)] = ws.score(subsets, seed)
             results[("random", budget, seed)] = ws.score(ws.random(phase_sizes("ptmst", budget, ws.settings), seed),
                                                          seed)
     rows = ["BASE", "+EMA", "+PTM (equal)", "+ST", "PTM+ST (equal)", "+PTM (per-phase)", "PTM+ST (per-phase)",
@@ -410,10 +413,25 @@ def components(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
             "their shortcuts (PTM-ST). 'equal': the phases share the one-phase total; 'per-phase': each phase gets it, "
             "as in the paper's recipes. Every row but BASE keeps the EMA; every set evaluated by "
             f"{ws.settings.num_eval} students per seed under the paper's student schedule; mean ± std over seeds "
-            f"{list(plan.seeds)}.", "", *lines, "", "![components](components.png)", ""]
+            f"{list(plan.seeds)}.", "", *lines, "", "![components](components.png)", "",
+            *learned_step_sizes(step_sizes, ws.model.lr_teacher_img, ws.model.lr_teacher_txt)]
     payload = {"table": {f"{r}|{b}|{p}": v for (r, b, p), v in table.items()}, "iterations": iterations,
+               "step_sizes": [{"row": r, "budget": b, "per_seed": v} for (r, b), v in step_sizes.items()],
                "per_seed": [{"row": r, "budget": b, "seed": s, **v} for (r, b, s), v in results.items()]}
     return text, payload
+
+
+def learned_step_sizes(step_sizes: Dict[Tuple[str, int], List[List[Tuple[float, float]]]], img: float,
+                       txt: float) -> List[str]:
+    """Markdown: each row's learned step sizes after distillation, per phase, mean over seeds."""
+    lines = [f"Learned step sizes at the end of distillation (image / text, each phase; mean over seeds; both start "
+             f"at {img} / {txt}):", "", "| row | budget | step sizes |", "|---|---|---|"]
+    for (row, budget), seeds in step_sizes.items():
+        phases = zip(*seeds)
+        cells = ["{:.3f} / {:.3f}".format(statistics.fmean(p[0] for p in phase), statistics.fmean(p[1] for p in phase))
+                 for phase in phases]
+        lines.append(f"| {row} | {budget} | " + ", ".join(cells) + " |")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------------ schedule
