@@ -228,3 +228,4 @@ def test_lr_search_gives_every_method_the_same_configurations_and_runs_the_val_c
                                                                          chosen["lr_lr"])
     text = report.read_text()
     assert "tried the same 3 configurations" in text and "**" in text
+    assert "chose from the same search" in text and "with the same learning rates" not in text

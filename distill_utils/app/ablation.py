@@ -529,8 +529,10 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         f"Command: `{command}`", "",
         f"Mean recall (%) on the test split: for each seed, the mean over {s.num_eval} fresh students; "
         f"then mean ± std over seeds {list(plan.seeds)}. Every method distils the same total number of pairs with "
-        f"the same total iterations ({sum(s.iterations)}), from the same experts, with the same learning rates, "
-        f"and is evaluated by the same code.", "",
+        f"the same total iterations ({sum(s.iterations)}), from the same experts, "
+        + ("with the learning rates each chose from the same search (below), " if plan.lr_search else
+           "with the same learning rates, ")
+        + "and is evaluated by the same code.", "",
         "## Val protocol (measurement chosen on the val split; test recall reported)", "",
         table(plan, results, "val", rows), "",
         "## Paper protocol (best of the test measurements, as the papers report)", "",
