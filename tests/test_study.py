@@ -193,6 +193,10 @@ def test_schedule_study_reuses_the_components_runs(smoke_work):
     (["components", "--ema_decay", "0.5"], "--ema_decay is set by the study itself"),
     (["schedule", "--nope", "1"], "--nope is neither a study flag nor a flag of distill_ptm-st.py"),
     (["nonsense"], "invalid choice"),
+    (["components", "--iterations", "0"], "--iterations"),
+    (["teacher_stage", "--width", "0"], "--width"),
+    (["schedule", "--seeds", "-1"], "--seeds"),
+    (["gradients", "--experts", "two"], "--experts"),
 ])
 def test_bad_study_flags_name_the_flag(argv, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distill_utils.app.study", *argv, "--workdir", str(tmp_path)],

@@ -51,7 +51,7 @@ from . import convexify, distill
 from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, flag_groups, flags_for, load_final,
                        matching_run, phase_flags, phase_sizes, publish, report_stamp, students, train_expert_set,
                        Plan)
-from .cli import run_script
+from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .quickstart import PRESETS as QUICKSTART, STAMPS, Settings, generate_data, pretrain_encoder
@@ -502,14 +502,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                                "quick start's and the ablation's layout: a shared "
                                                                "workdir reuses their data and encoder)")
     parser.add_argument("--preset", default="default", choices=["default", "smoke"], help="smoke: the test suite's")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the study's seeds")
-    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the study's budgets (pairs)")
-    parser.add_argument("--iterations", type=int, default=None,
+    parser.add_argument("--seeds", type=non_negative(), nargs="+", default=None, help="override the study's seeds")
+    parser.add_argument("--budgets", type=positive(), nargs="+", default=None, help="override the study's budgets (pairs)")
+    parser.add_argument("--iterations", type=positive(), default=None,
                         help="iterations of a one-phase run (phased runs share them, or each phase gets them)")
-    parser.add_argument("--windows", type=int, nargs="+", default=None,
+    parser.add_argument("--windows", type=non_negative(), nargs="+", default=None,
                         help="teacher_stage: first start epoch of each window (default: every window that fits)")
-    parser.add_argument("--width", type=int, default=None, help="teacher_stage: start epochs per window (default 2)")
-    parser.add_argument("--experts", type=int, default=None, help="gradients: experts averaged (default 5)")
+    parser.add_argument("--width", type=positive(), default=None, help="teacher_stage: start epochs per window (default 2)")
+    parser.add_argument("--experts", type=positive(), default=None, help="gradients: experts averaged (default 5)")
     parser.add_argument("--schedules", nargs="+", default=None, choices=list(SCHEDULE_VARIANTS),
                         help="schedule: the student schedules compared (default: all four)")
     args, extra = parser.parse_known_args(argv)
@@ -533,9 +533,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         plan = default_plan(args.study, STAMPS if real else QUICKSTART["default"])
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
-                   iterations=args.iterations or plan.iterations,
-                   windows=tuple(args.windows) if args.windows else plan.windows, width=args.width or plan.width,
-                   experts=args.experts or plan.experts,
+                   iterations=plan.iterations if args.iterations is None else args.iterations,
+                   windows=tuple(args.windows) if args.windows else plan.windows,
+                   width=plan.width if args.width is None else args.width,
+                   experts=plan.experts if args.experts is None else args.experts,
                    schedules=tuple(args.schedules) if args.schedules else plan.schedules)
     check_plan(parser, args.study, plan)
     args.plan = plan
