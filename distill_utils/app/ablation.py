@@ -121,11 +121,13 @@ def one_phase_window(s: Settings) -> Tuple[int, int]:
     return min(p[2] for p in s.phases), max(p[3] for p in s.phases)
 
 
+def even_split(total: int, parts: int) -> List[int]:
+    """``total`` shared by ``parts`` as evenly as integers allow, the larger shares first."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
 def phase_sizes(method: str, budget: int, s: Settings) -> List[int]:
-    if method != "ptmst":
-        return [budget]
-    phases = len(s.phases)
-    return [budget // phases + (1 if k < budget % phases else 0) for k in range(phases)]
+    return even_split(budget, len(s.phases)) if method == "ptmst" else [budget]
 
 
 def phase_iterations(method: str, s: Settings) -> List[int]:

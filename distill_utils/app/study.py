@@ -48,9 +48,9 @@ from ..runlog import resolve_device, seeded, setup_logging
 from ..runs import RunFolder
 
 from . import convexify, distill
-from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, flag_groups, flags_for, load_final,
-                       matching_run, phase_flags, phase_sizes, publish, report_stamp, students, train_expert_set,
-                       Plan)
+from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, even_split, flag_groups, flags_for,
+                       load_final, matching_run, phase_flags, phase_sizes, publish, report_stamp, students,
+                       train_expert_set, Plan)
 from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
@@ -139,6 +139,20 @@ class Workspace:
         seconds = ensure_run(run, argv, base)
         self.records.append({"run": str(run.path), "seconds": seconds})
         return run
+
+    def one_phase(self, base: str, seed: int, budget: int, folder: Path, overrides: Sequence[str] = ()) -> RunFolder:
+        """A LoRS run of the whole budget on ``folder``, starts from the union of the phases' windows."""
+        s = self.settings
+        return self.distil(base, "lors", seed, Phases([folder], [min(p[2] for p in s.phases)],
+                                                      [max(p[3] for p in s.phases)], [budget],
+                                                      [self.plan.iterations]), overrides)
+
+    def phased(self, base: str, seed: int, budget: int, folders: Sequence[Path], iterations: List[int]) -> RunFolder:
+        """A PTM-ST run: the settings' phases on ``folders`` (one per phase), the budget split over them."""
+        s = self.settings
+        return self.distil(base, "ptmst", seed, Phases(list(folders), [p[2] for p in s.phases],
+                                                       [p[3] for p in s.phases], phase_sizes("ptmst", budget, s),
+                                                       iterations))
 
     def score(self, subsets, seed: int, schedule: str = "paper", phase_lr: str = "current") -> Dict[str, dict]:
         """Both protocols' summaries of ``num_eval`` fresh students trained on ``subsets``."""
@@ -352,27 +366,16 @@ def gradients(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
 
 # ---------------------------------------------------------------------------------------------- components
 
-COMPONENTS = ("BASE", "+EMA", "+PTM", "+ST", "PTM+ST")
-
-
 def component_runs(ws: Workspace, budget: int, seed: int, shortcuts: List[Path]) -> Dict[str, RunFolder]:
     """Each component's run; the phased rows at equal total and at per-phase iterations."""
-    s, total = ws.settings, ws.plan.iterations
-    low, high = min(p[2] for p in s.phases), max(p[3] for p in s.phases)
-    sizes = phase_sizes("ptmst", budget, s)
-    lows, highs = [p[2] for p in s.phases], [p[3] for p in s.phases]
-    phases = len(s.phases)
-    one = dict(lows=[low], highs=[high], sizes=[budget], iterations=[total])
-    runs = {
-        "BASE": ws.distil(f"base_b{budget}_s{seed}", "lors", seed, Phases([ws.normal], **one), ["--ema_decay", "0"]),
-        "+EMA": ws.distil(f"lors_b{budget}_s{seed}", "lors", seed, Phases([ws.normal], **one)),
-        "+ST": ws.distil(f"st_b{budget}_s{seed}", "lors", seed, Phases([shortcuts[0]], **one))}
-    for regime, each in (("equal", [total // phases + (1 if k < total % phases else 0) for k in range(phases)]),
-                         ("per-phase", [total] * phases)):
-        runs[f"+PTM ({regime})"] = ws.distil(f"ptm_{regime}_b{budget}_s{seed}", "ptmst", seed, Phases(
-            [ws.normal] * phases, lows, highs, sizes, each))
-        runs[f"PTM+ST ({regime})"] = ws.distil(f"ptmst_{regime}_b{budget}_s{seed}", "ptmst", seed, Phases(
-            shortcuts, lows, highs, sizes, each))
+    total, phases = ws.plan.iterations, len(ws.settings.phases)
+    runs = {"BASE": ws.one_phase(f"base_b{budget}_s{seed}", seed, budget, ws.normal, ["--ema_decay", "0"]),
+            "+EMA": ws.one_phase(f"lors_b{budget}_s{seed}", seed, budget, ws.normal),
+            "+ST": ws.one_phase(f"st_b{budget}_s{seed}", seed, budget, shortcuts[0])}
+    for regime, each in (("equal", even_split(total, phases)), ("per-phase", [total] * phases)):
+        runs[f"+PTM ({regime})"] = ws.phased(f"ptm_{regime}_b{budget}_s{seed}", seed, budget, [ws.normal] * phases,
+                                             each)
+        runs[f"PTM+ST ({regime})"] = ws.phased(f"ptmst_{regime}_b{budget}_s{seed}", seed, budget, shortcuts, each)
     return runs
 
 
@@ -448,15 +451,11 @@ def schedule(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
     variants = list(plan.schedules)
     results = {}
     for budget in plan.budgets:
-        sizes = phase_sizes("ptmst", budget, s)
-        each = [plan.iterations // phases + (1 if k < plan.iterations % phases else 0) for k in range(phases)]
-        for seed in plan.seeds:
-            ptmst = load_final(ws.distil(f"ptmst_equal_b{budget}_s{seed}", "ptmst", seed, Phases(
-                shortcuts, [p[2] for p in s.phases], [p[3] for p in s.phases], sizes, each)).path)
-            lors = load_final(ws.distil(f"lors_b{budget}_s{seed}", "lors", seed, Phases(
-                [ws.normal], [min(p[2] for p in s.phases)], [max(p[3] for p in s.phases)], [budget],
-                [plan.iterations])).path)
-            reals = ws.random(sizes, seed)
+        for seed in plan.seeds:  # the components study's runs of the same names and flags, reused
+            ptmst = load_final(ws.phased(f"ptmst_equal_b{budget}_s{seed}", seed, budget, shortcuts,
+                                         even_split(plan.iterations, phases)).path)
+            lors = load_final(ws.one_phase(f"lors_b{budget}_s{seed}", seed, budget, ws.normal).path)
+            reals = ws.random(phase_sizes("ptmst", budget, s), seed)
             for variant in variants:
                 chosen, phase_lr = SCHEDULE_VARIANTS[variant]
                 results[("PTM-ST", variant, budget, seed)] = ws.score(ptmst, seed, chosen, phase_lr)
@@ -553,8 +552,6 @@ def check_plan(parser: argparse.ArgumentParser, study: str, plan: StudyPlan) -> 
         parser.error(f"--budgets {max(plan.budgets)} exceeds the {s.num_train * 5} training pairs")
     if plan.iterations < phases:
         parser.error(f"--iterations {plan.iterations}: the phases share them, so give at least {phases}")
-    if plan.width < 1 or plan.experts < 1:
-        parser.error("--width and --experts must be at least 1")
     last = s.train_epochs - plan.width
     bad = [w for w in plan.windows if not 0 <= w <= last]
     if bad:
