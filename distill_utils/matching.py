@@ -11,14 +11,17 @@ v = eta (theta* - theta0) + eta^2 G fixed once G is known: so a first pass witho
 computes G, and a second pass recomputes each step with a graph (one at a time) and back-propagates
 (2/D) v^T g_i into the batch's images, texts and similarity entries. Optionally the first pass
 keeps the graphs of its first ``keep_graphs`` steps, trading memory for not recomputing them;
-``keep_graphs="auto"`` keeps as many as the GPU's free memory allows (every one on the CPU).
+``keep_graphs="auto"`` times both policies on the first iterations (:class:`KeepChoice`) and keeps
+graphs only where that was faster, then as many as the GPU's free memory allows (every one on the CPU).
 Every step runs NFNet's standardised layers on their standardised weights (see
 :mod:`networks.weight_standardization`), so the graphs differentiated twice hold no standardisation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.func import functional_call
@@ -27,6 +30,8 @@ from networks import SIDES, Blend, DualEncoder
 from networks.weight_standardization import FactoredStandardization
 
 from .synthetic import SyntheticSet
+
+log = logging.getLogger("ptmst.matching")
 
 
 class MiniBatchSampler:
@@ -178,6 +183,58 @@ class GraphKeeping:
         return room_for_another_graph(self.graph_bytes, self.memory.available(), self.memory.total)
 
 
+KEEP, RECOMPUTE = AUTO, 0  # the two policies ``auto`` chooses between
+
+
+@dataclass
+class KeepChoice:
+    """How ``keep_graphs="auto"`` decides between keeping graphs (as memory allows) and recomputing
+    every step: on each of its first ``trials`` matches it runs both on the same inputs, the
+    recomputing one first and thrown away (generators and gradients restored), then the keeping one,
+    whose result is used, so the trials leave the run as keeping would. The faster policy by the
+    best of its trials is kept from then on. Both are exact; with a trainable image encoder they
+    differ in the last bits (a step's gradients are computed with and without a graph), which is
+    why the choice is part of a run's resume state. ``agree`` (several ranks) replaces the summed
+    times by their sum over the ranks, so every rank makes the same choice."""
+    trials: int = 2
+    keep_s: List[float] = field(default_factory=list)
+    recompute_s: List[float] = field(default_factory=list)
+    choice: Optional[Union[int, str]] = None
+    agree: Optional[Callable[[torch.Tensor], None]] = None
+
+    @property
+    def deciding(self) -> bool:
+        return self.choice is None
+
+    def observe(self, keep_s: float, recompute_s: float) -> None:
+        self.keep_s.append(keep_s)
+        self.recompute_s.append(recompute_s)
+        if len(self.keep_s) < self.trials:
+            return
+        best = torch.tensor([min(self.keep_s), min(self.recompute_s)], dtype=torch.float64)
+        if self.agree is not None:
+            self.agree(best)
+        keep, recompute = best.tolist()
+        self.choice = KEEP if keep <= recompute else RECOMPUTE
+        log.info("--keep_graphs auto: a matching took %.3g s keeping graphs and %.3g s recomputing them (best of "
+                 "%d); %s from here", keep, recompute, self.trials,
+                 "keeping them" if self.choice == KEEP else "recomputing them (--keep_graphs 0)")
+
+    def state_dict(self) -> dict:
+        return {"keep_s": list(self.keep_s), "recompute_s": list(self.recompute_s), "choice": self.choice}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keep_s, self.recompute_s = list(state["keep_s"]), list(state["recompute_s"])
+        self.choice = state["choice"]
+
+
+def synchronized_clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work has finished (a GPU runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class MatchResult:
     loss: float
@@ -230,7 +287,8 @@ class TrajectoryMatcher:
     ``keep_graphs`` steps (the first ones) keep their first-pass graph for the second pass instead
     of recomputing it: no second forward and backward for those steps, one step's graph of memory
     each (benchmarks/README.md has what that saves, and where it does not). 0 gives memory constant
-    in ``syn_steps``. ``"auto"`` measures the first kept graph and keeps
+    in ``syn_steps``. ``"auto"`` first times keeping against recomputing (:class:`KeepChoice`, in
+    ``keep_choice``) and, where keeping won, measures the first kept graph and keeps
     further ones while :func:`room_for_another_graph` holds for ``memory`` (by default the GPU's
     :class:`CudaMemory`; with no gauge, as on the CPU, every graph is kept).
     ``factor_standardization=False`` leaves NFNet's weight standardisation inside the graphs (as
@@ -259,6 +317,7 @@ class TrajectoryMatcher:
         self.criterion = criterion
         self.syn_steps = syn_steps
         self.keep_graphs = keep_graphs
+        self.keep_choice = KeepChoice() if keep_graphs == AUTO else None
         self.memory = memory
         layout = {s: list(zip(self.params.names[s], self.params.sizes[s])) for s in SIDES}
         self.standardization = FactoredStandardization(model, layout if factor_standardization else {})
@@ -316,28 +375,53 @@ class TrajectoryMatcher:
     def match(self, synthetic: SyntheticSet, start: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
               batches: Sequence[torch.Tensor]) -> MatchResult:
         """Run ``len(batches)`` student steps from ``start``; accumulate gradients into ``synthetic``."""
+        choice = self.keep_choice
+        if choice is None:
+            return self._match_keeping(self.keep_graphs, synthetic, start, target, batches)
+        if not choice.deciding:
+            return self._match_keeping(choice.choice, synthetic, start, target, batches)
+        return self._timed_trial(synthetic, start, target, batches)
+
+    def _timed_trial(self, synthetic: SyntheticSet, start, target, batches) -> MatchResult:
+        """One of :class:`KeepChoice`'s trials: recompute (thrown away), then keep (the result)."""
+        device = synthetic.images.device
+        grads = {name: p.grad for name, p in synthetic.named_parameters()}
+        for p in synthetic.parameters():
+            p.grad = None
+        rng = capture_rng_state(device)
+        began = synchronized_clock(device)
+        self._match_keeping(RECOMPUTE, synthetic, start, target, batches)
+        recompute_s = synchronized_clock(device) - began
+        restore_rng_state(rng, device)
+        for name, p in synthetic.named_parameters():
+            p.grad = grads[name]
+        began = synchronized_clock(device)
+        result = self._match_keeping(KEEP, synthetic, start, target, batches)
+        self.keep_choice.observe(synchronized_clock(device) - began, recompute_s)
+        return result
+
+    def _match_keeping(self, keep_graphs, synthetic: SyntheticSet, start, target, batches) -> MatchResult:
         if synthetic.images.grad is None:
             synthetic.images.grad = torch.zeros_like(synthetic.images)
         if not self.frozen_features:
-            return self._match(synthetic, synthetic, start, target, batches)
+            return self._match(keep_graphs, synthetic, synthetic, start, target, batches)
         view = _FrozenFeatureView(synthetic, self.model.image_encoder, batches)
         self._on_features = True
         try:
-            result = self._match(view, synthetic, start, target, batches)
+            result = self._match(keep_graphs, view, synthetic, start, target, batches)
         finally:
             self._on_features = False
         view.finish()
         return result
 
-    def _match(self, synthetic, owner: SyntheticSet, start, target, batches) -> MatchResult:
+    def _match(self, keep_graphs, synthetic, owner: SyntheticSet, start, target, batches) -> MatchResult:
         """The matching itself; ``synthetic`` is the set or its feature view, ``owner`` the set whose
         step sizes are learned."""
         device = owner.images.device
         eta = {side: owner.step_size(side).detach() for side in SIDES}
         distance = {s: (start[s] - target[s]).square().sum() for s in SIDES}
         denominator = denominators(distance, self.normalization)
-        policy = GraphKeeping(self.keep_graphs,
-                              (self.memory or memory_gauge(device)) if self.keep_graphs == AUTO else None)
+        policy = GraphKeeping(keep_graphs, (self.memory or memory_gauge(device)) if keep_graphs == AUTO else None)
 
         # Pass 1: the trajectory; graphs only for the kept steps (a prefix of them); remember the RNG
         # state of each step that pass 2 will recompute.

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every distillation recipe of the paper, one per table row.
 # Usage: bash sh/distill.sh GPU [RECIPE [distill_ptm-st.py flags...]]   (RECIPE default: flickr500)
-#   GPU      CUDA_VISIBLE_DEVICES, e.g. 0
+#   GPU      CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1
 #   RECIPE   flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100,
 #            stamps20 stamps50 stamps100 (the Tux Paint photographs, sh/prepare_data.sh stamps; CPU-sized)
 #   flags    passed after the recipe's own, so they override them (e.g. --keep_graphs 0, --resume)
+# Several GPUs: NPROC=2 bash sh/distill.sh 0,1 flickr500 --segments_per_iter 2   (torchrun; each process
+#   matches its share of the segments, a multiple of NPROC)
 # Needs the shortcut trajectories of sh/convexify.sh; the run goes to $LOGGED_DIR/DATASET/RECIPE/.
 # The authors' 100-pair recipes passed two phases with one-element lists and crashed after the first
 # phase; here they are single-phase (--subset_num 1).
@@ -37,7 +39,7 @@ case "$RECIPE" in
 esac
 if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encoder, sized for a 2-core CPU
   SIZE="${RECIPE#stamps}"
-  exec ${PYTHON:-python} distill_ptm-st.py --dataset stamps --image_root "$(image_root_of stamps)" \
+  exec $(launcher) distill_ptm-st.py --dataset stamps --image_root "$(image_root_of stamps)" \
       --ann_root "$(ann_root_of stamps)" "${STAMPS_MODEL[@]}" "${STAMPS_PHASES[@]}" \
       --num_queries "$((SIZE / 2 + SIZE % 2))" "$((SIZE / 2))" --syn_steps 5 --mini_batch_size 8 --keep_graphs 5 \
       --lr_img 100 --lr_txt 0.5 --lr_sim 0.05 --lr_lr 0 --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --ema_decay 0.9 \
@@ -45,7 +47,7 @@ if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encod
       --logged_dir "$LOGGED_DIR" --name "$RECIPE" --disabled_wandb true "${REST[@]}"
 fi
 
-${PYTHON:-python} distill_ptm-st.py --dataset "$DATASET" --image_root "$(image_root_of "$DATASET")" \
+$(launcher) distill_ptm-st.py --dataset "$DATASET" --image_root "$(image_root_of "$DATASET")" \
     --ann_root "$ANN_ROOT" --image_encoder nfnet --text_encoder bert --image_trainable \
     --lr_img 1000 --lr_txt 1000 --lr_lr 0.01 --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --sim_type full \
     --ema_decay 0.99 --logged_dir "$LOGGED_DIR" --name "$RECIPE" \

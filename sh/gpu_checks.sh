@@ -12,6 +12,8 @@
 #   profile          benchmarks.distill_profile, flickr500, --keep_graphs auto: busy vs wall time, top operators
 #   expert           benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
 #   read             benchmarks.trajectory_read on the GPU (snapshot fetch incl. the host-to-device copy)
+#   segments         benchmarks.segments, nfnet_small config: seconds per iteration for 1, 2, 4 segments on
+#                    one GPU (with 2+ GPUs visible, also 2 NCCL processes)
 # Results: benchmarks/results/*.json plus gpu_checks.log; when $OUT is set they are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"  # the test suite hides GPUs unless this is set
 
-all_steps=(tests distill distill_keep0 distill_keep8 distill_timm_ws profile expert read)
+all_steps=(tests distill distill_keep0 distill_keep8 distill_timm_ws profile expert read segments)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 for step in "${steps[@]}"; do
@@ -57,6 +59,8 @@ run_step() {
     profile) python3 -m benchmarks.distill_profile --device cuda --config flickr500 --keep_graphs auto ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;
+    segments) python3 -m benchmarks.segments --device cuda --config nfnet_small \
+                --processes "$(python3 -c 'import torch; print(min(2, torch.cuda.device_count()))')" ;;
     *) echo "sh/gpu_checks.sh: step '$1' is in all_steps but has no command in run_step" >&2; return 2 ;;
   esac
 }

@@ -211,3 +211,16 @@ def test_the_frozen_features_benchmark_times_both_modes_side_by_side(tmp_path, m
     assert payload["once per iteration"]["repeats"] == payload["every step"]["repeats"] == 2
     assert payload["ratio_once_over_every_step"] > 0
     assert json.loads(next(tmp_path.glob("frozen_features_*.json")).read_text())["args"]["num_queries"] == 6
+
+
+@pytest.mark.slow
+def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_path, monkeypatch, capsys):
+    from benchmarks import segments
+    monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    payload = segments.main(["--device", "cpu", "--config", "micro", "--processes", "2"])
+    rows = {(r["processes"], r["segments"]): r for r in payload["rows"]}
+    assert set(rows) == {(1, 1), (1, 2), (1, 4), (2, 2), (2, 4)}
+    assert all(r["median_s"] > 0 and r["repeats"] == MICRO.repeats for r in rows.values())
+    assert json.loads((tmp_path / "segments_micro_cpu.json").read_text())["rows"] == payload["rows"]
+    assert "| 2 | 4 |" in capsys.readouterr().out

@@ -229,3 +229,22 @@ def test_prepare_data_with_everything_in_place_needs_no_network(tmp_path):
     (tmp_path / "distill_utils" / "data" / "Flickr30k" / ".prepared").touch()
     done = run_prepare(tmp_path, "flickr")
     assert done.returncode == 0 and "nothing to download" in done.stdout
+
+
+def test_nproc_runs_a_recipe_under_torchrun_with_its_flags(tmp_path):
+    """NPROC=2: the recipe goes to torchrun on two processes, every further flag after the recipe's."""
+    log = tmp_path / "torchrun.jsonl"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "torchrun"
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import json, sys; "
+                    f"open(\"{log}\", \"a\").write(json.dumps(sys.argv[1:]) + \"\\n\")' \"$@\"\n")
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "sh" / "distill.sh"), "0,1", "flickr500", "--segments_per_iter", "2"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "NPROC": "2", "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    (call,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert call[:4] == ["--standalone", "--nproc_per_node", "2", "distill_ptm-st.py"]
+    args = distill.parse_args(call[4:])
+    assert args.segments_per_iter == 2 and args.name == "flickr500"

@@ -24,15 +24,18 @@ import torch
 from .. import checkpoint, trajectories
 from ..claims import FolderBusy, folder_lock, this_process
 from ..data import DataError
+from ..distributed import (SINGLE, Ranks, ranks_from_environment, share_from_rank0, share_of, start_group,
+                           stop_group, sum_across, wait_for_all)
 from ..errors import UsageError, writable_folder
 from ..evaluation import EvalSettings, evaluate_subsets
 from ..losses import MultilabelContrastiveLoss
-from ..matching import AUTO, NORMALIZATIONS, MiniBatchSampler, TrajectoryMatcher
+from ..matching import AUTO, NORMALIZATIONS, KeepChoice, MiniBatchSampler, TrajectoryMatcher
 from ..prototypes import prototype_pairs
 from ..progress import progress
 from ..retrieval import RetrievalBenchmark, split_benchmarks
 from ..runs import RunFolder, comparable, describe_differences, differing_flags
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from ..segments import Segment, draw_seeds, match_segments
 from ..snapshot_cache import GIB, SnapshotCache
 from ..speed import enable_fast_math
 from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
@@ -40,7 +43,7 @@ from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, 
 from ..visualize import nearest_captions, save_grid, write_captions
 
 from .cli import (add_bool_flag, check_eval_args, check_per_phase_lists, count_or, eval_settings, finite_float,
-                  non_negative, positive, script_parser)
+                  non_negative, positive, script_parser, user_message)
 from .context import DataContext, load_data, model_config
 from .methods import METHODS, apply_preset, check_method_fits, chosen_method, given_flags
 
@@ -95,11 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--syn_steps", type=positive(), default=8, help="student steps per iteration")
     match.add_argument("--keep_graphs", type=count_or(AUTO), default=AUTO,
                        help="keep the first pass's graphs of the first N student steps instead of recomputing them "
-                            "(exact; one step's graph of memory each). Default auto: as many as the GPU's free "
-                            "memory allows, chosen every iteration (every one on the CPU). Kept graphs hold "
-                            "up to --syn_steps step graphs where the authors' code holds about one; 0: memory "
-                            "constant in --syn_steps, for a shared GPU or a large model on the CPU "
-                            "(benchmarks/README.md has the figures)")
+                            "(exact; one step's graph of memory each). Default auto: the first 2 iterations time "
+                            "keeping against recomputing (the recomputing run thrown away) and the faster is kept "
+                            "(logged; part of the resume state); keeping then holds as many graphs as the GPU's free "
+                            "memory allows (every one on the CPU). Kept graphs hold up to --syn_steps step graphs "
+                            "where the authors' code holds about one; 0: memory constant in --syn_steps, for a "
+                            "shared GPU or a large model on the CPU (benchmarks/README.md has the figures)")
+    match.add_argument("--segments_per_iter", type=positive(), default=1,
+                       help="expert segments matched per iteration (each its own expert and start, the same "
+                            "mini-batches); the synthetic set steps once with the mean of their gradients. Under "
+                            "torchrun each process matches its share, so this must be a multiple of the number "
+                            "of processes. 1: one segment, as the authors' code")
+    match.add_argument("--dist_timeout", type=positive(float), default=1800,
+                       help="seconds a process waits for the others under torchrun before it stops the run "
+                            "(they wait while rank 0 evaluates, so keep it above one evaluation's time)")
     match.add_argument("--expert_cache_gb", type=non_negative(float), default=None,
                        help="GiB of expert snapshots kept on the device instead of copied from the host every "
                             "iteration (default: on a GPU half the memory the first iteration left free; 0 on the "
@@ -162,6 +174,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"--mini_batch_size {args.mini_batch_size} exceeds --num_queries {queries} of phase {k}: "
                          f"a student step draws its mini-batch from the phase's pairs; pass --mini_batch_size "
                          f"{min(args.num_queries)} or less")
+    world = ranks_from_environment().world
+    if args.segments_per_iter % world:
+        parser.error(f"--segments_per_iter {args.segments_per_iter} does not split over the {world} processes "
+                     f"torchrun started (each matches an equal share): pass a multiple of {world}, e.g. "
+                     f"--segments_per_iter {world * max(1, args.segments_per_iter // world)}, or start "
+                     f"{args.segments_per_iter} process(es)")
     if args.resume and not args.name:
         parser.error("--resume needs --name (the run folder to continue)")
     if args.name is not None and not plain_name(args.name):
@@ -289,6 +307,7 @@ class Run:
     metrics: MetricsLogger
     settings: EvalSettings
     joint: Optional[JointFeatures] = None  # for --pair_init prototype
+    ranks: Ranks = SINGLE  # under torchrun only rank 0 evaluates and writes
 
     @property
     def files(self) -> RunFolder:
@@ -333,11 +352,13 @@ class PhaseLoop:
     cycle: ExpertCycle
     generator: torch.Generator
     starts: StartSampler
+    keep_choice: Optional[KeepChoice] = None  # --keep_graphs auto's timings and choice
 
     def state_dict(self, device: torch.device) -> dict:
         return {"synthetic": self.synthetic.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(), "sampler": self.sampler.state_dict(), "cycle": self.cycle.state_dict(),
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                "keep_choice": self.keep_choice.state_dict() if self.keep_choice is not None else None}
 
     def load_state_dict(self, state: dict, device: torch.device, rates: SyntheticRates) -> None:
         """Restore the loop; the optimizer then takes ``rates`` (the flags of this start), so a resume
@@ -351,6 +372,8 @@ class PhaseLoop:
         self.sampler.load_state_dict(state["sampler"])
         self.cycle.load_state_dict(state["cycle"])
         self.generator.set_state(state["generator"])
+        if self.keep_choice is not None and state.get("keep_choice"):
+            self.keep_choice.load_state_dict(state["keep_choice"])
 
 
 def global_rng_state(device: torch.device) -> dict:
@@ -452,13 +475,24 @@ def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer
                      ExpertCycle(buffer.experts(), generator), generator, starts)
 
 
+def draw_segments(loop: PhaseLoop, count: int):
+    """The iteration's draws from the phase's generator, in the order :mod:`distill_utils.segments`
+    documents: each segment's expert and start (the mini-batches and the seeds follow)."""
+    return [(loop.cycle.next(), loop.starts.draw()) for _ in range(count)]
+
+
 def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, student, finished, state) -> FrozenSubset:
-    args, device = run.args, run.device
+    args, device, ranks = run.args, run.device, run.ranks
     loop = start_phase(run, spec, buffer)
-    synthetic, optimizer, ema, sampler, cycle = loop.synthetic, loop.optimizer, loop.ema, loop.sampler, loop.cycle
+    synthetic, optimizer, ema, sampler = loop.synthetic, loop.optimizer, loop.ema, loop.sampler
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs,
                                 blend=args.blend, normalization=args.match_norm)
+    if matcher.keep_choice is not None:
+        loop.keep_choice = matcher.keep_choice
+        if ranks.distributed:  # every rank keeps or recomputes alike, by the ranks' summed timings
+            matcher.keep_choice.agree = lambda times: sum_across([times], ranks, args.dist_timeout)
     snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
+    count, mine = args.segments_per_iter, share_of(args.segments_per_iter, ranks)
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
         loop.load_state_dict(state["loop"], device, synthetic_rates(args))
@@ -466,22 +500,23 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
         log.info("resuming phase %d at iteration %d", spec.index, it)
     ema_set = copy.deepcopy(synthetic)
     loss = None
-    with progress(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it") as bar:
+    with progress(total=spec.iterations, initial=it, desc=f"phase {spec.index}", unit="it",
+                  disable=not ranks.main) as bar:
         while True:
             due = it == spec.iterations or (it % args.eval_it == 0 and (it > 0 or args.eval_init))
-            if due and it != skip_eval_at:
+            if due and it != skip_eval_at and ranks.main:
                 evaluate_and_save(run, finished, ema.copy_to(ema_set), spec.index, it, loss)
                 save_resume_state(run, spec.index, it, finished, loop)
             if it == spec.iterations:
                 break
-            expert = cycle.next()
-            s = loop.starts.draw()
-            start = {side: snapshots.get(expert, side, s[side]) for side in trajectories.SIDES}
-            target = {side: snapshots.get(expert, side, s[side] + args.expert_epochs) for side in trajectories.SIDES}
+            draws = draw_segments(loop, count)
             batches = [sampler.next().to(device) for _ in range(args.syn_steps)]
+            seeds = draw_seeds(loop.generator, count)
+            own = [Segment(*segment_ends(snapshots, expert, epochs, args.expert_epochs), seeds[j])
+                   for j, (expert, epochs) in enumerate(draws) if j in mine]
             optimizer.zero_grad(set_to_none=True)
             try:
-                result = matcher.match(synthetic, start, target, batches)
+                result = match_segments(matcher, synthetic, own, count, batches, ranks, args.dist_timeout)
             except torch.OutOfMemoryError:
                 raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
             check_finite(result, synthetic, run, spec.index, it)
@@ -498,12 +533,19 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             bar.set_postfix(loss=f"{loss:.4f}", lr_img=f"{synthetic.syn_lr_img.item():.4g}",
                             kept_graphs=f"{result.kept_graphs}/{args.syn_steps}", refresh=False)
             bar.update()  # redraws at the bar's own pace (a log file: once a minute)
-            if it % 10 == 0:
+            if it % 10 == 0 and ranks.main:
                 run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
                                  "kept_graphs": result.kept_graphs, **{
                                      f"loss_{side}": v for side, v in result.per_side.items()}})
     log.info("phase %d expert snapshots: %s", spec.index, snapshots.describe())
     return FrozenSubset.from_set(ema.copy_to(ema_set))
+
+
+def segment_ends(snapshots: SnapshotCache, expert, epochs: dict, expert_epochs: int):
+    """A segment's start snapshot and target (``expert_epochs`` later) on both sides."""
+    start = {side: snapshots.get(expert, side, epochs[side]) for side in trajectories.SIDES}
+    target = {side: snapshots.get(expert, side, epochs[side] + expert_epochs) for side in trajectories.SIDES}
+    return start, target
 
 
 # Flags that fix the shape or meaning of what a run folder holds; --resume refuses to change them.
@@ -612,30 +654,133 @@ def check_sizes(specs: Sequence[PhaseSpec], train_pairs: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    """Distil; return the run folder."""
+    """Distil; return the run folder. Under torchrun every process runs this; rank 0 takes the run
+    folder and prepares the run, the others follow it (:func:`follow_rank0`)."""
     setup_logging()
     args = parse_args(argv)
+    ranks = ranks_from_environment()
     specs = phase_specs(args)
     check_method_fits(args.method, args, [trajectory_kind(Path(spec.buffer_path)) for spec in specs],
                       given_flags(sys.argv[1:] if argv is None else argv))
+    if not ranks.distributed:
+        return distill_locked(args, specs, Handshake(SINGLE, args.dist_timeout))
+    if not ranks.main:
+        logging.getLogger("ptmst").setLevel(logging.WARNING)  # rank 0 logs the run
+    start_group(ranks, rank_device(args.device, ranks), args.dist_timeout)
+    try:
+        handshake = Handshake(ranks, args.dist_timeout)
+        if ranks.main:
+            with handshake:
+                return distill_locked(args, specs, handshake)
+        return follow_rank0(args, specs, handshake)
+    finally:
+        stop_group(ranks)
+
+
+def rank_device(name: Optional[str], ranks: Ranks) -> torch.device:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES),
+    or the CPU."""
+    if not ranks.distributed:
+        return resolve_device(name)
+    if name is not None and name.startswith("cuda:") and ranks.distributed:
+        raise UsageError(f"--device {name}: under torchrun every process takes cuda:LOCAL_RANK itself; pass --device "
+                         f"cuda (or nothing) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    device = resolve_device(None if name == "cuda" else name)
+    if name == "cuda" and device.type != "cuda":
+        device = resolve_device(name)  # CUDA is not available: resolve_device says so
+    return device
+
+
+class Handshake:
+    """What rank 0 tells the other processes once it has prepared the run (or failed to): the run's
+    name, whether it resumed, whether it had already finished, or the error that stopped it, so that
+    no process waits on a rank 0 that quit. For one process it does nothing."""
+
+    def __init__(self, ranks: Ranks, timeout_s: float):
+        self.ranks, self.timeout_s, self.sent = ranks, timeout_s, False
+
+    def send(self, **news) -> None:
+        if not self.sent:
+            self.sent = True
+            share_from_rank0(news, self.ranks, self.timeout_s)
+
+    def receive(self) -> dict:
+        news = share_from_rank0(None, self.ranks, self.timeout_s)
+        if news.get("error"):
+            raise UsageError(f"rank {self.ranks.rank}: rank 0 stopped before the run began: {news['error']}")
+        return news
+
+    def __enter__(self) -> "Handshake":
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if error is not None and not self.sent:
+            self.send(error=user_message(error) or type(error).__name__)
+        return False
+
+
+def distill_locked(args: argparse.Namespace, specs: Sequence[PhaseSpec], handshake: Handshake) -> Path:
     folder = writable_folder(run_folder(args), "--logged_dir")
     try:
         with folder_lock(folder, wait=False, owner=this_process()):
-            return distill_in(RunFolder(folder), args, specs)
+            return distill_in(RunFolder(folder), args, specs, handshake)
     except FolderBusy as busy:
         raise UsageError(f"run folder {folder} is in use by {busy.owner or 'another process'}: a run (or a resume) "
                          f"of it is still going. Wait for it to finish, or use another --name.") from None
 
 
-def distill_in(run_folder: RunFolder, args: argparse.Namespace, specs: Sequence[PhaseSpec]) -> Path:
+def follow_rank0(args: argparse.Namespace, specs: Sequence[PhaseSpec], handshake: Handshake) -> Path:
+    """A process other than rank 0: it waits for rank 0 to check and claim the run folder, then
+    reads the same resume state, loads the same data and runs the same phases, writing nothing."""
+    news = handshake.receive()
+    args.name = news["name"]  # a default name holds rank 0's clock
+    folder = run_folder(args)
+    if news["finished"]:
+        return folder
+    state = checkpoint.load_state(RunFolder(folder).latest) if news["resumed"] else None
+    setting = prepare(args, specs, state, handshake.ranks)
+    wait_for_all(handshake.ranks, "waiting for every rank to read the run's state", args.dist_timeout)
+    return run_phases(setting, folder, specs, state)
+
+
+def distill_in(run_folder: RunFolder, args: argparse.Namespace, specs: Sequence[PhaseSpec],
+               handshake: Handshake) -> Path:
     """The run, with its folder locked: resume state, experts, data, student, then the phases."""
     folder = run_folder.path
     state = previous_state(args, run_folder)
     changes = check_resumable(state, args, folder) if state is not None else {}
     if state is not None and state["phase"] >= len(specs):
-        return already_finished(run_folder, state, args)
+        done = already_finished(run_folder, state, args)
+        handshake.send(name=args.name, finished=True, resumed=True)
+        return done
+    setting = prepare(args, specs, state, handshake.ranks)
+    record_start(run_folder, args, state, changes)
+    if handshake.ranks.distributed:
+        log.info("%d processes (torchrun), %d segment(s) per iteration each", handshake.ranks.world,
+                 args.segments_per_iter // handshake.ranks.world)
+    handshake.send(name=args.name, finished=False, resumed=state is not None)
+    wait_for_all(handshake.ranks, "waiting for every rank to read the run's state", args.dist_timeout)
+    return run_phases(setting, folder, specs, state)
+
+
+@dataclass
+class Prepared:
+    """What every process builds before the phases: experts, data, student, benchmarks (rank 0's)."""
+    args: argparse.Namespace
+    buffers: list
+    device: torch.device
+    data: DataContext
+    config: object
+    student: torch.nn.Module
+    test: Optional[RetrievalBenchmark]
+    val: Optional[RetrievalBenchmark]
+    joint: Optional[JointFeatures]
+    ranks: Ranks
+
+
+def prepare(args: argparse.Namespace, specs: Sequence[PhaseSpec], state: Optional[dict], ranks: Ranks) -> Prepared:
     buffers = open_buffers(specs, args.expert_epochs)
-    device = resolve_device(args.device)
+    device = rank_device(args.device, ranks)
     enable_fast_math(device)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
     check_sizes(specs, len(data.train))
@@ -646,13 +791,29 @@ def distill_in(run_folder: RunFolder, args: argparse.Namespace, specs: Sequence[
         text=trajectories.parameter_shapes(student.side_named_parameters("text")))
     for buffer in buffers:
         buffer.set_expected(expected)  # every expert checked before the first iteration
-    test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
+    test, val = (split_benchmarks(data, device, args.batch_size_test, args.num_workers) if ranks.main
+                 else (None, None))  # only rank 0 evaluates
     joint = (training_pair_features(student, data, device, args.batch_size_test, args.num_workers)
              if args.pair_init == "prototype" else None)
-    record_start(run_folder, args, state, changes)
-    run = Run(args, folder, data, config, device, test, val,
-              MetricsLogger(run_folder.metrics, not args.disabled_wandb, args.wandb_project, args.name, vars(args)),
-              eval_settings(args), joint)
+    return Prepared(args, buffers, device, data, config, student, test, val, joint, ranks)
+
+
+class _NoMetrics:
+    """The metrics of a process other than rank 0: it writes none."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_phases(setting: Prepared, folder: Path, specs: Sequence[PhaseSpec], state: Optional[dict]) -> Path:
+    args, device = setting.args, setting.device
+    metrics = (MetricsLogger(RunFolder(folder).metrics, not args.disabled_wandb, args.wandb_project, args.name,
+                             vars(args)) if setting.ranks.main else _NoMetrics())
+    run = Run(args, folder, setting.data, setting.config, device, setting.test, setting.val, metrics,
+              eval_settings(args), setting.joint, setting.ranks)
     # the phases' global stream starts here, whatever the set-up drew (a text cache built or read), and a
     # resume continues it from where its state was saved, at a phase's end as well as inside one
     torch.manual_seed(args.seed)
@@ -660,11 +821,12 @@ def distill_in(run_folder: RunFolder, args: argparse.Namespace, specs: Sequence[
         restore_global_rng(state, device)
     finished = [FrozenSubset(**s) for s in state["finished"]] if state else []
     try:
-        for spec, buffer in zip(specs, buffers):
+        for spec, buffer in zip(specs, setting.buffers):
             if spec.index < len(finished):
                 continue
-            finished.append(run_phase(run, spec, buffer, student, finished, state))
-            save_resume_state(run, spec.index + 1, 0, finished)
+            finished.append(run_phase(run, spec, buffer, setting.student, finished, state))
+            if setting.ranks.main:
+                save_resume_state(run, spec.index + 1, 0, finished)
     finally:
         run.metrics.close()
     log.info("done: %s", folder)

@@ -1,0 +1,123 @@
+"""Seconds per distillation iteration against the segments per iteration (K) and the processes (N).
+
+    python -m benchmarks.segments --device cpu --config tiny
+    python -m benchmarks.segments --device cpu --config tiny --processes 2   # also 2 gloo processes
+
+One process matches K = 1, 2, 4 segments per iteration (its K matches run one after another); N
+processes each match K / N of them and add the gradients with an all-reduce (gloo on the CPU, NCCL
+on GPUs, one GPU per process). The inputs are :mod:`benchmarks.distill_step`'s (random weights of
+the config's widths, one expert file); every graph is kept (the CPU default's choice for these
+models). Prints a Markdown table and writes benchmarks/results/segments_CONFIG_DEVICE.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import List
+
+import torch
+import torch.multiprocessing as mp
+
+from distill_utils import MultilabelContrastiveLoss, trajectories
+from distill_utils.distributed import Ranks, share_of
+from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher
+from distill_utils.segments import Segment, draw_seeds, match_segments
+from distill_utils.speed import enable_fast_math
+from networks import SIDES
+
+from .common import device_name, median_seconds, summary, write_json
+from .distill_step import CONFIGS, Config, make_inputs
+
+COUNTS = (1, 2, 4)
+
+
+def iteration_timer(config: Config, folder: Path, device: torch.device, count: int, ranks: Ranks):
+    """One distillation iteration of ``count`` segments (this rank's share), as distill_ptm-st.py runs it."""
+    model_config, synthetic = make_inputs(config, folder)
+    synthetic = synthetic.to(device)
+    matcher = TrajectoryMatcher(model_config.build(seed=0).to(device), MultilabelContrastiveLoss("WBCE"),
+                                config.syn_steps, config.syn_steps)
+    expert = trajectories.TrajectoryBuffer(folder).experts()[0]
+    sampler = MiniBatchSampler(len(synthetic), config.mini_batch_size, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    last = config.snapshots - 1
+
+    def iteration() -> None:
+        synthetic.zero_grad(set_to_none=True)
+        starts = torch.randint(last, (count,), generator=generator).tolist()
+        batches = [sampler.next().to(device) for _ in range(config.syn_steps)]
+        seeds = draw_seeds(generator, count)
+        own = [Segment({s: expert.flat(s, starts[j]).to(device) for s in SIDES},
+                       {s: expert.flat(s, starts[j] + 1).to(device) for s in SIDES}, seeds[j])
+               for j in share_of(count, ranks)]
+        match_segments(matcher, synthetic, own, count, batches, ranks, timeout_s=600)
+    return iteration
+
+
+def _rank(rank: int, world: int, store: str, config: Config, folder: str, device: str, counts: List[int],
+          out: str) -> None:
+    import torch.distributed as dist
+    device = torch.device(f"cuda:{rank}" if device == "cuda" else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        results = {}
+        for count in counts:
+            timer = iteration_timer(config, Path(folder) / str(rank), device, count, Ranks(rank, world))
+            results[count] = summary(median_seconds(timer, device, config.repeats))
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def several_processes(processes: int, config: Config, device: str, threads: int) -> dict:
+    counts = [k for k in COUNTS if k % processes == 0]
+    with tempfile.TemporaryDirectory() as folder:
+        for rank in range(processes):
+            (Path(folder) / str(rank)).mkdir()
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        out = str(Path(folder) / "results.pt")
+        mp.spawn(_rank, args=(processes, str(Path(folder) / "store"), config, folder, device, counts, out),
+                 nprocs=processes, join=True)
+        return torch.load(out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--processes", type=int, default=1, help="also time this many processes (K a multiple of it)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    enable_fast_math(device)
+    config = CONFIGS[args.config]
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for count in COUNTS:
+            timer = iteration_timer(config, Path(folder), device, count, Ranks())
+            rows[(1, count)] = summary(median_seconds(timer, device, config.repeats))
+    threads = torch.get_num_threads()
+    if args.processes > 1:  # the CPU's threads shared out between the processes
+        shared = several_processes(args.processes, config, args.device, max(1, threads // args.processes))
+        for count, result in shared.items():
+            rows[(args.processes, count)] = result
+    one = rows[(1, 1)]["median_s"]
+    print(f"{args.config} on {device_name(device)}; seconds per iteration (median of {config.repeats})\n")
+    print("| processes | segments per iteration | s per iteration | s per segment | vs 1 segment on 1 process |")
+    print("|---|---|---|---|---|")
+    for (processes, count), result in sorted(rows.items()):
+        seconds = result["median_s"]
+        print(f"| {processes} | {count} | {seconds:.3f} | {seconds / count:.3f} | {seconds / one:.2f}x |")
+    payload = {"config": args.config, "device": device_name(device), "threads": threads,
+               "rows": [{"processes": p, "segments": k, **r} for (p, k), r in sorted(rows.items())]}
+    print(f"\n{write_json(f'segments_{args.config}_{device.type}', payload)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
