@@ -10,7 +10,7 @@ generators seeded with its own seed, so its gradient does not depend on which pr
 what ran before it there.
 
 Each segment's gradient is computed into fresh ``.grad`` tensors and the segments of a process are
-added in segment order; several processes (:mod:`.distributed`) add their sums with one all-reduce.
+added in segment order; several processes (:mod:`.distributed`) add their sums with an all-reduce (one for the gradients, one for the float64 losses).
 Two processes of one segment each therefore add exactly what one process adds (a + b), and in
 general the result equals one process's to float rounding.
 """
