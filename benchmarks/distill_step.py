@@ -59,10 +59,11 @@ CONFIGS = {
 }
 
 
-def make_inputs(config: Config, folder: Path):
+def make_inputs(config: Config, folder: Path, image_trainable: bool = True):
     """A synthetic set and one expert file of the right shapes (random values, fixed seed)."""
     torch.manual_seed(0)
-    model_config = DualEncoderConfig(config.image_encoder, config.text_dim, image_trainable=True, image_pretrained=False)
+    model_config = DualEncoderConfig(config.image_encoder, config.text_dim, image_trainable=image_trainable,
+                                     image_pretrained=False)
     model = model_config.build(seed=0)
     generator = torch.Generator().manual_seed(0)
     trajectory = {side: [] for side in SIDES}

@@ -2,12 +2,15 @@
 
     python -m benchmarks.segments --device cpu --config tiny
     python -m benchmarks.segments --device cpu --config tiny --processes 2   # also 2 gloo processes
+    python -m benchmarks.segments --device cpu --config tiny --encoder frozen
 
-One process matches K = 1, 2, 4 segments per iteration (its K matches run one after another); N
-processes each match K / N of them and add the gradients with an all-reduce (gloo on the CPU, NCCL
-on GPUs, one GPU per process). The inputs are :mod:`benchmarks.distill_step`'s (random weights of
-the config's widths, one expert file); every graph is kept (the CPU default's choice for these
-models). Prints a Markdown table and writes benchmarks/results/segments_CONFIG_DEVICE.json.
+One process matches K = 1, 2, 4 segments per iteration, one after another (every graph kept, the
+CPU default's choice for these models) and batched (``--segment_batching vmap``); N processes each
+match K / N of them and add the gradients with an all-reduce (gloo on the CPU, NCCL on GPUs, one GPU
+per process). The inputs are :mod:`benchmarks.distill_step`'s (random weights of the config's
+widths, one expert file), the image encoder trainable (as the paper's recipes) or frozen (heads on
+both sides, as the built-in quick start). Prints a Markdown table and writes
+benchmarks/results/segments_CONFIG_ENCODER_DEVICE.json.
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ from .distill_step import CONFIGS, Config, make_inputs
 COUNTS = (1, 2, 4)
 
 
-def iteration_timer(config: Config, folder: Path, device: torch.device, count: int, ranks: Ranks):
+def iteration_timer(config: Config, folder: Path, device: torch.device, count: int, ranks: Ranks,
+                    trainable: bool = True, batched: bool = False):
     """One distillation iteration of ``count`` segments (this rank's share), as distill_ptm-st.py runs it."""
-    model_config, synthetic = make_inputs(config, folder)
+    model_config, synthetic = make_inputs(config, folder, trainable)
     synthetic = synthetic.to(device)
     matcher = TrajectoryMatcher(model_config.build(seed=0).to(device), MultilabelContrastiveLoss("WBCE"),
                                 config.syn_steps, config.syn_steps)
@@ -52,12 +56,12 @@ def iteration_timer(config: Config, folder: Path, device: torch.device, count: i
         own = [Segment({s: expert.flat(s, starts[j]).to(device) for s in SIDES},
                        {s: expert.flat(s, starts[j] + 1).to(device) for s in SIDES}, seeds[j])
                for j in share_of(count, ranks)]
-        match_segments(matcher, synthetic, own, count, batches, ranks, timeout_s=600)
+        match_segments(matcher, synthetic, own, count, batches, ranks, timeout_s=600, batching=batched)
     return iteration
 
 
 def _rank(rank: int, world: int, store: str, config: Config, folder: str, device: str, counts: List[int],
-          out: str) -> None:
+          out: str, trainable: bool) -> None:
     import torch.distributed as dist
     device = torch.device(f"cuda:{rank}" if device == "cuda" else device)
     if device.type == "cuda":
@@ -67,7 +71,7 @@ def _rank(rank: int, world: int, store: str, config: Config, folder: str, device
     try:
         results = {}
         for count in counts:
-            timer = iteration_timer(config, Path(folder) / str(rank), device, count, Ranks(rank, world))
+            timer = iteration_timer(config, Path(folder) / str(rank), device, count, Ranks(rank, world), trainable)
             results[count] = summary(median_seconds(timer, device, config.repeats))
         if rank == 0:
             torch.save(results, out)
@@ -75,14 +79,14 @@ def _rank(rank: int, world: int, store: str, config: Config, folder: str, device
         dist.destroy_process_group()
 
 
-def several_processes(processes: int, config: Config, device: str, threads: int) -> dict:
+def several_processes(processes: int, config: Config, device: str, threads: int, trainable: bool) -> dict:
     counts = [k for k in COUNTS if k % processes == 0]
     with tempfile.TemporaryDirectory() as folder:
         for rank in range(processes):
             (Path(folder) / str(rank)).mkdir()
         os.environ["OMP_NUM_THREADS"] = str(threads)
         out = str(Path(folder) / "results.pt")
-        mp.spawn(_rank, args=(processes, str(Path(folder) / "store"), config, folder, device, counts, out),
+        mp.spawn(_rank, args=(processes, str(Path(folder) / "store"), config, folder, device, counts, out, trainable),
                  nprocs=processes, join=True)
         return torch.load(out)
 
@@ -92,30 +96,36 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     parser.add_argument("--processes", type=int, default=1, help="also time this many processes (K a multiple of it)")
+    parser.add_argument("--encoder", choices=("trainable", "frozen"), default="trainable",
+                        help="the image encoder trained along the trajectories (the paper's recipes) or frozen")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     enable_fast_math(device)
     config = CONFIGS[args.config]
+    trainable = args.encoder == "trainable"
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for count in COUNTS:
-            timer = iteration_timer(config, Path(folder), device, count, Ranks())
-            rows[(1, count)] = summary(median_seconds(timer, device, config.repeats))
+            for batched in (False, True) if count > 1 else (False,):
+                timer = iteration_timer(config, Path(folder), device, count, Ranks(), trainable, batched)
+                rows[(1, count, batched)] = summary(median_seconds(timer, device, config.repeats))
     threads = torch.get_num_threads()
     if args.processes > 1:  # the CPU's threads shared out between the processes
-        shared = several_processes(args.processes, config, args.device, max(1, threads // args.processes))
+        shared = several_processes(args.processes, config, args.device, max(1, threads // args.processes), trainable)
         for count, result in shared.items():
-            rows[(args.processes, count)] = result
-    one = rows[(1, 1)]["median_s"]
-    print(f"{args.config} on {device_name(device)}; seconds per iteration (median of {config.repeats})\n")
-    print("| processes | segments per iteration | s per iteration | s per segment | vs 1 segment on 1 process |")
-    print("|---|---|---|---|---|")
-    for (processes, count), result in sorted(rows.items()):
+            rows[(args.processes, count, False)] = result
+    one = rows[(1, 1, False)]["median_s"]
+    print(f"{args.config}, image encoder {args.encoder}, on {device_name(device)}; seconds per iteration "
+          f"(median of {config.repeats})\n")
+    print("| processes | segments per iteration | matching | s per iteration | s per segment | vs 1 segment on 1 process |")
+    print("|---|---|---|---|---|---|")
+    for (processes, count, batched), result in sorted(rows.items()):
         seconds = result["median_s"]
-        print(f"| {processes} | {count} | {seconds:.3f} | {seconds / count:.3f} | {seconds / one:.2f}x |")
-    payload = {"config": args.config, "device": device_name(device), "threads": threads,
-               "rows": [{"processes": p, "segments": k, **r} for (p, k), r in sorted(rows.items())]}
-    print(f"\n{write_json(f'segments_{args.config}_{device.type}', payload)}")
+        how = "batched (vmap)" if batched else ("one segment" if count == processes else "one after another")
+        print(f"| {processes} | {count} | {how} | {seconds:.3f} | {seconds / count:.3f} | {seconds / one:.2f}x |")
+    payload = {"config": args.config, "encoder": args.encoder, "device": device_name(device), "threads": threads,
+               "rows": [{"processes": p, "segments": k, "batched": b, **r} for (p, k, b), r in sorted(rows.items())]}
+    print(f"\n{write_json(f'segments_{args.config}_{args.encoder}_{device.type}', payload)}")
     return payload
 
 

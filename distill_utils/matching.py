@@ -18,10 +18,11 @@ Every step runs NFNet's standardised layers on their standardised weights (see
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.func import functional_call
@@ -96,6 +97,47 @@ def draw_blend(batch_size: int, strength: float, device: torch.device) -> Option
     partner = {side: torch.randperm(batch_size).to(device) for side in SIDES}
     weight = {side: (torch.rand(batch_size, dtype=torch.float64) * strength).to(device) for side in SIDES}
     return Blend(partner, weight)
+
+
+@dataclass(frozen=True)
+class StepNoise:
+    """One student step's random draws, given instead of drawn inside the step: the blend (None:
+    none) and, per side with a projection head, its dropout as 0 and 1/(1-p) entries."""
+    blend: Optional[Blend]
+    dropout: Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SegmentNoise:
+    """The draws of one segment's student steps, from a generator of its own seeded with ``seed``
+    on the CPU: per step, in order, the blend's partners (a permutation per side), its weights
+    (uniform in [0, ``blend``) per side), then each head's dropout (uniform draws, kept where >= p).
+    The same seed gives the same draws on any device, on any process, and on every pass over the
+    steps (:meth:`steps` starts afresh each time), so a step recomputed in the second pass, or
+    computed batched with other segments, sees what its first pass saw."""
+    seed: int
+    blend: float
+    dropout: Dict[str, Tuple[float, int]]  # side -> (p, width), as DualEncoder.dropout_layout gives
+
+    def steps(self, batches: Sequence[torch.Tensor], like: torch.Tensor) -> Iterator[StepNoise]:
+        """One :class:`StepNoise` per batch, on ``like``'s device and in its dtype."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for idx in batches:
+            size = len(idx)
+            blend = None
+            if self.blend > 0:
+                partner = {s: torch.randperm(size, generator=generator).to(like.device) for s in SIDES}
+                weight = {s: (torch.rand(size, dtype=torch.float64, generator=generator) * self.blend)
+                          .to(like.device) for s in SIDES}
+                blend = Blend(partner, weight)
+            dropout = {}
+            for side, (p, width) in self.dropout.items():
+                if p > 0:
+                    kept = torch.rand(size, width, generator=generator) >= p
+                    dropout[side] = kept.to(device=like.device, dtype=like.dtype) * (1.0 / (1.0 - p))
+                else:
+                    dropout[side] = like.new_ones((size, width))
+            yield StepNoise(blend, dropout)
 
 
 # How the per-side distances are normalised: each by its own start-to-target distance (MTT, LoRS,
@@ -253,7 +295,7 @@ class _StepGraph:
     inputs: List[torch.Tensor]  # images[idx], texts[idx], then the similarity leaves
 
 
-class _FrozenFeatureView:
+class FrozenFeatureView:
     """The synthetic set as the steps of one iteration see it when the image encoder is frozen: its
     images replaced by their features, computed once with a graph to the images. The encoder's
     weights never move along a trajectory (only the projection heads do) and it holds no dropout or
@@ -308,7 +350,7 @@ class TrajectoryMatcher:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.blend = blend
         self.normalization = normalization
-        # a frozen image encoder runs once per iteration (_FrozenFeatureView); False: once per step, as a
+        # a frozen image encoder runs once per iteration (FrozenFeatureView); False: once per step, as a
         # trainable one must (kept for the parity test)
         self.frozen_features = frozen_features and not model.image_trainable
         self._on_features = False
@@ -322,42 +364,44 @@ class TrajectoryMatcher:
         layout = {s: list(zip(self.params.names[s], self.params.sizes[s])) for s in SIDES}
         self.standardization = FactoredStandardization(model, layout if factor_standardization else {})
 
-    def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target) -> torch.Tensor:
-        blend = draw_blend(len(images), self.blend, images.device)
+    def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target,
+                   noise: Optional[StepNoise] = None) -> torch.Tensor:
+        blend = draw_blend(len(images), self.blend, images.device) if noise is None else noise.blend
         logits = functional_call(self.model, self.params.as_dict(flat), (images, texts),
-                                 {"blend": blend, "images_are_features": self._on_features})
+                                 {"blend": blend, "images_are_features": self._on_features,
+                                  "dropout": None if noise is None else noise.dropout})
         return self.criterion(logits, target)
 
     def _grads(self, flat_leaves: Dict[str, torch.Tensor], loss: torch.Tensor, create_graph: bool):
         grads = torch.autograd.grad(loss, [flat_leaves[s] for s in SIDES], create_graph=create_graph)
         return dict(zip(SIDES, grads))
 
-    def _step_grads(self, theta, images, texts, target, create_graph: bool):
+    def _step_grads(self, theta, images, texts, target, create_graph: bool, noise: Optional[StepNoise] = None):
         """The step's gradients w.r.t. phi (theta with NFNet's weights standardised; the graph, if any,
         holds no standardisation) and g_i w.r.t. theta, without a graph."""
         theta = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
         phi = {s: self.standardization.standardize(s, theta[s]) for s in SIDES}
         leaves = {s: phi[s].detach().requires_grad_(True) for s in SIDES}
         with self.standardization.given_weights():
-            loss = self._step_loss(leaves, images, texts, target)
+            loss = self._step_loss(leaves, images, texts, target, noise)
         grads = self._grads(leaves, loss, create_graph)
         update = {s: grads[s].detach() if phi[s] is theta[s] else
                   torch.autograd.grad(phi[s], theta[s], grads[s].detach())[0] for s in SIDES}  # J^T grad_phi
         return grads, update
 
-    def _plain_step(self, synthetic: SyntheticSet, theta, idx) -> Dict[str, torch.Tensor]:
+    def _plain_step(self, synthetic: SyntheticSet, theta, idx, noise=None) -> Dict[str, torch.Tensor]:
         """g_i with no graph to the synthetic data."""
         with torch.no_grad():
             block = synthetic.similarity_inputs(idx)[1]
         return self._step_grads(theta, synthetic.images.detach()[idx], synthetic.texts.detach()[idx], block,
-                                create_graph=False)[1]
+                                create_graph=False, noise=noise)[1]
 
-    def _graph_step(self, synthetic: SyntheticSet, theta, idx):
+    def _graph_step(self, synthetic: SyntheticSet, theta, idx, noise=None):
         """Step i with a graph to the batch's entries, and g_i."""
         images = synthetic.images.detach()[idx].requires_grad_(True)
         texts = synthetic.texts.detach()[idx].requires_grad_(True)
         sim_leaves, block = synthetic.similarity_inputs(idx)
-        grads, update = self._step_grads(theta, images, texts, block, create_graph=True)
+        grads, update = self._step_grads(theta, images, texts, block, create_graph=True, noise=noise)
         return _StepGraph(idx, theta, grads, [images, texts, *sim_leaves]), update
 
     def _push_back(self, step: _StepGraph, weight: Dict[str, torch.Tensor], synthetic: SyntheticSet) -> None:
@@ -373,16 +417,21 @@ class TrajectoryMatcher:
             synthetic.similarity.scatter_grad(step.idx, outputs[2:])
 
     def match(self, synthetic: SyntheticSet, start: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
-              batches: Sequence[torch.Tensor]) -> MatchResult:
-        """Run ``len(batches)`` student steps from ``start``; accumulate gradients into ``synthetic``."""
+              batches: Sequence[torch.Tensor], noise: Optional[SegmentNoise] = None) -> MatchResult:
+        """Run ``len(batches)`` student steps from ``start``; accumulate gradients into ``synthetic``.
+        ``noise``: the steps' dropout and blend draws (default: drawn from the global generators)."""
         choice = self.keep_choice
         if choice is None:
-            return self._match_keeping(self.keep_graphs, synthetic, start, target, batches)
+            return self._match_keeping(self.keep_graphs, synthetic, start, target, batches, noise)
         if not choice.deciding:
-            return self._match_keeping(choice.choice, synthetic, start, target, batches)
-        return self._timed_trial(synthetic, start, target, batches)
+            return self._match_keeping(choice.choice, synthetic, start, target, batches, noise)
+        return self._timed_trial(synthetic, start, target, batches, noise)
 
-    def _timed_trial(self, synthetic: SyntheticSet, start, target, batches) -> MatchResult:
+    def segment_noise(self, seed: int) -> SegmentNoise:
+        """The draws of a segment seeded with ``seed``, for this matcher's model and blend."""
+        return SegmentNoise(seed, self.blend, self.model.dropout_layout())
+
+    def _timed_trial(self, synthetic: SyntheticSet, start, target, batches, noise) -> MatchResult:
         """One of :class:`KeepChoice`'s trials: recompute (thrown away), then keep (the result)."""
         device = synthetic.images.device
         grads = {name: p.grad for name, p in synthetic.named_parameters()}
@@ -390,31 +439,31 @@ class TrajectoryMatcher:
             p.grad = None
         rng = capture_rng_state(device)
         began = synchronized_clock(device)
-        self._match_keeping(RECOMPUTE, synthetic, start, target, batches)
+        self._match_keeping(RECOMPUTE, synthetic, start, target, batches, noise)
         recompute_s = synchronized_clock(device) - began
         restore_rng_state(rng, device)
         for name, p in synthetic.named_parameters():
             p.grad = grads[name]
         began = synchronized_clock(device)
-        result = self._match_keeping(KEEP, synthetic, start, target, batches)
+        result = self._match_keeping(KEEP, synthetic, start, target, batches, noise)
         self.keep_choice.observe(synchronized_clock(device) - began, recompute_s)
         return result
 
-    def _match_keeping(self, keep_graphs, synthetic: SyntheticSet, start, target, batches) -> MatchResult:
+    def _match_keeping(self, keep_graphs, synthetic: SyntheticSet, start, target, batches, noise) -> MatchResult:
         if synthetic.images.grad is None:
             synthetic.images.grad = torch.zeros_like(synthetic.images)
         if not self.frozen_features:
-            return self._match(keep_graphs, synthetic, synthetic, start, target, batches)
-        view = _FrozenFeatureView(synthetic, self.model.image_encoder, batches)
+            return self._match(keep_graphs, synthetic, synthetic, start, target, batches, noise)
+        view = FrozenFeatureView(synthetic, self.model.image_encoder, batches)
         self._on_features = True
         try:
-            result = self._match(keep_graphs, view, synthetic, start, target, batches)
+            result = self._match(keep_graphs, view, synthetic, start, target, batches, noise)
         finally:
             self._on_features = False
         view.finish()
         return result
 
-    def _match(self, keep_graphs, synthetic, owner: SyntheticSet, start, target, batches) -> MatchResult:
+    def _match(self, keep_graphs, synthetic, owner: SyntheticSet, start, target, batches, noise) -> MatchResult:
         """The matching itself; ``synthetic`` is the set or its feature view, ``owner`` the set whose
         step sizes are learned."""
         device = owner.images.device
@@ -428,14 +477,14 @@ class TrajectoryMatcher:
         rng_states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
         theta_after_kept = theta
-        for idx in batches:
+        for idx, drawn in zip(batches, self._noise_of(noise, batches, synthetic)):
             keeping = policy.keep_next()
             if keeping:
-                step, grads = self._graph_step(synthetic, theta, idx)
+                step, grads = self._graph_step(synthetic, theta, idx, drawn)
                 kept.append(step)
             else:
                 rng_states.append(capture_rng_state(device))
-                grads = self._plain_step(synthetic, theta, idx)
+                grads = self._plain_step(synthetic, theta, idx, drawn)
             with torch.no_grad():
                 theta = {s: theta[s].detach() - eta[s] * grads[s] for s in SIDES}
                 for s in SIDES:
@@ -465,9 +514,10 @@ class TrajectoryMatcher:
             step, kept[i] = kept[i], None  # frees each graph as soon as it is used
             self._push_back(step, weight, synthetic)
         theta = {s: theta_after_kept[s].detach().clone() for s in SIDES}
-        for idx, state in zip(batches[kept_count:], rng_states):
+        redrawn = itertools.islice(self._noise_of(noise, batches, synthetic), kept_count, None)
+        for idx, state, drawn in zip(batches[kept_count:], rng_states, redrawn):
             restore_rng_state(state, device)
-            step, grads = self._graph_step(synthetic, theta, idx)
+            step, grads = self._graph_step(synthetic, theta, idx, drawn)
             self._push_back(step, weight, synthetic)
             with torch.no_grad():
                 theta = {s: theta[s] - eta[s] * grads[s] for s in SIDES}
@@ -477,21 +527,27 @@ class TrajectoryMatcher:
         return MatchResult(float(loss_value), {s: float(v) for s, v in per_side.items()},
                            {s: float(v) for s, v in distance.items()}, kept_count, graph_bytes)
 
+    @staticmethod
+    def _noise_of(noise: Optional[SegmentNoise], batches, synthetic) -> Iterator[Optional[StepNoise]]:
+        return itertools.repeat(None) if noise is None else noise.steps(batches, synthetic.texts)
+
 
 def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSet, start, target,
                            batches: Sequence[torch.Tensor], blend: float = 0.0,
-                           normalization: str = "per_side") -> torch.Tensor:
+                           normalization: str = "per_side", noise: Optional[SegmentNoise] = None) -> torch.Tensor:
     """The same objective by plain autograd through the unrolled steps (theta_i detached between
     steps, as the objective defines; each step blends as :func:`draw_blend` draws, from the same
-    generator). Memory grows with the number of steps: for tests only."""
+    generator, or as ``noise`` gives, with its dropout). Memory grows with the number of steps: for
+    tests only."""
     params = StudentParameters(model)
     theta = {s: start[s].clone() for s in SIDES}
     total = {s: 0.0 for s in SIDES}
-    for idx in batches:
+    drawn = itertools.repeat(None) if noise is None else noise.steps(batches, synthetic.texts)
+    for idx, given in zip(batches, drawn):
         leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
-        mix = draw_blend(len(idx), blend, synthetic.images.device)
+        mix = draw_blend(len(idx), blend, synthetic.images.device) if given is None else given.blend
         logits = functional_call(model, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]),
-                                 {"blend": mix})
+                                 {"blend": mix, "dropout": None if given is None else given.dropout})
         loss = criterion(logits, synthetic.similarity.block(idx))
         grads = torch.autograd.grad(loss, [leaves[s] for s in SIDES], create_graph=True)
         for s, g in zip(SIDES, grads):

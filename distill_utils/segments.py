@@ -5,28 +5,35 @@ and steps the set once with the mean of their gradients. What a phase draws from
 iteration, in this order: for each segment j = 0..K-1 its expert (the phase's expert cycle) and then
 its start epoch(s); then the ``syn_steps`` mini-batches; then, when K > 1, one seed per segment
 (a single ``torch.randint`` of K values). With K = 1 the segment draws its dropout masks and blend
-weights from the global generators, exactly as a run always did; with K > 1 segment j draws them from
-generators seeded with its own seed, so its gradient does not depend on which process computes it or
-what ran before it there.
+weights from the global generators, exactly as a run always did; with K > 1 segment j draws them
+from a generator of its own seeded with its seed (:class:`~distill_utils.matching.SegmentNoise`),
+so its gradient does not depend on which process or device computes it, what ran before it there,
+or whether it ran batched with others.
 
-Each segment's gradient is computed into fresh ``.grad`` tensors and the segments of a process are
-added in segment order; several processes (:mod:`.distributed`) add their sums with an all-reduce (one for the gradients, one for the float64 losses).
-Two processes of one segment each therefore add exactly what one process adds (a + b), and in
-general the result equals one process's to float rounding.
+A process matches its segments as one batched computation (:mod:`.batched`) where the matcher
+allows it (a frozen image encoder), else one after another into fresh ``.grad`` tensors added in
+segment order; several processes (:mod:`.distributed`) add their sums with an all-reduce (one for
+the gradients, one for the float64 losses). One after another, two processes of one segment each
+add exactly what one process adds (a + b); batched, and in general, the result equals one
+process's to float rounding.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from networks import SIDES
 
 from .distributed import SINGLE, Ranks, sum_across
-from .matching import MatchResult, TrajectoryMatcher
+from .batched import match_batched, supports_batching
+from .matching import MatchResult, TrajectoryMatcher, synchronized_clock
 from .synthetic import SyntheticSet
+
+log = logging.getLogger("ptmst.segments")
 
 SEED_RANGE = 2 ** 62
 
@@ -63,13 +70,111 @@ def seeded_generators(seed: Optional[int], device: torch.device) -> Iterator[Non
         yield
 
 
+BATCHED, SEQUENTIAL = "vmap", "sequential"
+
+
+@dataclass
+class BatchingChoice:
+    """How ``--segment_batching auto`` decides between matching a process's segments batched and one
+    after another: on each of its first ``trials`` iterations with more than one segment here (after
+    ``--keep_graphs auto`` has made its own choice, which the sequential matching uses) it runs both
+    on the same inputs, the batched one thrown away, and keeps the faster by the best of its trials.
+    Both give the same gradients to float rounding; the choice is part of a run's resume state.
+    ``agree`` (several ranks) replaces the times by their sum over the ranks."""
+    trials: int = 2
+    batched_s: List[float] = field(default_factory=list)
+    sequential_s: List[float] = field(default_factory=list)
+    choice: Optional[str] = None
+    agree: Optional[Callable[[torch.Tensor], None]] = None
+
+    @property
+    def deciding(self) -> bool:
+        return self.choice is None
+
+    def observe(self, batched_s: float, sequential_s: float) -> None:
+        self.batched_s.append(batched_s)
+        self.sequential_s.append(sequential_s)
+        if len(self.batched_s) < self.trials:
+            return
+        best = torch.tensor([min(self.batched_s), min(self.sequential_s)], dtype=torch.float64)
+        if self.agree is not None:
+            self.agree(best)
+        batched, sequential = best.tolist()
+        self.choice = BATCHED if batched < sequential else SEQUENTIAL
+        log.info("--segment_batching auto: the segments took %.3g s batched and %.3g s one after another (best of "
+                 "%d); %s from here", batched, sequential, self.trials,
+                 "batched" if self.choice == BATCHED else "one after another")
+
+    def state_dict(self) -> dict:
+        return {"batched_s": list(self.batched_s), "sequential_s": list(self.sequential_s), "choice": self.choice}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batched_s, self.sequential_s = list(state["batched_s"]), list(state["sequential_s"])
+        self.choice = state["choice"]
+
+
+Batching = Union[bool, BatchingChoice]
+
+
+def _match_own(matcher: TrajectoryMatcher, synthetic: SyntheticSet, own: Sequence[Segment],
+               batches: Sequence[torch.Tensor], batching: Batching,
+               totals: Dict[str, torch.Tensor]) -> List[MatchResult]:
+    """This process's segments, batched or one after another; their summed gradients into ``totals``."""
+    noises = [matcher.segment_noise(segment.seed) for segment in own]
+    if len(own) == 1 or not supports_batching(matcher) or batching is False:
+        return _match_sequential(matcher, synthetic, own, batches, noises, totals)
+    if batching is True:
+        return _match_batched(matcher, synthetic, own, batches, noises, totals)
+    if batching.choice is not None:
+        run = _match_batched if batching.choice == BATCHED else _match_sequential
+        return run(matcher, synthetic, own, batches, noises, totals)
+    if matcher.keep_choice is not None and matcher.keep_choice.deciding:  # its trials first, alone
+        return _match_sequential(matcher, synthetic, own, batches, noises, totals)
+    device = synthetic.images.device
+    began = synchronized_clock(device)
+    _match_batched(matcher, synthetic, own, batches, noises, {})
+    batched_s = synchronized_clock(device) - began
+    began = synchronized_clock(device)
+    results = _match_sequential(matcher, synthetic, own, batches, noises, totals)
+    batching.observe(batched_s, synchronized_clock(device) - began)
+    return results
+
+
+def _match_batched(matcher, synthetic, own, batches, noises, totals) -> List[MatchResult]:
+    for p in synthetic.parameters():
+        p.grad = None
+    results = match_batched(matcher, synthetic, [s.start for s in own], [s.target for s in own], batches, noises)
+    _add_grads(synthetic, totals)
+    return results
+
+
+def _match_sequential(matcher, synthetic, own, batches, noises, totals) -> List[MatchResult]:
+    results = []
+    device = synthetic.images.device
+    for segment, noise in zip(own, noises):
+        for p in synthetic.parameters():
+            p.grad = None
+        with seeded_generators(segment.seed, device):  # any draw besides the heads' (a trainable encoder's)
+            results.append(matcher.match(synthetic, segment.start, segment.target, batches, noise))
+        _add_grads(synthetic, totals)
+    return results
+
+
+def _add_grads(synthetic: SyntheticSet, totals: Dict[str, torch.Tensor]) -> None:
+    for name, p in synthetic.named_parameters():
+        if p.grad is not None:
+            totals[name] = p.grad if name not in totals else totals[name].add_(p.grad)
+
+
 def match_segments(matcher: TrajectoryMatcher, synthetic: SyntheticSet, own: Sequence[Segment], count: int,
                    batches: Sequence[torch.Tensor], ranks: Ranks = SINGLE,
-                   timeout_s: Optional[float] = None) -> MatchResult:
+                   timeout_s: Optional[float] = None, batching: Batching = False) -> MatchResult:
     """Match this process's segments ``own`` (its :func:`share_of` the iteration's ``count``, in
     segment order) and leave the mean of all ``count`` segments' gradients in ``synthetic``'s
     ``.grad``: the ranks add their sums. The result's losses are means over the ``count`` segments;
-    ``kept_graphs`` is this process's mean."""
+    ``kept_graphs`` is this process's mean (none when batched). ``batching``: True runs a process's
+    segments as one computation (:mod:`.batched`) where the matcher allows it and it holds more than
+    one, False one after another, a :class:`BatchingChoice` as it decides."""
     if len(own) * ranks.world != count:
         raise ValueError(f"{len(own)} segments on each of {ranks.world} ranks are not {count}")
     if count == 1:
@@ -77,19 +182,10 @@ def match_segments(matcher: TrajectoryMatcher, synthetic: SyntheticSet, own: Seq
     names = [name for name, _ in synthetic.named_parameters()]
     totals: Dict[str, torch.Tensor] = {}
     losses = torch.zeros(1 + 2 * len(SIDES), dtype=torch.float64)
-    kept = []
-    device = synthetic.images.device
-    for segment in own:
-        for p in synthetic.parameters():
-            p.grad = None
-        with seeded_generators(segment.seed, device):
-            result = matcher.match(synthetic, segment.start, segment.target, batches)
-        for name, p in synthetic.named_parameters():
-            if p.grad is not None:
-                totals[name] = p.grad if name not in totals else totals[name].add_(p.grad)
+    results = _match_own(matcher, synthetic, own, batches, batching, totals)
+    for result in results:
         losses += torch.tensor([result.loss, *(result.per_side[s] for s in SIDES),
                                 *(result.start_distance[s] for s in SIDES)], dtype=torch.float64)
-        kept.append(result.kept_graphs)
     summed = [totals[name] for name in names if name in totals]
     sum_across(summed, ranks, timeout_s)
     sum_across([losses], ranks, timeout_s)
@@ -98,4 +194,4 @@ def match_segments(matcher: TrajectoryMatcher, synthetic: SyntheticSet, own: Seq
     mean = (losses / count).tolist()
     sides = len(SIDES)
     return MatchResult(mean[0], dict(zip(SIDES, mean[1:1 + sides])), dict(zip(SIDES, mean[1 + sides:])),
-                       round(sum(kept) / len(kept)), result.graph_bytes)
+                       round(sum(r.kept_graphs for r in results) / len(results)), results[-1].graph_bytes)

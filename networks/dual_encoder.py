@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,25 +121,35 @@ class DualEncoder(nn.Module):
     def side_parameters(self, side: str) -> List[nn.Parameter]:
         return list(self.side_module(side).parameters())
 
+    def dropout_layout(self) -> Dict[str, Tuple[float, int]]:
+        """Per side whose module is a projection head: its dropout probability and width, what a
+        given dropout (``forward``'s ``dropout``) must match. A trainable image encoder is absent."""
+        return {side: module.dropout_layout() for side in SIDES
+                if isinstance(module := self.side_module(side), ProjectionHead)}
+
     def encode_image(self, images: torch.Tensor, blend: Optional[Blend] = None,
-                     images_are_features: bool = False) -> torch.Tensor:
+                     images_are_features: bool = False, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``images_are_features``: ``images`` already are the image encoder's outputs (a frozen
         encoder's features, computed once for many steps)."""
         features = images if images_are_features else self.image_encoder(images)
         if blend is not None:
             features = blend.apply("image", features)
         if self.image_projection is not None:
-            features = self.image_projection(features)
+            features = self.image_projection(features, keep)
         return F.normalize(features, dim=-1)
 
-    def encode_text(self, text_features: torch.Tensor, blend: Optional[Blend] = None) -> torch.Tensor:
+    def encode_text(self, text_features: torch.Tensor, blend: Optional[Blend] = None,
+                    keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         if blend is not None:
             text_features = blend.apply("text", text_features)
-        return F.normalize(self.text_projection(text_features), dim=-1)
+        return F.normalize(self.text_projection(text_features, keep), dim=-1)
 
     def forward(self, images: torch.Tensor, text_features: torch.Tensor, blend: Optional[Blend] = None,
-                images_are_features: bool = False) -> torch.Tensor:
+                images_are_features: bool = False,
+                dropout: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Logits (B_img x B_txt) = exp(logit_scale) * img @ txt.T; ``blend`` mixes representations
-        between the batch's instances first (RepBlend's student steps)."""
-        return (self.logit_scale.exp() * self.encode_image(images, blend, images_are_features)
-                @ self.encode_text(text_features, blend).t())
+        between the batch's instances first (RepBlend's student steps); ``dropout`` gives the heads'
+        dropout per side (:meth:`ProjectionHead.forward`) instead of drawing it."""
+        dropout = dropout or {}
+        return (self.logit_scale.exp() * self.encode_image(images, blend, images_are_features, dropout.get("image"))
+                @ self.encode_text(text_features, blend, dropout.get("text")).t())

@@ -1,7 +1,10 @@
 """The projection head, parameter order identical to the reference so trajectory files interoperate."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,7 +23,21 @@ class ProjectionHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(projection_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``keep``: the dropout given, as a (B, projection_dim) tensor of 0 and 1/(1-p) (see
+        :meth:`dropout_layout`), instead of drawn here; what a batched computation over several
+        parameter sets needs, where no draw may happen inside. With ``keep`` the LayerNorm's affine
+        terms are applied after the normalisation instead of inside it: under ``torch.func.vmap``
+        of ``torch.func.grad`` with batched affine terms, the fused kernel's gradient of the
+        gradient with respect to its input is wrong (torch 2.14; tests/test_batched.py checks the
+        split one against autograd)."""
         projected = self.projection(x)
-        x = self.dropout(self.fc(self.gelu(projected)))
-        return self.layer_norm(x + projected)
+        x = self.fc(self.gelu(projected))
+        if keep is None:
+            return self.layer_norm(self.dropout(x) + projected)
+        norm = self.layer_norm
+        return F.layer_norm(x * keep + projected, norm.normalized_shape, eps=norm.eps) * norm.weight + norm.bias
+
+    def dropout_layout(self) -> Tuple[float, int]:
+        """The dropout probability and the width of the activations it applies to."""
+        return self.dropout.p, self.fc.out_features

@@ -218,9 +218,10 @@ def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_p
     from benchmarks import segments
     monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    payload = segments.main(["--device", "cpu", "--config", "micro", "--processes", "2"])
-    rows = {(r["processes"], r["segments"]): r for r in payload["rows"]}
-    assert set(rows) == {(1, 1), (1, 2), (1, 4), (2, 2), (2, 4)}
+    payload = segments.main(["--device", "cpu", "--config", "micro", "--processes", "2", "--encoder", "frozen"])
+    rows = {(r["processes"], r["segments"], r["batched"]): r for r in payload["rows"]}
+    assert set(rows) == {(1, 1, False), (1, 2, False), (1, 2, True), (1, 4, False), (1, 4, True), (2, 2, False),
+                         (2, 4, False)}
     assert all(r["median_s"] > 0 and r["repeats"] == MICRO.repeats for r in rows.values())
-    assert json.loads((tmp_path / "segments_micro_cpu.json").read_text())["rows"] == payload["rows"]
-    assert "| 2 | 4 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "segments_micro_frozen_cpu.json").read_text())["rows"] == payload["rows"]
+    assert "| 1 | 4 | batched (vmap) |" in capsys.readouterr().out

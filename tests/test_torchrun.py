@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils.app import distill
+from distill_utils import trajectories
+from distill_utils.app import buffer, distill
 from tests.helpers import shapes_args
 from tests.test_distill import distill_argv
 
@@ -20,16 +21,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 KEYS = ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt")
 
 
-def argv(shapes_root, tmp, shortcut, name, *extra, iterations=4):
+def argv(shapes_root, tmp, shortcut, name, *extra, iterations=4, trainable=True):
     """One phase on the shapes experts, two segments per iteration, every graph kept (an explicit
-    policy: ``auto``'s timed choice may differ between two runs in the last bits)."""
-    return shapes_args(shapes_root, tmp, "--image_trainable", "--buffer_path", str(shortcut), "--subset_num", "1",
+    policy: ``auto``'s timed choice may differ between two runs in the last bits). A trainable
+    image encoder matches its segments one after another, a frozen one batched (where a process has
+    two)."""
+    return shapes_args(shapes_root, tmp, *(["--image_trainable"] if trainable else []), "--buffer_path", str(shortcut), "--subset_num", "1",
                        "--min_start_epoch", "0", "--max_start_epoch", "2", "--num_queries", "6", "--Iteration",
                        str(iterations), "--eval_it", str(min(iterations, 10)), "--num_eval", "1",
                        "--epoch_eval_train", "2", "--mini_batch_size", "3", "--syn_steps", "2", "--lr_lr", "1e-7",
                        "--lr_img", "0.01", "--lr_txt", "0.01", "--lr_sim", "0.001", "--logged_dir",
                        str(tmp / "logged"), "--name", name, "--device", "cpu", "--segments_per_iter", "2",
-                       "--keep_graphs", "2", *extra)
+                       "--keep_graphs", "2", "--segment_batching", "sequential" if trainable else "vmap", *extra)
 
 
 def torchrun(nproc: int, args, **popen):
@@ -71,6 +74,27 @@ def test_two_processes_distil_the_set_one_process_distils(shapes_root, expert_di
     run = tmp_path / "logged" / "shapes" / "two"
     written = sorted(p.name for p in run.iterdir())
     assert "distilled_0_4.pt" in written and not [n for n in written if n.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_processes_match_what_one_process_matches_batched(shapes_root, tmp_path):
+    """A frozen encoder: one process batches its two segments, each of two processes has one; the sets
+    agree to float32 rounding, and the sequential matching agrees with both."""
+    buffer.main(shapes_args(shapes_root, tmp_path, "--num_experts", "2", "--train_epochs", "3", "--eval_freq", "3",
+                            "--batch_size_train", "32", "--buffer_path", str(tmp_path / "buffer")))
+    shortcut = trajectories.expert_folder(tmp_path / "buffer", "shapes", "convnet_tiny", "tiny_bert", "InfoNCE")
+    two = torchrun(2, argv(shapes_root, tmp_path, shortcut, "two", trainable=False))
+    output = finished(two)
+    assert two.returncode == 0, output
+    runs = {"one": (), "sequential": ("--segment_batching", "sequential"), "k1": ("--segments_per_iter", "1")}
+    for name, extra in runs.items():
+        alone = one_process(argv(shapes_root, tmp_path, shortcut, name, *extra, trainable=False))
+        assert alone.returncode == 0, alone.stderr
+    sets = {name: distilled(tmp_path, name, 4) for name in ("two", *runs)}
+    for key in KEYS:
+        for other in ("one", "sequential"):
+            assert torch.allclose(sets["two"][key], sets[other][key], rtol=1e-5, atol=1e-6), (key, other)
+    assert not torch.allclose(sets["two"]["image"], sets["k1"]["image"], rtol=1e-5, atol=1e-6)
 
 
 def rank_pid(name: str, rank: int) -> int:

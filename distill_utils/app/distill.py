@@ -35,7 +35,8 @@ from ..progress import progress
 from ..retrieval import RetrievalBenchmark, split_benchmarks
 from ..runs import RunFolder, comparable, describe_differences, differing_flags
 from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
-from ..segments import Segment, draw_seeds, match_segments
+from ..batched import supports_batching
+from ..segments import BATCHED, SEQUENTIAL, BatchingChoice, Segment, draw_seeds, match_segments
 from ..snapshot_cache import GIB, SnapshotCache
 from ..speed import enable_fast_math
 from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "mini-batches); the synthetic set steps once with the mean of their gradients. Under "
                             "torchrun each process matches its share, so this must be a multiple of the number "
                             "of processes. 1: one segment, as the authors' code")
+    match.add_argument("--segment_batching", choices=("auto", BATCHED, SEQUENTIAL), default="auto",
+                       help="how a process matches its segments when it has several: vmap as one batched "
+                            "computation (torch.func.vmap over their parameters; a frozen encoder's features "
+                            "computed once for all), sequential one after another (keeping graphs as "
+                            "--keep_graphs says). Both give the same gradients to float rounding. Default auto: "
+                            "the first 2 such iterations time both and the faster is kept (logged; part of the "
+                            "resume state). An image encoder that draws its own dropout runs sequential")
     match.add_argument("--dist_timeout", type=positive(float), default=1800,
                        help="seconds a process waits for the others under torchrun before it stops the run "
                             "(they wait while rank 0 evaluates, so keep it above one evaluation's time)")
@@ -353,12 +361,14 @@ class PhaseLoop:
     generator: torch.Generator
     starts: StartSampler
     keep_choice: Optional[KeepChoice] = None  # --keep_graphs auto's timings and choice
+    batching_choice: Optional[BatchingChoice] = None  # --segment_batching auto's
 
     def state_dict(self, device: torch.device) -> dict:
         return {"synthetic": self.synthetic.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict(), "sampler": self.sampler.state_dict(), "cycle": self.cycle.state_dict(),
                 "generator": self.generator.get_state(),
-                "keep_choice": self.keep_choice.state_dict() if self.keep_choice is not None else None}
+                "keep_choice": self.keep_choice.state_dict() if self.keep_choice is not None else None,
+                "batching_choice": self.batching_choice.state_dict() if self.batching_choice is not None else None}
 
     def load_state_dict(self, state: dict, device: torch.device, rates: SyntheticRates) -> None:
         """Restore the loop; the optimizer then takes ``rates`` (the flags of this start), so a resume
@@ -374,6 +384,8 @@ class PhaseLoop:
         self.generator.set_state(state["generator"])
         if self.keep_choice is not None and state.get("keep_choice"):
             self.keep_choice.load_state_dict(state["keep_choice"])
+        if self.batching_choice is not None and state.get("batching_choice"):
+            self.batching_choice.load_state_dict(state["batching_choice"])
 
 
 def global_rng_state(device: torch.device) -> dict:
@@ -481,6 +493,22 @@ def draw_segments(loop: PhaseLoop, count: int):
     return [(loop.cycle.next(), loop.starts.draw()) for _ in range(count)]
 
 
+def segment_batching(flag: str, matcher: TrajectoryMatcher, own: int, ranks, timeout_s: float):
+    """What --segment_batching asks for, as match_segments takes it (False where it cannot apply)."""
+    if own == 1 or flag == SEQUENTIAL:
+        return False
+    if not supports_batching(matcher):
+        log.info("segments run one after another: this image encoder draws its own dropout, which batching "
+                 "cannot give it")
+        return False
+    if flag == BATCHED:
+        return True
+    choice = BatchingChoice()
+    if ranks.distributed:  # every rank batches alike, by the ranks' summed timings
+        choice.agree = lambda times: sum_across([times], ranks, timeout_s)
+    return choice
+
+
 def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, student, finished, state) -> FrozenSubset:
     args, device, ranks = run.args, run.device, run.ranks
     loop = start_phase(run, spec, buffer)
@@ -493,6 +521,9 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             matcher.keep_choice.agree = lambda times: sum_across([times], ranks, args.dist_timeout)
     snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
     count, mine = args.segments_per_iter, share_of(args.segments_per_iter, ranks)
+    batching = segment_batching(args.segment_batching, matcher, len(mine), ranks, args.dist_timeout)
+    if isinstance(batching, BatchingChoice):
+        loop.batching_choice = batching
     it, skip_eval_at = 0, None
     if state is not None and state["phase"] == spec.index and state["loop"] is not None:
         loop.load_state_dict(state["loop"], device, synthetic_rates(args))
@@ -516,7 +547,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
                    for j, (expert, epochs) in enumerate(draws) if j in mine]
             optimizer.zero_grad(set_to_none=True)
             try:
-                result = match_segments(matcher, synthetic, own, count, batches, ranks, args.dist_timeout)
+                result = match_segments(matcher, synthetic, own, count, batches, ranks, args.dist_timeout,
+                                        batching)
             except torch.OutOfMemoryError:
                 raise MemoryError(out_of_memory_message(run, spec.index, it, snapshots.kept_bytes)) from None
             check_finite(result, synthetic, run, spec.index, it)
