@@ -26,7 +26,8 @@ from torch.func import functional_call, grad, vmap
 
 from networks import SIDES, Blend
 
-from .matching import FrozenFeatureView, MatchResult, SegmentNoise, StepNoise, TrajectoryMatcher, denominators
+from .matching import (FrozenFeatureView, MatchResult, SegmentNoise, StepNoise, TrajectoryMatcher, denominators,
+                       student_autocast)
 from .synthetic import SyntheticSet
 
 
@@ -63,12 +64,15 @@ class BatchedSteps:
     def __init__(self, matcher: TrajectoryMatcher, on_features: bool):
         model, params, criterion = matcher.model, matcher.params, matcher.criterion
 
+        autocast = matcher.autocast
+
         def step_loss(theta: Dict[str, torch.Tensor], images, texts, target, noise: Dict) -> torch.Tensor:
             blend = Blend(noise["partner"], noise["weight"]) if "partner" in noise else None
-            logits = functional_call(model, params.as_dict(theta), (images, texts),
-                                     {"blend": blend, "images_are_features": on_features,
-                                      "dropout": noise["dropout"]})
-            return criterion(logits, target)
+            with student_autocast(autocast, images.device):
+                logits = functional_call(model, params.as_dict(theta), (images, texts),
+                                         {"blend": blend, "images_are_features": on_features,
+                                          "dropout": noise["dropout"]})
+            return criterion(logits.to(target.dtype), target)
 
         self.gradients = vmap(grad(step_loss), in_dims=(0, None, None, None, 0))
 

@@ -140,6 +140,12 @@ class SegmentNoise:
             yield StepNoise(blend, dropout)
 
 
+def student_autocast(dtype: Optional[torch.dtype], device: torch.device):
+    """Autocast of a student step's forward (and so of its backward and double backward) to ``dtype``
+    (None: off). The loss and everything outside the step stay in the parameters' precision."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 # How the per-side distances are normalised: each by its own start-to-target distance (MTT, LoRS,
 # PTM-ST, AMD), or both by their sum (RepBlend's symmetric projection matching).
 NORMALIZATIONS = ("per_side", "joint")
@@ -341,7 +347,8 @@ class TrajectoryMatcher:
 
     def __init__(self, model: DualEncoder, criterion, syn_steps: int, keep_graphs: Union[int, str] = 0,
                  memory: Optional[CudaMemory] = None, factor_standardization: bool = True,
-                 blend: float = 0.0, normalization: str = "per_side", frozen_features: bool = True):
+                 blend: float = 0.0, normalization: str = "per_side", frozen_features: bool = True,
+                 autocast: Optional[torch.dtype] = None):
         if keep_graphs != AUTO and not (isinstance(keep_graphs, int) and keep_graphs >= 0):
             raise ValueError(f"keep_graphs must be a count >= 0 or {AUTO!r}, got {keep_graphs!r}")
         if not 0.0 <= blend <= 1.0:
@@ -349,6 +356,7 @@ class TrajectoryMatcher:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.blend = blend
+        self.autocast = autocast
         self.normalization = normalization
         # a frozen image encoder runs once per iteration (FrozenFeatureView); False: once per step, as a
         # trainable one must (kept for the parity test)
@@ -367,10 +375,11 @@ class TrajectoryMatcher:
     def _step_loss(self, flat: Dict[str, torch.Tensor], images, texts, target,
                    noise: Optional[StepNoise] = None) -> torch.Tensor:
         blend = draw_blend(len(images), self.blend, images.device) if noise is None else noise.blend
-        logits = functional_call(self.model, self.params.as_dict(flat), (images, texts),
-                                 {"blend": blend, "images_are_features": self._on_features,
-                                  "dropout": None if noise is None else noise.dropout})
-        return self.criterion(logits, target)
+        with student_autocast(self.autocast, images.device):
+            logits = functional_call(self.model, self.params.as_dict(flat), (images, texts),
+                                     {"blend": blend, "images_are_features": self._on_features,
+                                      "dropout": None if noise is None else noise.dropout})
+        return self.criterion(logits.to(target.dtype), target)
 
     def _grads(self, flat_leaves: Dict[str, torch.Tensor], loss: torch.Tensor, create_graph: bool):
         grads = torch.autograd.grad(loss, [flat_leaves[s] for s in SIDES], create_graph=create_graph)

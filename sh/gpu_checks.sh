@@ -13,7 +13,8 @@
 #   expert           benchmarks.expert_step, nfnet224 config (TF32, channels-last, fused SGD, bf16)
 #   read             benchmarks.trajectory_read on the GPU (snapshot fetch incl. the host-to-device copy)
 #   segments         benchmarks.segments, nfnet_small config: seconds per iteration for 1, 2, 4 segments on
-#                    one GPU (with 2+ GPUs visible, also 2 NCCL processes)
+#                    one GPU, one after another and batched (vmap), the image encoder trainable then
+#                    frozen (with 2+ GPUs visible, also 2 NCCL processes)
 # Results: benchmarks/results/*.json plus gpu_checks.log; when $OUT is set they are copied there too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,8 +60,10 @@ run_step() {
     profile) python3 -m benchmarks.distill_profile --device cuda --config flickr500 --keep_graphs auto ;;
     expert) python3 -m benchmarks.expert_step --device cuda --config nfnet224 ;;
     read) python3 -m benchmarks.trajectory_read --device cuda ;;
-    segments) python3 -m benchmarks.segments --device cuda --config nfnet_small \
-                --processes "$(python3 -c 'import torch; print(min(2, torch.cuda.device_count()))')" ;;
+    segments) local gpus; gpus="$(python3 -c 'import torch; print(min(2, torch.cuda.device_count()))')"
+              python3 -m benchmarks.segments --device cuda --config nfnet_small --processes "$gpus"
+              python3 -m benchmarks.segments --device cuda --config nfnet_small --processes "$gpus" \
+                --encoder frozen ;;
     *) echo "sh/gpu_checks.sh: step '$1' is in all_steps but has no command in run_step" >&2; return 2 ;;
   esac
 }

@@ -45,3 +45,27 @@ def test_batched_second_derivatives_through_the_head_match_autograd_per_paramete
         expected += torch.autograd.grad((g * weight).sum(), x)[0]
     assert expected.abs().max() > 1e-3
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_autocast_of_the_student_steps_is_near_float32_and_batches_alike():
+    from distill_utils import MultilabelContrastiveLoss
+    from distill_utils.matching import TrajectoryMatcher
+    from distill_utils.segments import match_segments
+    from tests.test_segments import STEPS, problem
+    grads = {}
+    for autocast in (None, torch.bfloat16):
+        for batching in (False, True):
+            model, synthetic, segments, batches = problem(2, trainable=False)
+            model, synthetic = model.float(), synthetic.float()
+            for segment in segments:
+                segment.start = {s: v.float() for s, v in segment.start.items()}
+                segment.target = {s: v.float() for s, v in segment.target.items()}
+            matcher = TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), STEPS, autocast=autocast)
+            match_segments(matcher, synthetic, segments, 2, batches, batching=batching)
+            grads[autocast, batching] = synthetic.images.grad.clone()
+    full = grads[None, False]
+    for batching in (False, True):
+        error = ((grads[torch.bfloat16, batching] - full).abs().max() / full.abs().max()).item()
+        assert 1e-5 < error < 0.1, (batching, error)  # bf16's rounding, and no more than that
+    sequential, batched = grads[torch.bfloat16, False], grads[torch.bfloat16, True]
+    assert ((sequential - batched).abs().max() / sequential.abs().max()).item() < 0.05

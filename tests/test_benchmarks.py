@@ -218,10 +218,13 @@ def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_p
     from benchmarks import segments
     monkeypatch.setitem(distill_step.CONFIGS, "micro", MICRO)
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    payload = segments.main(["--device", "cpu", "--config", "micro", "--processes", "2", "--encoder", "frozen"])
-    rows = {(r["processes"], r["segments"], r["batched"]): r for r in payload["rows"]}
-    assert set(rows) == {(1, 1, False), (1, 2, False), (1, 2, True), (1, 4, False), (1, 4, True), (2, 2, False),
-                         (2, 4, False)}
+    payload = segments.main(["--device", "cpu", "--config", "micro", "--processes", "2", "--encoder", "frozen",
+                             "--autocast", "bf16"])
+    rows = {(r["processes"], r["segments"], r["batched"], r["precision"]): r for r in payload["rows"]}
+    one_process = {(1, k, b, f) for k in (1, 2, 4) for b in (False, True) for f in ("float32", "bf16") if k > 1 or not b}
+    assert set(rows) == one_process | {(2, 2, False, "float32"), (2, 4, False, "float32")}
+    errors = payload["bf16_gradient_error"]
+    assert set(errors) == {"1", "2", "4"} and all(1e-5 < e < 0.5 for e in errors.values())  # bf16, not float32
     assert all(r["median_s"] > 0 and r["repeats"] == MICRO.repeats for r in rows.values())
     assert json.loads((tmp_path / "segments_micro_frozen_cpu.json").read_text())["rows"] == payload["rows"]
     assert "| 1 | 4 | batched (vmap) |" in capsys.readouterr().out

@@ -116,3 +116,27 @@ def test_moving_a_damaged_expert_out_and_resuming_goes_on_with_the_others(shapes
     with caplog.at_level("WARNING", logger="ptmst"):
         assert (distill.main(argv + ["--resume"]) / "distilled_0_6.pt").is_file()
     assert "new: img_replay_buffer_2.pt[0]" in caplog.text and "draws differ" in caplog.text
+
+
+@pytest.mark.slow
+def test_segment_batching_auto_resumes_with_the_choice_it_made(shapes_root, expert_dirs, tmp_path, monkeypatch):
+    """Batched and one-after-another differ in the last bits, so a resume that timed them afresh would
+    leave the uninterrupted run: the choice travels in the state. Batching is made to win its trials."""
+    from distill_utils import segments
+    real_observe = segments.BatchingChoice.observe
+    monkeypatch.setattr(segments.BatchingChoice, "observe", lambda self, b, s: real_observe(self, 0.0, 1.0))
+    _, normal, shortcut, _ = expert_dirs
+    extra = ("--segments_per_iter", "2", "--keep_graphs", "2", "--segment_batching", "auto")
+    whole = distill.main(distill_argv(shapes_root, tmp_path, [shortcut], *extra, name="whole"))
+    sequential = distill.main(distill_argv(shapes_root, tmp_path, [shortcut], *extra[:-1], "sequential",
+                                           name="sequential"))
+    # trials at iterations 0 and 1, batched from 2: cut in iteration 2, whose state holds the choice
+    restore = cut_at(monkeypatch, segments, "match_batched", lambda n, *a: n == 3)
+    with pytest.raises(Cut):
+        distill.main(distill_argv(shapes_root, tmp_path, [shortcut], *extra, name="cut"))
+    restore()
+    resumed = distill.main(distill_argv(shapes_root, tmp_path, [shortcut], *extra, "--resume", name="cut"))
+    final = [torch.load(run / "distilled_0_4.pt", weights_only=True) for run in (whole, resumed, sequential)]
+    for key in ("image", "text", "similarity_mat", "syn_lr_img", "syn_lr_txt"):
+        assert torch.equal(final[0][key], final[1][key]), key
+    assert not torch.equal(final[0]["image"], final[2]["image"])  # the choice shows in the bits: the test can fail

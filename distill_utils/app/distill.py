@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--keep_graphs says). Both give the same gradients to float rounding. Default auto: "
                             "the first 2 such iterations time both and the faster is kept (logged; part of the "
                             "resume state). An image encoder that draws its own dropout runs sequential")
+    match.add_argument("--student_autocast", choices=("off", "bf16"), default="off",
+                       help="bf16: the student steps' forward, backward and double backward under bfloat16 "
+                            "autocast (matmuls and convolutions in bf16; the loss, the trajectory sums and the "
+                            "synthetic set stay float32). Not exact: benchmarks.segments --autocast bf16 prints "
+                            "its gradient error against float32. Default off")
     match.add_argument("--dist_timeout", type=positive(float), default=1800,
                        help="seconds a process waits for the others under torchrun before it stops the run "
                             "(they wait while rank 0 evaluates, so keep it above one evaluation's time)")
@@ -514,7 +519,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
     loop = start_phase(run, spec, buffer)
     synthetic, optimizer, ema, sampler = loop.synthetic, loop.optimizer, loop.ema, loop.sampler
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(args.loss_type), args.syn_steps, args.keep_graphs,
-                                blend=args.blend, normalization=args.match_norm)
+                                blend=args.blend, normalization=args.match_norm,
+                                autocast=torch.bfloat16 if args.student_autocast == "bf16" else None)
     if matcher.keep_choice is not None:
         loop.keep_choice = matcher.keep_choice
         if ranks.distributed:  # every rank keeps or recomputes alike, by the ranks' summed timings
