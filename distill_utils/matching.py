@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -234,46 +234,67 @@ class GraphKeeping:
 KEEP, RECOMPUTE = AUTO, 0  # the two policies ``auto`` chooses between
 
 
-@dataclass
-class KeepChoice:
-    """How ``keep_graphs="auto"`` decides between keeping graphs (as memory allows) and recomputing
-    every step: on each of its first ``trials`` matches it runs both on the same inputs, the
-    recomputing one first and thrown away (generators and gradients restored), then the keeping one,
-    whose result is used, so the trials leave the run as keeping would. The faster policy by the
-    best of its trials is kept from then on. Both are exact; with a trainable image encoder they
-    differ in the last bits (a step's gradients are computed with and without a graph), which is
-    why the choice is part of a run's resume state. ``agree`` (several ranks) replaces the summed
-    times by their sum over the ranks, so every rank makes the same choice."""
-    trials: int = 2
-    keep_s: List[float] = field(default_factory=list)
-    recompute_s: List[float] = field(default_factory=list)
-    choice: Optional[Union[int, str]] = None
-    agree: Optional[Callable[[torch.Tensor], None]] = None
+class TimedChoice:
+    """A choice between two exact ways of computing the same thing, by timing both on the first
+    ``trials`` uses: the faster by the best of its trials is kept from then on (a tie keeps the first).
+    ``agree`` (several ranks) replaces the best times by their sum over the ranks, so every rank
+    makes the same choice. Subclasses name the two (``OPTIONS``: how their times are saved, the
+    choice each gives) and say how to log the outcome."""
+    OPTIONS: Tuple[Tuple[str, object], Tuple[str, object]]
+
+    def __init__(self, trials: int = 2, agree: Optional[Callable[[torch.Tensor], None]] = None):
+        self.trials = trials
+        self.agree = agree
+        self.times: List[List[float]] = [[], []]
+        self.choice: Optional[object] = None
 
     @property
     def deciding(self) -> bool:
         return self.choice is None
 
-    def observe(self, keep_s: float, recompute_s: float) -> None:
-        self.keep_s.append(keep_s)
-        self.recompute_s.append(recompute_s)
-        if len(self.keep_s) < self.trials:
+    def _observe(self, first_s: float, second_s: float) -> None:
+        self.times[0].append(first_s)
+        self.times[1].append(second_s)
+        if len(self.times[0]) < self.trials:
             return
-        best = torch.tensor([min(self.keep_s), min(self.recompute_s)], dtype=torch.float64)
+        best = torch.tensor([min(self.times[0]), min(self.times[1])], dtype=torch.float64)
         if self.agree is not None:
             self.agree(best)
-        keep, recompute = best.tolist()
-        self.choice = KEEP if keep <= recompute else RECOMPUTE
-        log.info("--keep_graphs auto: a matching took %.3g s keeping graphs and %.3g s recomputing them (best of "
-                 "%d); %s from here", keep, recompute, self.trials,
-                 "keeping them" if self.choice == KEEP else "recomputing them (--keep_graphs 0)")
+        first, second = best.tolist()
+        self.choice = self.OPTIONS[0][1] if first <= second else self.OPTIONS[1][1]
+        self._log(first, second)
+
+    def _log(self, first_s: float, second_s: float) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"keep_s": list(self.keep_s), "recompute_s": list(self.recompute_s), "choice": self.choice}
+        return {**{f"{name}_s": list(t) for (name, _), t in zip(self.OPTIONS, self.times)}, "choice": self.choice}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keep_s, self.recompute_s = list(state["keep_s"]), list(state["recompute_s"])
+        self.times = [list(state[f"{name}_s"]) for name, _ in self.OPTIONS]
         self.choice = state["choice"]
+
+
+class KeepChoice(TimedChoice):
+    """How ``keep_graphs="auto"`` decides between keeping graphs (as memory allows) and recomputing
+    every step: on each of its first ``trials`` matches it runs both on the same inputs, the
+    recomputing one first and thrown away (generators and gradients restored), then the keeping one,
+    whose result is used, so the trials leave the run as keeping would. Both are exact; with a
+    trainable image encoder they differ in the last bits (a step's gradients are computed with and
+    without a graph), which is why the choice is part of a run's resume state."""
+    OPTIONS = (("keep", KEEP), ("recompute", RECOMPUTE))
+
+    def observe(self, keep_s: float, recompute_s: float) -> None:
+        self._observe(keep_s, recompute_s)
+
+    @property
+    def keep_s(self) -> List[float]:
+        return self.times[0]
+
+    def _log(self, keep_s: float, recompute_s: float) -> None:
+        log.info("--keep_graphs auto: a matching took %.3g s keeping graphs and %.3g s recomputing them (best of "
+                 "%d); %s from here", keep_s, recompute_s, self.trials,
+                 "keeping them" if self.choice == KEEP else "recomputing them (--keep_graphs 0)")
 
 
 def synchronized_clock(device: torch.device) -> float:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -30,7 +30,7 @@ from networks import SIDES
 
 from .distributed import SINGLE, Ranks, sum_across
 from .batched import match_batched, supports_batching
-from .matching import MatchResult, TrajectoryMatcher, synchronized_clock
+from .matching import MatchResult, TimedChoice, TrajectoryMatcher, synchronized_clock
 from .synthetic import SyntheticSet
 
 log = logging.getLogger("ptmst.segments")
@@ -73,44 +73,29 @@ def seeded_generators(seed: Optional[int], device: torch.device) -> Iterator[Non
 BATCHED, SEQUENTIAL = "vmap", "sequential"
 
 
-@dataclass
-class BatchingChoice:
-    """How ``--segment_batching auto`` decides between matching a process's segments batched and one
-    after another: on each of its first ``trials`` iterations with more than one segment here (after
+class BatchingChoice(TimedChoice):
+    """How ``--segment_batching auto`` decides between matching a process's segments one after another
+    and batched: on each of its first ``trials`` iterations with more than one segment here (after
     ``--keep_graphs auto`` has made its own choice, which the sequential matching uses) it runs both
-    on the same inputs, the batched one thrown away, and keeps the faster by the best of its trials.
-    Both give the same gradients to float rounding; the choice is part of a run's resume state.
-    ``agree`` (several ranks) replaces the times by their sum over the ranks."""
-    trials: int = 2
-    batched_s: List[float] = field(default_factory=list)
-    sequential_s: List[float] = field(default_factory=list)
-    choice: Optional[str] = None
-    agree: Optional[Callable[[torch.Tensor], None]] = None
-
-    @property
-    def deciding(self) -> bool:
-        return self.choice is None
+    on the same inputs, the batched one thrown away. Both give the same gradients to float rounding;
+    the choice is part of a run's resume state."""
+    OPTIONS = (("sequential", SEQUENTIAL), ("batched", BATCHED))
 
     def observe(self, batched_s: float, sequential_s: float) -> None:
-        self.batched_s.append(batched_s)
-        self.sequential_s.append(sequential_s)
-        if len(self.batched_s) < self.trials:
-            return
-        best = torch.tensor([min(self.batched_s), min(self.sequential_s)], dtype=torch.float64)
-        if self.agree is not None:
-            self.agree(best)
-        batched, sequential = best.tolist()
-        self.choice = BATCHED if batched < sequential else SEQUENTIAL
-        log.info("--segment_batching auto: the segments took %.3g s batched and %.3g s one after another (best of "
-                 "%d); %s from here", batched, sequential, self.trials,
+        self._observe(sequential_s, batched_s)
+
+    @property
+    def sequential_s(self) -> List[float]:
+        return self.times[0]
+
+    @property
+    def batched_s(self) -> List[float]:
+        return self.times[1]
+
+    def _log(self, sequential_s: float, batched_s: float) -> None:
+        log.info("--segment_batching auto: the segments took %.3g s one after another and %.3g s batched (best of "
+                 "%d); %s from here", sequential_s, batched_s, self.trials,
                  "batched" if self.choice == BATCHED else "one after another")
-
-    def state_dict(self) -> dict:
-        return {"batched_s": list(self.batched_s), "sequential_s": list(self.sequential_s), "choice": self.choice}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batched_s, self.sequential_s = list(state["batched_s"]), list(state["sequential_s"])
-        self.choice = state["choice"]
 
 
 Batching = Union[bool, BatchingChoice]

@@ -107,8 +107,9 @@ def test_batching_choice_keeps_the_faster_and_ranks_agree():
     assert choice.deciding
     choice.observe(batched_s=3.0, sequential_s=1.5)
     assert choice.choice == BATCHED  # best of the trials: 1.0 against 1.5
-    agreed = BatchingChoice(trials=1, agree=lambda times: times.mul_(torch.tensor([10.0, 1.0], dtype=times.dtype)))
-    agreed.observe(batched_s=1.0, sequential_s=2.0)  # the other rank's batched run was slow: the sum says sequential
+    slow_batched = torch.tensor([1.0, 10.0])  # (sequential, batched): the other rank's batched run was slow
+    agreed = BatchingChoice(trials=1, agree=lambda times: times.mul_(slow_batched.to(times.dtype)))
+    agreed.observe(batched_s=1.0, sequential_s=2.0)  # alone batching wins; the sum says sequential
     assert agreed.choice == SEQUENTIAL
     restored = BatchingChoice()
     restored.load_state_dict(choice.state_dict())
