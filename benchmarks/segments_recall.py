@@ -7,7 +7,8 @@ Each run is the quick start's distillation (its flags, read from its run folder'
 ``--segments_per_iter K`` and ``--seed S``, evaluated once at the end of each phase: at equal
 iterations (the quick start's), and at equal matching work (K segments per iteration for 1/K of the
 iterations). Runs already finished in WORK/segments_recall are reused (they are resumed, which
-does nothing for a finished run). Prints a Markdown table; writes benchmarks/results/segments_recall.json.
+does nothing for a finished run) when the same code version made them; a run made by another
+version stops the study with a message instead of lending it its figures. Prints a Markdown table; writes benchmarks/results/segments_recall.json.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
+
+from distill_utils.runlog import git_sha
 
 from .common import write_json
 
@@ -51,9 +54,23 @@ def final_recall(run: Path) -> float:
     return [r for r in records if "r_mean" in r][-1]["r_mean"]
 
 
+def made_by_other_code(run: Path) -> Optional[str]:
+    """The code version a run already in ``run`` was made by, where it is not this checkout's."""
+    recorded = run / "args.json"
+    if not recorded.is_file():
+        return None
+    made_by = json.loads(recorded.read_text()).get("git_sha")
+    return made_by if made_by != git_sha() else None
+
+
 def distil(base: dict, out: Path, count: int, seed: int, iterations: List[int]) -> dict:
     name = f"k{count}_it{iterations[0]}_seed{seed}"
     run = out / "shapes" / name
+    other = made_by_other_code(run)
+    if other is not None:
+        raise SystemExit(f"error: {run} was made by the code at {other}, this checkout is at {git_sha()}; its "
+                         f"recall would be reused as if this code had made it. Delete {out} (or pass a fresh "
+                         f"--workdir) and run again.")
     flags = as_flags(base) + ["--segments_per_iter", str(count), "--seed", str(seed), "--Iteration",
                               *map(str, iterations), "--eval_it", str(max(iterations)), "--eval_init", "false",
                               "--logged_dir", str(out), "--name", name, "--resume"]

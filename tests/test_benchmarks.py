@@ -228,3 +228,20 @@ def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_p
     assert all(r["median_s"] > 0 and r["repeats"] == MICRO.repeats for r in rows.values())
     assert json.loads((tmp_path / "segments_micro_frozen_cpu.json").read_text())["rows"] == payload["rows"]
     assert "| 1 | 4 | batched (vmap) |" in capsys.readouterr().out
+
+
+def test_the_recall_study_refuses_runs_another_code_version_made(tmp_path, monkeypatch):
+    from benchmarks import segments_recall
+    from distill_utils.runlog import git_sha
+    run = tmp_path / "shapes" / "k2_it200_seed0"
+    assert segments_recall.made_by_other_code(run) is None  # nothing there yet
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"git_sha": git_sha()}))
+    assert segments_recall.made_by_other_code(run) is None  # this code's own run: reused
+    (run / "args.json").write_text(json.dumps({"git_sha": "0000000"}))
+    assert segments_recall.made_by_other_code(run) == "0000000"
+    this = git_sha()
+    monkeypatch.setattr(segments_recall, "git_sha", lambda: this)
+    monkeypatch.setattr(segments_recall.subprocess, "run", lambda *a, **k: pytest.fail("ran over a stale run"))
+    with pytest.raises(SystemExit, match="made by the code at 0000000"):
+        segments_recall.distil({}, tmp_path, 2, 0, [200, 200])
