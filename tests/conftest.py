@@ -1,4 +1,5 @@
 """Shared fixtures: CPU only, offline hub, a tiny generated ``shapes`` dataset, small models."""
+import itertools
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -45,6 +46,19 @@ def shapes_root(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _steady_clock(monkeypatch):
+    """``--keep_graphs auto`` and ``--segment_batching auto`` choose by timing their trials, so two runs
+    on a loaded machine could choose differently and differ in the last bits. In this process every
+    timed interval lasts one tick: the trials tie and keep the first option (keeping graphs, segments
+    one after another), as an idle CPU does. Tests of the choice itself pass their timings explicitly."""
+    from distill_utils import matching, segments
+    ticks = itertools.count()
+    clock = lambda device: float(next(ticks))  # noqa: E731
+    monkeypatch.setattr(matching, "synchronized_clock", clock)
+    monkeypatch.setattr(segments, "synchronized_clock", clock)
 
 
 @pytest.fixture(scope="session")
