@@ -99,10 +99,17 @@ def several_processes(processes: int, config: Config, device: str, threads: int,
     with tempfile.TemporaryDirectory() as folder:
         for rank in range(processes):
             (Path(folder) / str(rank)).mkdir()
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        out = str(Path(folder) / "results.pt")
-        mp.spawn(_rank, args=(processes, str(Path(folder) / "store"), config, folder, device, counts, out, trainable),
-                 nprocs=processes, join=True)
+        before = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # what the spawned processes start with
+        try:
+            out = str(Path(folder) / "results.pt")
+            mp.spawn(_rank, args=(processes, str(Path(folder) / "store"), config, folder, device, counts, out,
+                                  trainable), nprocs=processes, join=True)
+        finally:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS")
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
         return torch.load(out)
 
 
