@@ -12,14 +12,15 @@ vectorised over the K parameter vectors with ``torch.func.vmap``:
 * pass 2 recomputes each step for all K with a graph to the batch's entries and back-propagates
   sum_k (2/D_k) v_k^T g_{k,i} into them in one backward.
 
-The frozen image encoder's features are computed once for all K segments. The result equals
-matching the segments one after another with the same noise, to float rounding (the batched
-products sum in another order). Only for a frozen image encoder, where both sides are projection
-heads; :func:`supports_batching` says whether a matcher qualifies.
+A frozen image encoder's features are computed once for all K segments; a trainable encoder runs
+inside the vectorised step. The result equals matching the segments one after another with the same
+noise, to float rounding (the batched products sum in another order). Every random draw must be an
+input, so an image encoder that draws its own dropout does not qualify; :func:`supports_batching`
+says whether a matcher does.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -56,25 +57,22 @@ def _stacked(noises: Sequence[StepNoise]) -> Dict:
     return stacked
 
 
-class BatchedSteps:
-    """The student step of a matcher's model as a function vectorised over K parameter vectors.
-    A trainable NFNet standardises its weights inside its layers here, as timm runs them (the
-    sequential matcher factors that out of its graphs; the gradients are the same)."""
+def batched_step_gradients(matcher: TrajectoryMatcher, on_features: bool) -> Callable:
+    """g(theta, images, texts, target, noise) of a matcher's student step, vectorised over K parameter
+    vectors and their draws (``theta`` and ``noise`` with K leading; the batch shared). A trainable
+    NFNet standardises its weights inside its layers here, as timm runs them (the sequential matcher
+    factors that out of its graphs; the gradients are the same)."""
+    model, params, criterion, autocast = matcher.model, matcher.params, matcher.criterion, matcher.autocast
 
-    def __init__(self, matcher: TrajectoryMatcher, on_features: bool):
-        model, params, criterion = matcher.model, matcher.params, matcher.criterion
+    def step_loss(theta: Dict[str, torch.Tensor], images, texts, target, noise: Dict) -> torch.Tensor:
+        blend = Blend(noise["partner"], noise["weight"]) if "partner" in noise else None
+        with student_autocast(autocast, images.device):
+            logits = functional_call(model, params.as_dict(theta), (images, texts),
+                                     {"blend": blend, "images_are_features": on_features,
+                                      "dropout": noise["dropout"]})
+        return criterion(logits.to(target.dtype), target)
 
-        autocast = matcher.autocast
-
-        def step_loss(theta: Dict[str, torch.Tensor], images, texts, target, noise: Dict) -> torch.Tensor:
-            blend = Blend(noise["partner"], noise["weight"]) if "partner" in noise else None
-            with student_autocast(autocast, images.device):
-                logits = functional_call(model, params.as_dict(theta), (images, texts),
-                                         {"blend": blend, "images_are_features": on_features,
-                                          "dropout": noise["dropout"]})
-            return criterion(logits.to(target.dtype), target)
-
-        self.gradients = vmap(grad(step_loss), in_dims=(0, None, None, None, 0))
+    return vmap(grad(step_loss), in_dims=(0, None, None, None, 0))
 
 
 def match_batched(matcher: TrajectoryMatcher, synthetic: SyntheticSet, starts: Sequence[Dict[str, torch.Tensor]],
@@ -85,7 +83,7 @@ def match_batched(matcher: TrajectoryMatcher, synthetic: SyntheticSet, starts: S
     if not supports_batching(matcher):
         raise ValueError("batched matching needs every random draw of a step given: this model's image "
                          "encoder draws its own (dropout or stochastic depth)")
-    steps = BatchedSteps(matcher, matcher.frozen_features)
+    step_gradients = batched_step_gradients(matcher, matcher.frozen_features)
     if synthetic.images.grad is None:
         synthetic.images.grad = torch.zeros_like(synthetic.images)
     view = FrozenFeatureView(synthetic, matcher.model.image_encoder, batches) if matcher.frozen_features else synthetic
@@ -105,7 +103,7 @@ def match_batched(matcher: TrajectoryMatcher, synthetic: SyntheticSet, starts: S
     theta = {s: start[s].clone() for s in SIDES}
     with torch.no_grad():
         for idx, noise in zip(batches, draws()):
-            g = steps.gradients(theta, view.images[idx], view.texts[idx], view.similarity_inputs(idx)[1], noise)
+            g = step_gradients(theta, view.images[idx], view.texts[idx], view.similarity_inputs(idx)[1], noise)
             theta = {s: theta[s] - eta[s] * g[s] for s in SIDES}
             for s in SIDES:
                 total[s] += g[s]
@@ -123,7 +121,7 @@ def match_batched(matcher: TrajectoryMatcher, synthetic: SyntheticSet, starts: S
         images = view.images.detach()[idx].requires_grad_(True)
         texts = view.texts.detach()[idx].requires_grad_(True)
         sim_leaves, block = view.similarity_inputs(idx)
-        g = steps.gradients(theta, images, texts, block, noise)
+        g = step_gradients(theta, images, texts, block, noise)
         objective = sum((weight[s] * g[s]).sum() for s in SIDES)
         inputs = [images, texts, *sim_leaves]
         outputs = torch.autograd.grad(objective, inputs, allow_unused=True)

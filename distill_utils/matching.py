@@ -140,6 +140,12 @@ class SegmentNoise:
             yield StepNoise(blend, dropout)
 
 
+def step_noises(noise: Optional[SegmentNoise], batches: Sequence[torch.Tensor],
+                like: torch.Tensor) -> Iterator[Optional[StepNoise]]:
+    """Each step's given draws, or None for every step where they are drawn inside (``noise`` None)."""
+    return itertools.repeat(None) if noise is None else noise.steps(batches, like)
+
+
 def student_autocast(dtype: Optional[torch.dtype], device: torch.device):
     """Autocast of a student step's forward (and so of its backward and double backward) to ``dtype``
     (None: off). The loss and everything outside the step stay in the parameters' precision."""
@@ -507,7 +513,7 @@ class TrajectoryMatcher:
         rng_states, kept, total = [], [], {s: torch.zeros_like(start[s]) for s in SIDES}
         theta = {s: start[s].clone() for s in SIDES}
         theta_after_kept = theta
-        for idx, drawn in zip(batches, self._noise_of(noise, batches, synthetic)):
+        for idx, drawn in zip(batches, step_noises(noise, batches, synthetic.texts)):
             keeping = policy.keep_next()
             if keeping:
                 step, grads = self._graph_step(synthetic, theta, idx, drawn)
@@ -544,7 +550,7 @@ class TrajectoryMatcher:
             step, kept[i] = kept[i], None  # frees each graph as soon as it is used
             self._push_back(step, weight, synthetic)
         theta = {s: theta_after_kept[s].detach().clone() for s in SIDES}
-        redrawn = itertools.islice(self._noise_of(noise, batches, synthetic), kept_count, None)
+        redrawn = itertools.islice(step_noises(noise, batches, synthetic.texts), kept_count, None)
         for idx, state, drawn in zip(batches[kept_count:], rng_states, redrawn):
             restore_rng_state(state, device)
             step, grads = self._graph_step(synthetic, theta, idx, drawn)
@@ -557,10 +563,6 @@ class TrajectoryMatcher:
         return MatchResult(float(loss_value), {s: float(v) for s, v in per_side.items()},
                            {s: float(v) for s, v in distance.items()}, kept_count, graph_bytes)
 
-    @staticmethod
-    def _noise_of(noise: Optional[SegmentNoise], batches, synthetic) -> Iterator[Optional[StepNoise]]:
-        return itertools.repeat(None) if noise is None else noise.steps(batches, synthetic.texts)
-
 
 def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSet, start, target,
                            batches: Sequence[torch.Tensor], blend: float = 0.0,
@@ -572,8 +574,7 @@ def unrolled_autograd_loss(model: DualEncoder, criterion, synthetic: SyntheticSe
     params = StudentParameters(model)
     theta = {s: start[s].clone() for s in SIDES}
     total = {s: 0.0 for s in SIDES}
-    drawn = itertools.repeat(None) if noise is None else noise.steps(batches, synthetic.texts)
-    for idx, given in zip(batches, drawn):
+    for idx, given in zip(batches, step_noises(noise, batches, synthetic.texts)):
         leaves = {s: theta[s].detach().requires_grad_(True) for s in SIDES}
         mix = draw_blend(len(idx), blend, synthetic.images.device) if given is None else given.blend
         logits = functional_call(model, params.as_dict(leaves), (synthetic.images[idx], synthetic.texts[idx]),

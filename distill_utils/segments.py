@@ -10,9 +10,9 @@ from a generator of its own seeded with its seed (:class:`~distill_utils.matchin
 so its gradient does not depend on which process or device computes it, what ran before it there,
 or whether it ran batched with others.
 
-A process matches its segments as one batched computation (:mod:`.batched`) where the matcher
-allows it (a frozen image encoder), else one after another into fresh ``.grad`` tensors added in
-segment order; several processes (:mod:`.distributed`) add their sums with an all-reduce (one for
+A process matches its segments as one batched computation (:mod:`.batched`) or one after another
+into fresh ``.grad`` tensors added in segment order, as ``batching`` asks (:class:`BatchingChoice`
+times both) and the matcher allows; several processes (:mod:`.distributed`) add their sums with an all-reduce (one for
 the gradients, one for the float64 losses). One after another, two processes of one segment each
 add exactly what one process adds (a + b); batched, and in general, the result equals one
 process's to float rounding.
