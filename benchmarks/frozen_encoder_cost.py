@@ -1,12 +1,11 @@
-"""What freezing the image encoder costs in recall on the stamps: full-data students (trained like an
-expert, 6 epochs) with EfficientNet-Lite0 frozen and two projection heads (the stamps recipes), against
+"""What freezing the image encoder costs in recall on the stamps: full-data students (the student recipe,
+30 epochs, batch 32: distill_utils.full_data) with EfficientNet-Lite0 frozen and two projection heads (the stamps recipes), against
 the whole encoder trained, at two image-side learning rates; one student per seed, seeds 0 1 2.
 
     python -m benchmarks.frozen_encoder_cost        # needs bash sh/prepare_data.sh stamps
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
@@ -16,8 +15,8 @@ import torch
 
 from distill_utils.app import ablation, distill
 from distill_utils.app.context import load_data, model_config
-from distill_utils.app.evaluate import full_data_baseline
 from distill_utils.app.quickstart import STAMPS
+from distill_utils.full_data import FullDataSettings, Recipe, pair_source, train_on_all
 from distill_utils.retrieval import split_benchmarks
 from distill_utils.runlog import setup_logging
 
@@ -31,13 +30,14 @@ def full_data_recall(trainable: bool, lr_img: float, work: Path, seeds=(0, 1, 2)
     flags = ablation.distill_flags(plan, work, "lors", 20, 0, {"normal": "unused"}, work, "unused")
     args = distill.parse_args(flags + ["--lr_teacher_img", str(lr_img)])
     device = torch.device("cpu")
-    data = load_data(args, device, augment=False)
-    test, _ = split_benchmarks(data, device, 128, 0)
+    data = load_data(args, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, 128, 0)
     config = model_config(args, data.text_dim)
+    settings = FullDataSettings(lr_img=lr_img, lr_txt=args.lr_teacher_txt, loss_type=args.loss_type)
+    source, recipe = pair_source(data, settings, device), Recipe(30, lr_img, args.lr_teacher_txt, 32)
     recalls, started = [], time.perf_counter()
     for seed in seeds:
-        student = argparse.Namespace(**{**vars(args), "num_eval": 1, "seed": seed, "full_epochs": STAMPS.full_epochs})
-        recalls.append(full_data_baseline(data, student, config, test, device)["selected"]["mean"]["r_mean"])
+        recalls.append(train_on_all(source, config, recipe, settings, test, val, seed, device).selected["r_mean"])
     return {"trainable": trainable, "lr_img": lr_img, "r_mean": recalls, "mean": statistics.fmean(recalls),
             "std": statistics.pstdev(recalls), "seconds": time.perf_counter() - started}
 

@@ -132,7 +132,7 @@ def test_eval_writes_the_table(shapes_root, tmp_path, capsys):
     good = saved_checkpoint(tmp_path / "good.pt", config={"image_encoder": "convnet_tiny"})
     rows = evaluate.main(shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_eval", "2",
                                      "--epoch_eval_train", "2", "--ckpt_path", str(good), "--baseline", "random", "full",
-                                     "--full_epochs", "1"))
+                                     "--full_epochs", "1", "--full_lr_scale", "1", "--full_batch", "16"))
     assert list(rows) == ["PTM-ST (4 pairs)", "random real subset (4 pairs)", "full training set (120 pairs)"]
     table = (tmp_path / "eval_results.md").read_text()
     assert "| Img R@1 | Img R@5 | Img R@10 | Txt R@1 | Txt R@5 | Txt R@10 | Mean |" in table and "±" in table

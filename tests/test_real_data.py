@@ -117,7 +117,7 @@ def test_the_stamps_recipe_runs_every_stage_at_smoke_size(stamps_dir, tmp_path):
            "DISTILL_FLAGS": " ".join(["--image_size", "32", "--Iteration", "2", "2", "--eval_it", "2", "--syn_steps",
                                       "2", "--mini_batch_size", "2", "--keep_graphs", "2", "--epoch_eval_train", "2",
                                       "--num_eval", "1", "--max_start_epoch", "1", "2", *npz]),
-           "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 2 --full_epochs 1"}
+           "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 2 --full_epochs 1 --full_lr_scale 1 --full_batch 8"}
     done = subprocess.run(["bash", str(ROOT / "sh" / "reproduce.sh"), "cpu", "stamps20"], capture_output=True,
                           text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,10 +1,13 @@
 """Evaluate saved distilled sets against baselines at the same budget (``eval.py``).
 
 Rows of the table: the distilled phases (``--ckpt_path``, in phase order), then the ``--baseline`` rows:
-real training pairs of the same per-phase sizes with identity similarity, chosen at random
-(``random``) or by a coreset selection (``herding``, ``kcenter``, ``forgetting``: see
-:mod:`distill_utils.coresets`), and the full training set (``full``, trained like an expert). Every row
-is mean ± std over ``--num_eval`` students. ``--student_image_encoder`` trains every row's students with
+as many real training pairs as the distilled set holds, with identity similarity, trained at once as one
+subset (as the papers' reference rows are), chosen at random (``random``) or by a coreset selection
+(``herding``, ``kcenter``, ``forgetting``: see :mod:`distill_utils.coresets`); the same random pairs cut
+into the phases' sizes and trained one after the other under the run's student schedule
+(``random_split``: what the schedule costs before any distillation); and the full training set (``full``,
+its students' epochs, learning rate and batch chosen on the val split: :mod:`distill_utils.full_data`).
+Every row is mean ± std over ``--num_eval`` students. ``--student_image_encoder`` trains every row's students with
 another image encoder than the distiller's (cross-architecture evaluation).
 """
 from __future__ import annotations
@@ -17,7 +20,6 @@ from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader
 
 from networks import DualEncoderConfig
 
@@ -27,13 +29,12 @@ from .. import trajectories
 from ..coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
 from ..data import DataError
 from ..errors import UsageError, writable_folder
-from ..evaluation import StudentRun, evaluate_subsets, format_table, student_seed, summarise
-from ..experts import ExpertOptim, make_optimizer, train_one_epoch
-from ..losses import MultilabelContrastiveLoss
+from ..evaluation import evaluate_subsets, format_table
+from ..full_data import FullDataSettings, full_data_protocols
 from ..retrieval import RetrievalBenchmark, split_benchmarks
 from ..runs import RunFolder
-from ..runlog import resolve_device, seeded, setup_logging
-from ..speed import SpeedOptions, enable_fast_math
+from ..runlog import resolve_device, setup_logging
+from ..speed import enable_fast_math
 from ..synthetic import FrozenSubset
 
 from .cli import add_bool_flag, check_eval_args, eval_settings, positive, script_parser
@@ -41,7 +42,7 @@ from .context import DataContext, load_data, model_config
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
-BASELINES = ("random", *CORESETS, "full")
+BASELINES = ("random", "random_split", *CORESETS, "full")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,16 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "the last checkpoint of every phase (flags given here still win)")
     group.add_argument("--ckpt_path", nargs="+", default=None, help="distilled_*.pt of each phase, in phase order")
     group.add_argument("--baseline", nargs="*", default=["random"], choices=list(BASELINES),
-                       help="reference rows, shown in this order: real training pairs of the distilled set's "
-                            "per-phase sizes chosen at random, by herding or k-center in the joint embedding of "
-                            "the first expert's final snapshot, or as the pairs that expert forgot most often; "
-                            "the full training set")
+                       help="reference rows, shown in this order: as many real training pairs as the distilled "
+                            "set holds, trained at once, chosen at random; the same random pairs cut into the "
+                            "phases' sizes and trained one after the other like the distilled phases "
+                            "(random_split); pairs chosen by herding or k-center in the joint embedding of the "
+                            "first expert's final snapshot, or as the pairs that expert forgot most often; the "
+                            "full training set (its students' hyperparameters chosen on the val split)")
     group.add_argument("--expert_dir", default=None,
                        help="experts (buffer.py's folder) whose first expert herding, kcenter and forgetting "
                             "use (default with --run: the experts behind its first phase's --buffer_path)")
     group.add_argument("--lr_teacher_img", type=positive(float), default=0.1, help="baseline image-side lr")
     group.add_argument("--lr_teacher_txt", type=positive(float), default=0.1, help="baseline text-side lr")
-    group.add_argument("--full_epochs", type=positive(), default=10, help="epochs of the full-data baseline")
+    full = parser.add_argument_group(
+        "full-data row (--baseline full)", "every training pair, trained by fresh students; epochs, learning rate "
+        "and batch are chosen on the val split from the grid of these lists (one student per configuration, at a "
+        "seed of the search's own), then --num_eval students train at the chosen ones")
+    full.add_argument("--full_epochs", type=positive(), nargs="+", default=list(FullDataSettings.epochs),
+                      help="student epochs to try (one x0.1 decay at half; recall measured at 11 points)")
+    full.add_argument("--full_lr_scale", type=positive(float), nargs="+", default=list(FullDataSettings.lr_scales),
+                      help="learning rates to try, as multiples of --lr_teacher_img and --lr_teacher_txt")
+    full.add_argument("--full_batch", type=positive(), nargs="+", default=list(FullDataSettings.batches),
+                      help="batch sizes to try")
     group.add_argument("--num_queries", type=positive(), nargs="+", default=None,
                        help="accepted for the reference's commands; checked against the checkpoints' sizes")
     group.add_argument("--sim_type", default=None, choices=["full", "lowrank"],
@@ -181,8 +193,13 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
 
 
 LABELS = {"ptmst": "PTM-ST", "mttvl": "MTT-VL", "lors": "LoRS", "amd": "AMD", "repblend": "RepBlend"}
-BASELINE_LABELS = {"random": "random real subset", "herding": "herding coreset", "kcenter": "k-center coreset",
-                   "forgetting": "forgetting coreset"}
+BASELINE_LABELS = {"random": "random real subset", "random_split": "random real subset, split like the phases",
+                   "herding": "herding coreset", "kcenter": "k-center coreset", "forgetting": "forgetting coreset"}
+RANDOM_DRAW = 12345  # the random rows draw from seed + this, so the whole and the split rows share their pairs
+
+
+def random_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + RANDOM_DRAW)
 
 
 def real_subsets(data: DataContext, chunks: Sequence[Sequence[int]], lr_img: float,
@@ -251,6 +268,23 @@ class CoresetSelector:
         return real_subsets(self.data, split_ranking(ranking, sizes), lr_img, lr_txt)
 
 
+def baseline_subsets(baseline: str, data: DataContext, sizes: Sequence[int], args: argparse.Namespace,
+                     selector: Optional["CoresetSelector"]) -> List[FrozenSubset]:
+    """The real pairs of a reference row: one subset of ``sum(sizes)`` pairs, or for ``random_split`` the same
+    random pairs cut into ``sizes``."""
+    total = [sum(sizes)]
+    if baseline in ("random", "random_split"):
+        return random_subsets(data, sizes if baseline == "random_split" else total, args.lr_teacher_img,
+                              args.lr_teacher_txt, random_generator(args.seed))
+    return selector.subsets(baseline, total, args.lr_teacher_img, args.lr_teacher_txt, args.seed)
+
+
+def baseline_label(baseline: str, sizes: Sequence[int]) -> str:
+    if baseline == "random_split":
+        return f"random real subset, split {' + '.join(map(str, sizes))}"
+    return BASELINE_LABELS[baseline]
+
+
 def student_config(args: argparse.Namespace, text_dim: int) -> Tuple[DualEncoderConfig, str]:
     """The students' model and a label naming it ("" for the distiller's own model)."""
     config = model_config(args, text_dim)
@@ -267,25 +301,11 @@ def student_config(args: argparse.Namespace, text_dim: int) -> Tuple[DualEncoder
     return config, label
 
 
-def full_data_baseline(data: DataContext, args, config, test: RetrievalBenchmark, device) -> dict:
-    """Students trained on the whole training set (expert recipe, test-time transform), evaluated at the end."""
-    runs = []
-    for run in range(args.num_eval):
-        seed = student_seed(args.seed, run)
-        with seeded(seed, device):
-            model = config.build(seed=seed).to(device)
-            speed = SpeedOptions.for_device(device).for_model(model)
-            speed.prepare_model(model)
-            optimizer, _ = make_optimizer(model, ExpertOptim(args.lr_teacher_img, args.lr_teacher_txt,
-                                                             epochs=args.full_epochs), speed)
-            loader = DataLoader(data.train, batch_size=args.batch_train, shuffle=True, num_workers=args.num_workers,
-                                generator=torch.Generator().manual_seed(seed))
-            for epoch in range(args.full_epochs):
-                train_one_epoch(model, loader, data.train_text, optimizer, MultilabelContrastiveLoss("InfoNCE"),
-                                device, speed, desc=f"full-data baseline {run + 1}/{args.num_eval} epoch {epoch + 1}")
-            result = test.evaluate(model)
-            runs.append(StudentRun(selected=result, last=result))
-    return summarise(runs)
+def full_data_settings(args: argparse.Namespace) -> FullDataSettings:
+    return FullDataSettings(epochs=tuple(args.full_epochs), lr_scales=tuple(args.full_lr_scale),
+                            batches=tuple(args.full_batch), lr_img=args.lr_teacher_img, lr_txt=args.lr_teacher_txt,
+                            num_eval=args.num_eval, loss_type=args.loss_type, seed=args.seed,
+                            num_workers=args.num_workers)
 
 
 def results_stem(args: argparse.Namespace) -> str:
@@ -329,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     out_dir = writable_folder(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, "--out_dir")
     device = resolve_device(args.device)
     enable_fast_math(device)
-    data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val")
+    data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val" or "full" in args.baseline)
     subsets, method = load_checkpoints(args.ckpt_path, args, data.text_dim)
     config, student = student_config(args, data.text_dim)
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
@@ -341,16 +361,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device) \
         if args.expert_dir else None
     for baseline in [b for b in BASELINES if b in args.baseline and b != "full"]:
-        if baseline == "random":
-            reals = random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
-                                   torch.Generator().manual_seed(args.seed + 12345))
-        else:
-            reals = selector.subsets(baseline, sizes, args.lr_teacher_img, args.lr_teacher_txt, args.seed)
-        rows[f"{BASELINE_LABELS[baseline]} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(
+        reals = baseline_subsets(baseline, data, sizes, args, selector)
+        rows[f"{baseline_label(baseline, sizes)} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(
             reals, config, settings, test, val, device, f"{baseline} subset")["selected"]
     if "full" in args.baseline:
-        rows[f"full training set ({len(data.train)} pairs){suffix}"] = full_data_baseline(
-            data, args, config, test, device)["selected"]
+        found = full_data_protocols(data, config, full_data_settings(args), test, val, device)
+        rows[f"full training set ({len(data.train)} pairs){suffix}"] = found[
+            "val" if args.eval_protocol == "val" else "paper"]["selected"]
     print(format_table(rows), flush=True)  # before writing: a failed write must not lose the table
     out = write_results(out_dir, rows, args, student)
     print(f"written to {out} and {out.with_suffix('.json')}")
