@@ -22,8 +22,10 @@ if is_stamps "$DATASET"; then  # 5 experts x 6 epochs of the projection heads ov
   exit 0
 fi
 
+# the authors' cc3m runs keep the image encoder frozen (projection heads on both sides); flickr and coco train it
+IMAGE_SIDE=(--image_trainable); [ "$DATASET" = cc3m ] && IMAGE_SIDE=(--image_trainable false)
 $(launcher) buffer.py --dataset "$DATASET" --image_root "$IMAGE_ROOT" --ann_root "$ANN_ROOT" \
-    --image_encoder nfnet --text_encoder bert --image_pretrained true --image_trainable \
+    --image_encoder nfnet --text_encoder bert --image_pretrained true "${IMAGE_SIDE[@]}" \
     --image_size 224 --num_experts 20 --train_epochs 10 \
     --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --batch_size_train 128 --loss_type InfoNCE \
     --eval_freq 5 --buffer_path "$BUFFER_ROOT" --disabled_wandb true "${REST[@]}"

@@ -47,8 +47,9 @@ if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encod
       --logged_dir "$LOGGED_DIR" --name "$RECIPE" --disabled_wandb true "${REST[@]}"
 fi
 
+IMAGE_SIDE=(--image_trainable); [ "$DATASET" = cc3m ] && IMAGE_SIDE=(--image_trainable false)  # as sh/buffer.sh
 $(launcher) distill_ptm-st.py --dataset "$DATASET" --image_root "$(image_root_of "$DATASET")" \
-    --ann_root "$ANN_ROOT" --image_encoder nfnet --text_encoder bert --image_trainable \
+    --ann_root "$ANN_ROOT" --image_encoder nfnet --text_encoder bert "${IMAGE_SIDE[@]}" \
     --lr_img 1000 --lr_txt 1000 --lr_lr 0.01 --lr_teacher_img 0.1 --lr_teacher_txt 0.1 --sim_type full \
     --ema_decay 0.99 --logged_dir "$LOGGED_DIR" --name "$RECIPE" \
     "${RECIPE_ARGS[@]}" "${REST[@]}"

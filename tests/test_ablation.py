@@ -138,7 +138,8 @@ def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--no_such_flag", "1"], "--no_such_flag is neither an ablation flag nor a flag of distill_ptm-st.py"),
-    (["--budgets", "1"], "every budget must be at least 2"),
+    (["--budgets", "1", "--ptmst_layout", "even"], "every budget must be at least 2"),
+    (["--budgets", "0"], "--budgets 0: a budget is a number of pairs, at least 1"),
     (["--seed", "3"], "--seed is set by the ablation itself"),
     (["--methods", "nope"], "invalid choice"),
     (["--coresets", "greedy"], "invalid choice"),

@@ -43,7 +43,7 @@ def test_every_recipe_validates_and_passes_further_flags_through(tmp_path, recip
     assert args.dataset == recipe[:-3] and args.name == recipe
     assert sum(args.num_queries) == int(recipe[-3:]) - 1 and len(distill.phase_specs(args)) == args.subset_num
     assert args.keep_graphs == 0 and args.lr_sim == 3.0  # given after the recipe: they win
-    assert args.image_trainable and args.sim_type == "full"
+    assert args.image_trainable == (args.dataset != "cc3m") and args.sim_type == "full"  # cc3m frozen, as theirs
 
 
 def test_buffer_recipe_takes_one_dataset_and_torchrun_on_request(tmp_path):

@@ -1,16 +1,20 @@
 """Methods side by side under one protocol (``bash sh/ablation.sh``).
 
 One set of experts (plus, for RepBlend's frozen image encoder, one set trained the same way with
-the encoder frozen), then for every budget, method and seed one distillation at equal budget and
-equal total iterations, every final set evaluated by the same fresh students: test recall at the
-measurement chosen on the val split (val protocol), and the best test measurement beside it (paper
-protocol), mean ± std over seeds. Real training pairs of each budget are the reference rows: a random
-subset and the herding, k-center and forgetting coresets (``--coresets``, selected with the first expert).
+the encoder frozen), then for every budget, method and seed one distillation at equal budget, every
+final set evaluated by the same fresh students: test recall at the measurement chosen on the val split
+(val protocol), and the best test measurement beside it (paper protocol), mean ± std over seeds.
+Each method runs as its authors run it: MTT-VL and LoRS one phase without EMA; PTM-ST as in the authors'
+recipes (one phase up to 100 pairs, else two phases on their own shortcut endpoints, each phase as many
+iterations as a one-phase method gets, EMA 0.99; ``--ptmst_layout``, ``--ptmst_endpoints``,
+``--ptmst_iterations`` and ``--ptmst_ema`` bring back other structures). Real training pairs of each budget
+are the reference rows: a random subset, the same random pairs split into PTM-ST's phases and trained under
+its student schedule, the herding, k-center and forgetting coresets (``--coresets``, selected with the
+first expert), and the full training set (its students' epochs, learning rate and batch chosen on val).
 ``--students NAME ...`` adds a cross-architecture table: every method's sets and every reference row
 trained by students of each listed image encoder.
 ``--dataset stamps`` (or ``folder``) among the pass-through flags switches to the real-photograph settings
-(``quickstart.STAMPS``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100) and adds the
-full training set as a row.
+(``quickstart.STAMPS``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100).
 Writes a report folder: README.md (tables laid out like the papers': budgets as column groups of IR@1/5/10,
 TR@1/5/10 and their mean; time per method; settings), results.json, matplotlib plots (PNG) of mean
 recall against budget and across students, and each method's synthetic images.
@@ -45,6 +49,7 @@ from ..runs import RunFolder, find_matching_run
 from ..atomic import atomic_write_text
 from ..errors import writable_folder
 from ..evaluation import EvalSettings, both_protocols, train_student
+from ..full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
 from ..progress import progress
 from ..retrieval import split_benchmarks
 from ..runlog import resolve_device, setup_logging
@@ -54,7 +59,7 @@ from .cli import run_script
 from .context import load_data, model_config
 from ..coresets import CORESETS
 from ..plots import grouped_bars, lines_with_error_bars
-from .evaluate import CoresetSelector, full_data_baseline, random_subsets
+from .evaluate import CoresetSelector, random_generator, random_subsets
 from .methods import METHODS
 from .quickstart import (PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data, make_shortcuts,
                          pretrain_encoder, top_up_experts)
@@ -97,23 +102,43 @@ class Plan:
     coresets: Tuple[str, ...] = CORESETS
     students: Tuple[str, ...] = ()   # image encoders of the cross-architecture table
     lr_search: int = 0               # configurations of the learning rates tried per method and budget (0: none)
+    # PTM-ST as its authors run it (published) or as this comparison first ran it (even, shared, split):
+    ptmst_layout: str = "published"  # published: one phase up to 100 pairs, two above; even: every phase, equal shares
+    ptmst_endpoints: str = "own"     # own: each phase its shortcut (settings.phases); shared: the first phase's
+    ptmst_iterations: str = "per_phase"  # per_phase: each phase as many as a one-phase method; split: shared out
+    ptmst_ema: float = 0.99          # the authors' EMA decay of PTM-ST's saved set
+    full_data: bool = True           # the full training set as a row (students' recipe chosen on val)
+    one_phase_ema: float = 0.0       # MTT-VL's and LoRS's authors keep no EMA: the last iterate is the set
 
 
+# learned step sizes that train (the authors' --lr_lr 0.01 at a student rate of 0.1, scaled to these rates:
+# the largest that stays finite, measured in docs/findings.md)
+SHAPES_LR_LR = 1e-3
+STAMPS_LR_LR = 1e-4
+STAMPS_ITERATIONS = (30, 30)  # a one-phase method runs their sum (docs/real_data.md: recall against iterations)
+# the authors' trajectories: 10-epoch experts, phase 0 matching the shortcut to epoch 6 from starts {0, 1},
+# phase 1 the shortcut to epoch 8 from starts {1, 2}; the one-phase methods start anywhere in [0, 3)
+TEN_EPOCH_SHAPES = replace(Settings(), train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)), lr_lr=SHAPES_LR_LR)
 PRESETS: Dict[str, Plan] = {
-    "default": Plan(),
-    "quick": Plan(seeds=(0,), budgets=(40,)),
+    "default": Plan(quickstart=TEN_EPOCH_SHAPES),
+    "quick": Plan(seeds=(0,), budgets=(40,), quickstart=TEN_EPOCH_SHAPES),
     # a handful of steps, for the test suite
     "smoke": Plan(seeds=(0,), budgets=(4,), quickstart=QUICKSTART["smoke"], frozen_out_embedding=32),
 }
 # --dataset stamps (or folder) among the pass-through flags: real photographs through a pretrained, frozen encoder
+TEN_EPOCH_STAMPS = replace(STAMPS, train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)), lr_lr=STAMPS_LR_LR,
+                           iterations=STAMPS_ITERATIONS)
 REAL_PRESETS: Dict[str, Plan] = {
-    "default": Plan(budgets=(20, 50, 100), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
-    "quick": Plan(seeds=(0,), budgets=(50,), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "default": Plan(budgets=(20, 50, 100), quickstart=TEN_EPOCH_STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "quick": Plan(seeds=(0,), budgets=(50,), quickstart=TEN_EPOCH_STAMPS, frozen_out_embedding=STAMPS.out_embedding),
     "smoke": Plan(seeds=(0,), budgets=(4,), frozen_out_embedding=STAMPS.out_embedding, quickstart=replace(
         STAMPS, image_size=32, num_experts=1, train_epochs=3, phases=((0, 3, 0, 1), (0, 3, 0, 2)), iterations=(2, 2),
-        eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=1)),
+        eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=(1,), full_lr_scales=(1.0,),
+        full_batches=(8,))),
 }
+PTMST_CHOICES = ("ptmst_layout", "ptmst_endpoints", "ptmst_iterations", "ptmst_ema")
 FULL_DATA = "full training set"
+RANDOM_SPLIT = "random, split like PTM-ST"
 
 
 def one_phase_window(s: Settings) -> Tuple[int, int]:
@@ -126,24 +151,63 @@ def even_split(total: int, parts: int) -> List[int]:
     return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
-def phase_sizes(method: str, budget: int, s: Settings) -> List[int]:
-    return even_split(budget, len(s.phases)) if method == "ptmst" else [budget]
+PUBLISHED_ONE_PHASE = 100  # the authors' 100-pair recipes run one phase; their 200 and 500 run two
 
 
-def phase_iterations(method: str, s: Settings) -> List[int]:
-    return list(s.iterations) if method == "ptmst" else [sum(s.iterations)]
+def published_sizes(budget: int) -> List[int]:
+    """The authors' split of a budget: one phase up to 100 pairs; above, two phases, the first holding half
+    (two fifths from 500 pairs on, as their 200 + 299 of Flickr500)."""
+    if budget <= PUBLISHED_ONE_PHASE:
+        return [budget]
+    first = budget * 2 // 5 if budget >= 500 else budget // 2
+    return [first, budget - first]
+
+
+def one_phase_iterations(s: Settings) -> int:
+    """What a one-phase method runs: the settings' iterations, all together."""
+    return sum(s.iterations)
+
+
+def phase_sizes(plan: Plan, method: str, budget: int) -> List[int]:
+    if method != "ptmst":
+        return [budget]
+    if plan.ptmst_layout == "published":
+        return published_sizes(budget)
+    return even_split(budget, len(plan.quickstart.phases))
+
+
+def phase_iterations(plan: Plan, method: str, budget: int) -> List[int]:
+    s, phases = plan.quickstart, len(phase_sizes(plan, method, budget))
+    if method != "ptmst":
+        return [one_phase_iterations(s)]
+    if plan.ptmst_iterations == "per_phase":
+        return [one_phase_iterations(s)] * phases
+    return even_split(one_phase_iterations(s), phases) if plan.ptmst_layout == "published" else list(s.iterations)
+
+
+def ema_decay_of(plan: Plan, method: str) -> float:
+    return plan.ptmst_ema if method == "ptmst" else plan.one_phase_ema
+
+
+def ptmst_trajectories(plan: Plan, shortcuts: Sequence, phases: int) -> Tuple[List, List[int], List[int]]:
+    """The first ``phases`` phases' shortcut folders and start ranges; with shared endpoints, every phase
+    matches the first phase's shortcut."""
+    s = plan.quickstart
+    paths = [shortcuts[0] if plan.ptmst_endpoints == "shared" else shortcuts[k] for k in range(phases)]
+    return paths, [s.phases[k][2] for k in range(phases)], [s.phases[k][3] for k in range(phases)]
 
 
 def distill_flags(plan: Plan, work: Path, method: str, budget: int, seed: int, folders: Dict[str, object],
                   logged: Path, name: str) -> List[str]:
     s = plan.quickstart
-    sizes, iterations = phase_sizes(method, budget, s), phase_iterations(method, s)
+    sizes, iterations = phase_sizes(plan, method, budget), phase_iterations(plan, method, budget)
     if method == "ptmst":
-        paths, lows, highs = folders["shortcuts"], [p[2] for p in s.phases], [p[3] for p in s.phases]
+        paths, lows, highs = ptmst_trajectories(plan, folders["shortcuts"], len(sizes))
     else:
         low, high = one_phase_window(s)
         paths, lows, highs = [folders["frozen" if method == "repblend" else "normal"]], [low], [high]
     flags = phase_flags(s, work, method, seed, Phases(paths, lows, highs, sizes, iterations), logged, name)
+    flags += ["--ema_decay", str(ema_decay_of(plan, method))]
     if method == "repblend":
         flags += ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)]
     return flags
@@ -359,18 +423,19 @@ def evaluate_all(plan: Plan, work: Path, records: Sequence[RunRecord], model: ar
         recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
         references[FROZEN_RANDOM] = model_config(recorded, data.text_dim)
     selector = CoresetSelector(data, experts, references["random"], device)
-    for row in [*references, *available_coresets(plan, selector)]:
+    split = [RANDOM_SPLIT] if "ptmst" in plan.methods else []
+    for row in [*references, *split, *available_coresets(plan, selector)]:
         config = references.get(row, references["random"])
         for budget in plan.budgets:
             for seed in plan.seeds:
-                reals = reference_subsets(row, data, budget, seed, selector, model)
+                reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
                 settings = eval_settings_of(plan, model, seed)
                 score((row, budget, seed), reals, config, settings)
                 if row != FROZEN_RANDOM:
                     for name, student in student_configs.items():
                         score((row, budget, seed, name), reals, student, settings)
-    if not plan.quickstart.builtin:
-        full_rows(plan, model, data, references["random"], test, device, results, seconds)
+    if plan.full_data:
+        full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
     return results, seconds
 
 
@@ -384,11 +449,15 @@ def cross_student(config, image_encoder: str):
     return replace(config, image_encoder=image_encoder, image_trainable=True, image_pretrained=False)
 
 
-def reference_subsets(row: str, data, budget: int, seed: int, selector: CoresetSelector, model: argparse.Namespace):
+def reference_subsets(row: str, data, ptmst_sizes: Sequence[int], seed: int, selector: CoresetSelector,
+                      model: argparse.Namespace):
+    """A reference row's real pairs at the budget PTM-ST splits into ``ptmst_sizes``: one subset of them all,
+    or for the split row the same random pairs cut into PTM-ST's phases (trained one after the other)."""
+    budget = [sum(ptmst_sizes)]
     if row in CORESETS:
-        return selector.subsets(row, [budget], model.lr_teacher_img, model.lr_teacher_txt, seed)
-    return random_subsets(data, [budget], model.lr_teacher_img, model.lr_teacher_txt,
-                          torch.Generator().manual_seed(seed + 12345))
+        return selector.subsets(row, budget, model.lr_teacher_img, model.lr_teacher_txt, seed)
+    return random_subsets(data, ptmst_sizes if row == RANDOM_SPLIT else budget, model.lr_teacher_img,
+                          model.lr_teacher_txt, random_generator(seed))
 
 
 def available_coresets(plan: Plan, selector: CoresetSelector) -> List[str]:
@@ -405,18 +474,23 @@ def available_coresets(plan: Plan, selector: CoresetSelector) -> List[str]:
     return kept
 
 
-def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, device, results: Dict,
+def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, val, device, results: Dict,
               seconds: Dict[str, float]) -> None:
-    """The whole training set, trained like an expert (``full_epochs``), tested at the end: one value per
-    seed, shown under every budget (neither protocol chooses a point)."""
+    """The whole training set, its students' epochs, learning rate and batch chosen once on the val split,
+    then trained at every seed: one value per seed, shown under every budget."""
     s = plan.quickstart
+    started = time.perf_counter()
+    settings = FullDataSettings(epochs=s.full_epochs, lr_scales=s.full_lr_scales, batches=s.full_batches,
+                                lr_img=model.lr_teacher_img, lr_txt=model.lr_teacher_txt, num_eval=s.num_eval,
+                                loss_type=model.loss_type, num_workers=model.num_workers)
+    source = pair_source(data, settings, device)
+    chosen, scores = choose_recipe(source, config, settings, test, val, device)
+    recipe = recipe_of(settings, settings.grid()[chosen])
     for seed in plan.seeds:
-        started = time.perf_counter()
-        flags = argparse.Namespace(**{**vars(model), "num_eval": s.num_eval, "seed": seed, "full_epochs": s.full_epochs})
-        summary = full_data_baseline(data, flags, config, test, device)
+        summary = recipe_students(source, config, recipe, replace(settings, seed=seed), test, val, device)
         for budget in plan.budgets:
-            results[(FULL_DATA, budget, seed)] = {"val": summary, "paper": summary}
-        seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
+            results[(FULL_DATA, budget, seed)] = {**summary, "search": scores, "chosen": chosen}
+    seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
 
 
 def report_rows(plan: Plan, results: Dict) -> List[str]:
@@ -424,7 +498,8 @@ def report_rows(plan: Plan, results: Dict) -> List[str]:
     s = plan.quickstart
     rows = ([m for m in ORDER if m in plan.methods] + ["random"]
             + ([FROZEN_RANDOM] if "repblend" in plan.methods and s.image_trainable else [])
-            + list(plan.coresets) + ([] if s.builtin else [FULL_DATA]))
+            + ([RANDOM_SPLIT] if "ptmst" in plan.methods else []) + list(plan.coresets)
+            + ([FULL_DATA] if plan.full_data else []))
     measured = {key[0] for key in results}
     return [row for row in rows if row in measured]
 
@@ -530,8 +605,8 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         "# Methods side by side on one codebase", "",
         f"Command: `{command}`", "",
         f"Mean recall (%) on the test split: for each seed, the mean over {s.num_eval} fresh students; "
-        f"then mean ± std over seeds {list(plan.seeds)}. Every method distils the same total number of pairs with "
-        f"the same total iterations ({sum(s.iterations)}), from the same experts, "
+        f"then mean ± std over seeds {list(plan.seeds)}. Every method distils the same total number of pairs "
+        f"from the same experts, as its authors run it: {structure_sentence(plan)} "
         + ("with the learning rates each chose from the same search (below), " if plan.lr_search else
            "with the same learning rates, ")
         + "and is evaluated by the same code.", "",
@@ -561,6 +636,18 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
     path = report / "README.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def structure_sentence(plan: Plan) -> str:
+    s, one = plan.quickstart, one_phase_iterations(plan.quickstart)
+    layout = ("one phase up to 100 pairs, two above (the authors' split)" if plan.ptmst_layout == "published"
+              else f"{len(s.phases)} phases of equal shares")
+    endpoints = ("each phase on its own shortcut endpoint" if plan.ptmst_endpoints == "own"
+                 else "every phase on the first phase's shortcut endpoint")
+    iterations = (f"{one} iterations per phase" if plan.ptmst_iterations == "per_phase"
+                  else f"{one} iterations shared out over the phases")
+    return (f"the one-phase methods {one} iterations, EMA decay {plan.one_phase_ema:g}; PTM-ST {layout}, "
+            f"{endpoints}, {iterations}, EMA decay {plan.ptmst_ema:g}.")
 
 
 def search_section(plan: Plan, model: argparse.Namespace, searched: Dict[Tuple[str, int], dict]) -> List[str]:
@@ -653,6 +740,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--students", nargs="+", default=None, metavar="IMAGE_ENCODER",
                         help="add a cross-architecture table: every set and reference row trained by students of "
                              "each of these image encoders (built-in names or timm models, e.g. convnet)")
+    authors = parser.add_argument_group(
+        "PTM-ST's structure", "the defaults are the authors' recipes; the other choices bring back how this "
+        "comparison first ran PTM-ST (docs/findings.md: what each change moved)")
+    authors.add_argument("--ptmst_layout", choices=["published", "even"], default=None,
+                         help="published (default): one phase up to 100 pairs, above that two, split like the "
+                              "authors' (half, or 2/5 from 500 pairs: 200 + 299); even: every phase, equal shares")
+    authors.add_argument("--ptmst_endpoints", choices=["own", "shared"], default=None,
+                         help="own (default): each phase matches its own shortcut endpoint (epochs 6 and 8 of "
+                              "10-epoch experts); shared: every phase matches the first phase's")
+    authors.add_argument("--ptmst_iterations", choices=["per_phase", "split"], default=None,
+                         help="per_phase (default): each phase runs as many iterations as a one-phase method; "
+                              "split: the one-phase methods' iterations shared out over the phases")
+    authors.add_argument("--ptmst_ema", type=float, default=None, metavar="DECAY",
+                         help="EMA decay of PTM-ST's saved set (default 0.99, the authors'; 0: none)")
     args, extra = parser.parse_known_args(argv)
     for flag, values in (("--seeds", args.seeds), ("--budgets", args.budgets), ("--methods", args.methods),
                          ("--coresets", args.coresets), ("--students", args.students)):
@@ -682,6 +783,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods,
                    coresets=tuple(c for c in CORESETS if c in args.coresets) if args.coresets is not None
                    else plan.coresets, students=tuple(args.students or ()), lr_search=args.lr_search)
+    plan = replace(plan, **{name: getattr(args, name) for name in PTMST_CHOICES if getattr(args, name) is not None})
+    if not 0.0 <= plan.ptmst_ema < 1.0:
+        parser.error(f"--ptmst_ema {plan.ptmst_ema}: an EMA decay lies in [0, 1) (0: the last iterate is the set)")
     if args.lr_search < 0:
         parser.error(f"--lr_search {args.lr_search}: give the number of configurations to try (0: no search)")
     searched = [g[0] for g in groups if g[0].split("=", 1)[0] in {f"--{name}" for name in SEARCHED}]
@@ -691,7 +795,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if unknown:
         parser.error(unknown_image_encoder_message(unknown[0]).replace("--image_encoder", "--students"))
     smallest = min(plan.budgets)
-    if smallest < len(plan.quickstart.phases):
+    if smallest < 1:
+        parser.error(f"--budgets {smallest}: a budget is a number of pairs, at least 1")
+    if "ptmst" in plan.methods and plan.ptmst_layout == "even" and smallest < len(plan.quickstart.phases):
         parser.error(f"--budgets {smallest}: PTM-ST splits a budget over {len(plan.quickstart.phases)} phases, so "
                      f"every budget must be at least {len(plan.quickstart.phases)}")
     if plan.quickstart.builtin and max(plan.budgets) > plan.quickstart.num_train * 5:

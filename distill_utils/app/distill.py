@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="off: both sides start at one snapshot; uniform: each side draws its own start from "
                               "the phase's range; dynamic: each from its own range, derived from its experts' "
                               "per-epoch change (AMD)")
+    methods.add_argument("--phase_init", default="disjoint", choices=["disjoint", "independent"],
+                         help="disjoint: a later phase starts from training pairs no earlier phase started from "
+                              "(the same draw when there is no overlap); independent: each phase draws on its own "
+                              "(phases may then share pairs: rarely from 29,000 training pairs, often from a few "
+                              "hundred)")
     methods.add_argument("--pair_init", default="random", choices=["random", "prototype"],
                          help="initial pairs: random training pairs, or the pairs nearest the k-means centres of "
                               "joint image/text features (AMD)")
@@ -270,7 +275,30 @@ def initial_pairs(spec: PhaseSpec, args, data: DataContext, generator: torch.Gen
     """Which training pairs start the phase: random ones, or the prototypes of --pair_init prototype."""
     if args.pair_init == "prototype":
         return prototype_pairs(joint.image, joint.text, spec.num_queries, generator)
-    return torch.randperm(len(data.train), generator=generator)[:spec.num_queries]
+    order = torch.randperm(len(data.train), generator=generator)
+    if args.phase_init == "independent" or spec.index == 0:
+        return order[:spec.num_queries]
+    return first_untaken(order, spec.num_queries, earlier_random_picks(spec.index, args, len(data.train)))
+
+
+def first_untaken(order: torch.Tensor, count: int, taken: set) -> torch.Tensor:
+    """The first ``count`` entries of ``order`` outside ``taken``; when too few are left, the earliest taken
+    ones fill the rest (a training set smaller than the phases together)."""
+    free = [i for i in order.tolist() if i not in taken]
+    if len(free) < count:
+        free += [i for i in order.tolist() if i in taken][:count - len(free)]
+    return torch.tensor(free[:count], dtype=order.dtype)
+
+
+def earlier_random_picks(index: int, args, available: int) -> set:
+    """The training pairs phases 0 .. index-1 started from under --phase_init disjoint (each phase's draw
+    depends only on the seed and its index, so they are drawn again here, on a resume too)."""
+    taken: set = set()
+    for k in range(index):
+        order = torch.randperm(available, generator=torch.Generator().manual_seed(args.seed * 1000 + k))
+        taken.update(order[:args.num_queries[k]].tolist() if k == 0
+                     else first_untaken(order, args.num_queries[k], taken).tolist())
+    return taken
 
 
 @dataclass
@@ -573,7 +601,8 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             bar.update()  # redraws at the bar's own pace (a log file: once a minute)
             if it % 10 == 0 and ranks.main:
                 run.metrics.log({"phase": spec.index, "iteration": it, "matching_loss": loss,
-                                 "kept_graphs": result.kept_graphs, **{
+                                 "kept_graphs": result.kept_graphs, "syn_lr_img": synthetic.syn_lr_img.item(),
+                                 "syn_lr_txt": synthetic.syn_lr_txt.item(), **{
                                      f"loss_{side}": v for side, v in result.per_side.items()}})
     log.info("phase %d expert snapshots: %s", spec.index, snapshots.describe())
     return FrozenSubset.from_set(ema.copy_to(ema_set))

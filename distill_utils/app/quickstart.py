@@ -68,7 +68,9 @@ class Settings:
     sim_type: str = "full"
     epoch_eval_train: int = 50
     num_eval: int = 3
-    full_epochs: int = 6
+    full_epochs: tuple = (10, 30)         # the full-data row's grid, chosen on val (distill_utils.full_data)
+    full_lr_scales: tuple = (0.5, 1.0, 2.0)  # times lr_teacher
+    full_batches: tuple = (64, 256)
     seed: int = 0
     dataset: str = "shapes"       # shapes: generated here, encoder pretrained here; others: read, encoder's own weights
     image_trainable: bool = True  # False: frozen image encoder, both sides get projection heads
@@ -87,7 +89,7 @@ STAMPS = Settings(num_train=323, num_val=81, num_test=134, image_size=96, image_
                   text_encoder="minilm", num_experts=5, train_epochs=6, expert_batch=32,
                   phases=((0, 6, 0, 2), (0, 6, 1, 3)), num_queries=(25, 25), iterations=(30, 30), eval_it=30,
                   syn_steps=5, mini_batch_size=8, lr_img=100.0, lr_txt=0.5, lr_sim=0.05, lr_lr=0.0, ema_decay=0.9,
-                  epoch_eval_train=50, num_eval=3, full_epochs=6, dataset="stamps", image_trainable=False,
+                  epoch_eval_train=50, num_eval=3, full_epochs=(10, 30, 100), full_batches=(32, 128), dataset="stamps", image_trainable=False,
                   out_embedding=256, lr_teacher=0.02)
 
 PRESETS: Dict[str, Settings] = {
@@ -96,7 +98,7 @@ PRESETS: Dict[str, Settings] = {
     "smoke": Settings(num_train=24, num_val=8, num_test=8, image_size=16, text_encoder="tiny_bert", pretrain_epochs=1,
                       num_experts=1, train_epochs=3, expert_batch=32, phases=((0, 3, 0, 1), (0, 4, 0, 2)), num_queries=(4, 4), iterations=(2, 2),
                       eval_it=2, syn_steps=2, mini_batch_size=2, lr_img=0.1, lr_txt=0.1, lr_sim=0.01, lr_lr=0.0,
-                      epoch_eval_train=2, num_eval=1, full_epochs=1),
+                      epoch_eval_train=2, num_eval=1, full_epochs=(1,), full_lr_scales=(1.0,), full_batches=(8,)),
 }
 
 
@@ -221,10 +223,15 @@ def run_distillation(s: Settings, work: Path, shortcuts: Sequence[Path], name: s
         "--num_eval", str(s.num_eval), "--logged_dir", str(work / "logged_files"), "--name", name])
 
 
+def full_data_flags(s: Settings) -> List[str]:
+    return ["--full_epochs", *map(str, s.full_epochs), "--full_lr_scale", *map(str, s.full_lr_scales),
+            "--full_batch", *map(str, s.full_batches)]
+
+
 def run_evaluation(s: Settings, work: Path, run: Path, report: Path) -> Dict[str, dict]:
     return evaluate.main(common_flags(s, work) + [
-        "--ckpt_path", *map(str, runs.RunFolder(run).final_checkpoints()), "--baseline", "random", "full",
-        "--full_epochs", str(s.full_epochs), "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
+        "--ckpt_path", *map(str, runs.RunFolder(run).final_checkpoints()), "--baseline", "random", "random_split", "full",
+        *full_data_flags(s), "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
         "--num_eval", str(s.num_eval), "--out_dir", str(report)])
 
 

@@ -49,7 +49,7 @@ from ..runs import RunFolder
 
 from . import convexify, distill
 from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, even_split, flag_groups, flags_for,
-                       load_final, matching_run, phase_flags, phase_sizes, publish, report_stamp, students,
+                       load_final, matching_run, phase_flags, publish, report_stamp, students,
                        train_expert_set, Plan)
 from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
@@ -151,7 +151,7 @@ class Workspace:
         """A PTM-ST run: the settings' phases on ``folders`` (one per phase), the budget split over them."""
         s = self.settings
         return self.distil(base, "ptmst", seed, Phases(list(folders), [p[2] for p in s.phases],
-                                                       [p[3] for p in s.phases], phase_sizes("ptmst", budget, s),
+                                                       [p[3] for p in s.phases], even_split(budget, len(s.phases)),
                                                        iterations))
 
     def score(self, subsets, seed: int, schedule: str = "paper", phase_lr: str = "current") -> Dict[str, dict]:
@@ -172,7 +172,7 @@ def prepare(plan: StudyPlan, work: Path, distill_extra: List[str], buffer_extra:
     if builtin:
         generate_data(plan.settings, work)
         pretrain_encoder(plan.settings, work)
-    smallest = min(phase_sizes("ptmst", min(plan.budgets), plan.settings))  # so every run's mini-batch fits
+    smallest = min(even_split(min(plan.budgets), len(plan.settings.phases)))  # so every run's mini-batch fits
     model = distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(["unused"], [0], [1], [smallest], [1]),
                                            work / "unused", "unused") + distill_extra)
     normal = train_expert_set(Plan(quickstart=plan.settings), work, model, buffer_extra, frozen=False)
@@ -390,7 +390,7 @@ def components(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
                 subsets = load_final(run.path)
                 step_sizes.setdefault((row, budget), []).append([(x.lr_img, x.lr_txt) for x in subsets])
                 results[(row, budget, seed)] = ws.score(subsets, seed)
-            results[("random", budget, seed)] = ws.score(ws.random(phase_sizes("ptmst", budget, ws.settings), seed),
+            results[("random", budget, seed)] = ws.score(ws.random(even_split(budget, len(ws.settings.phases)), seed),
                                                          seed)
     rows = ["BASE", "+EMA", "+PTM (equal)", "+ST", "PTM+ST (equal)", "+PTM (per-phase)", "PTM+ST (per-phase)",
             "random"]
@@ -455,7 +455,7 @@ def schedule(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
             ptmst = load_final(ws.phased(f"ptmst_equal_b{budget}_s{seed}", seed, budget, shortcuts,
                                          even_split(plan.iterations, phases)).path)
             lors = load_final(ws.one_phase(f"lors_b{budget}_s{seed}", seed, budget, ws.normal).path)
-            reals = ws.random(phase_sizes("ptmst", budget, s), seed)
+            reals = ws.random(even_split(budget, len(s.phases)), seed)
             for variant in variants:
                 chosen, phase_lr = SCHEDULE_VARIANTS[variant]
                 results[("PTM-ST", variant, budget, seed)] = ws.score(ptmst, seed, chosen, phase_lr)
@@ -477,7 +477,7 @@ def schedule(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
             "subset at its own phase's step sizes (--phase_lr own); restart: the decay restarts with each subset "
             "(--student_schedule restart); union: all subsets at once, similarity block-diagonal over the phases "
             f"(--student_schedule union). 'random, split': random real pairs split as PTM-ST splits its budget "
-            f"({' + '.join(map(str, phase_sizes('ptmst', plan.budgets[-1], s)))} at {plan.budgets[-1]} pairs), at the "
+            f"({' + '.join(map(str, even_split(plan.budgets[-1], len(s.phases))))} at {plan.budgets[-1]} pairs), at the "
             "initial step sizes (so 'own' equals 'paper' there). LoRS: one phase, the same total iterations "
             f"({plan.iterations}).", "", *lines, "", "![schedules](schedule.png)", ""]
     payload = {"table": {f"{r}|{v}|{b}|{p}": x for (r, v, b, p), x in table.items()},
