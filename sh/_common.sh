@@ -20,8 +20,8 @@ is_stamps() { [[ "$1" == stamps* ]]; }
 if [[ -z "${ENCODERS:-}" ]]; then ENCODERS_DEFAULT=1; fi
 encoders_of() { if [[ -n "${ENCODERS_DEFAULT:-}" ]] && is_stamps "$1"; then echo efficientnet_lite0_minilm; else echo "${ENCODERS:-nfnet_bert}"; fi; }
 loss_folder_of() { if is_stamps "$1"; then echo InfoNCE_NoAug; else echo InfoNCE; fi; }
-ends_of() {  # phase k matches convexified_0_{ENDS[k]} (the stamps' two phases both match 0 -> 6)
-  if [[ -n "${SHORTCUT_ENDS:-}" ]]; then echo "$SHORTCUT_ENDS"; elif is_stamps "$1"; then echo "6"; else echo "6 8"; fi
+ends_of() {  # phase k matches convexified_0_{ENDS[k]}, the authors' 0 -> 6 and 0 -> 8 of 10-epoch experts
+  echo "${SHORTCUT_ENDS:-6 8}"
 }
 ann_root_of() { if is_stamps "$1" && [[ "$ANN_ROOT" == ./data/Annotation/ ]]; then echo "$STAMPS_DIR"; else echo "$ANN_ROOT"; fi; }
 

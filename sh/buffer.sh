@@ -14,10 +14,10 @@ export CUDA_VISIBLE_DEVICES="$GPU"
 DATASET="$NAME"
 IMAGE_ROOT="$(image_root_of "$DATASET")"
 
-if is_stamps "$DATASET"; then  # 5 experts x 6 epochs of the projection heads over a frozen ImageNet encoder (SGD 0.02: see docs/real_data.md)
+if is_stamps "$DATASET"; then  # 5 experts x 10 epochs of the projection heads over a frozen ImageNet encoder (SGD 0.02: see docs/real_data.md)
   $(launcher) buffer.py --dataset stamps --image_root "$IMAGE_ROOT" --ann_root "$(ann_root_of stamps)" \
-      "${STAMPS_MODEL[@]}" --num_experts 5 --train_epochs 6 --batch_size_train 32 --no_aug \
-      --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --loss_type InfoNCE --eval_freq 6 --buffer_path "$BUFFER_ROOT" \
+      "${STAMPS_MODEL[@]}" --num_experts 5 --train_epochs 10 --batch_size_train 32 --no_aug \
+      --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --loss_type InfoNCE --eval_freq 10 --buffer_path "$BUFFER_ROOT" \
       --disabled_wandb true "${REST[@]}"
   exit 0
 fi

@@ -3,7 +3,6 @@
 # convexified_0_8 (phase 1) beside $BUFFER_ROOT/DATASET/nfnet_bert/InfoNCE/normal/. Files already
 # converted are skipped, so a rerun after an interruption continues.
 # Usage: bash sh/convexify.sh [DATASET [convexify.py flags...]]   (flickr, coco, cc3m or stamps; default: flickr)
-# stamps: convexified_0_6 only (both phases of its recipes match epochs 0 -> 6).
 #   e.g. bash sh/convexify.sh flickr --compact --dtype float16   (endpoints + pace table only)
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
@@ -14,6 +13,6 @@ image_root_of "$DATASET" >/dev/null
 NORMAL_DIR="$(normal_dir_of "$DATASET")"
 read -r -a ENDS <<< "$(ends_of "$DATASET")"
 
-for end in "${ENDS[@]}"; do  # 6 and 8 (stamps: 6) unless SHORTCUT_ENDS says otherwise
+for end in "${ENDS[@]}"; do  # 6 and 8 unless SHORTCUT_ENDS says otherwise
   ${PYTHON:-python} convexify.py --normal_dir "$NORMAL_DIR" --start 0 --end "$end" "$@"
 done

@@ -34,15 +34,16 @@ case "$RECIPE" in
   cc3m500)   RECIPE_ARGS=("${TWO_PHASES[@]}" --num_queries 200 299 --lr_sim 50) ;;
   cc3m200)   RECIPE_ARGS=("${TWO_PHASES[@]}" --num_queries 99 100 --lr_sim 50) ;;
   cc3m100)   RECIPE_ARGS=("${ONE_PHASE[@]}" --num_queries 99 --lr_sim 50) ;;
-  stamps*)   STAMPS_PHASES=(--buffer_path "$FIRST" "$SECOND" --subset_num 2 --min_start_epoch 0 1 --max_start_epoch 2 3
-                        --Iteration 30 30 --eval_it 30) ;;
+  stamps*)   # 100 pairs or fewer: one phase on the first shortcut, as the authors' 100-pair recipes
+             STAMPS_PHASES=(--buffer_path "$FIRST" --subset_num 1 --min_start_epoch 0 --max_start_epoch 2
+                            --Iteration 1000 --eval_it 1000) ;;
 esac
 if is_stamps "$RECIPE"; then  # real photographs through a frozen ImageNet encoder, sized for a 2-core CPU
   SIZE="${RECIPE#stamps}"
   exec $(launcher) distill_ptm-st.py --dataset stamps --image_root "$(image_root_of stamps)" \
       --ann_root "$(ann_root_of stamps)" "${STAMPS_MODEL[@]}" "${STAMPS_PHASES[@]}" \
-      --num_queries "$((SIZE / 2 + SIZE % 2))" "$((SIZE / 2))" --syn_steps 5 --mini_batch_size 8 --keep_graphs 5 \
-      --lr_img 100 --lr_txt 0.5 --lr_sim 0.05 --lr_lr 0 --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --ema_decay 0.9 \
+      --num_queries "$SIZE" --syn_steps 5 --mini_batch_size 8 --keep_graphs 5 \
+      --lr_img 100 --lr_txt 0.5 --lr_sim 0.05 --lr_lr 1e-4 --clamp_lr 0.002 --lr_teacher_img 0.02 --lr_teacher_txt 0.02 --ema_decay 0.99 \
       --sim_type full --loss_type InfoNCE --epoch_eval_train 50 --num_eval 3 --eval_init false \
       --logged_dir "$LOGGED_DIR" --name "$RECIPE" --disabled_wandb true "${REST[@]}"
 fi

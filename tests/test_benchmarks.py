@@ -245,3 +245,21 @@ def test_the_recall_study_refuses_runs_another_code_version_made(tmp_path, monke
     monkeypatch.setattr(segments_recall.subprocess, "run", lambda *a, **k: pytest.fail("ran over a stale run"))
     with pytest.raises(SystemExit, match="made by the code at 0000000"):
         segments_recall.distil({}, tmp_path, 2, 0, [200, 200])
+
+
+def test_pixel_change_is_the_mean_absolute_and_relative_difference():
+    from benchmarks import stamps_iterations
+    start = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    now = torch.tensor([[1.5, -2.0], [2.0, 1.0]])
+    found = stamps_iterations.pixel_change(start, now)
+    assert found["mean_abs"] == pytest.approx((0.5 + 0 + 1 + 1) / 4)
+    assert found["relative"] == pytest.approx((0.25 + 1 + 1) ** 0.5 / (1 + 4 + 9) ** 0.5)
+
+
+def test_the_iteration_study_refuses_iterations_it_never_saves(capsys):
+    from benchmarks import stamps_iterations
+    with pytest.raises(SystemExit):
+        stamps_iterations.parse_args(["--at", "0", "35"])
+    assert "--at 35" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stamps_iterations.parse_args(["--iterations", "300", "--at", "1000"])

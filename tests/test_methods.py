@@ -244,6 +244,6 @@ def test_the_distiller_starts_from_the_prototypes_when_asked():
     picks = distill.initial_pairs(spec, SimpleNamespace(pair_init="prototype"), data, torch.Generator().manual_seed(3),
                                   joint)
     assert torch.equal(picks, prototype_pairs(joint.image, joint.text, 5, torch.Generator().manual_seed(3)))
-    random = distill.initial_pairs(spec, SimpleNamespace(pair_init="random"), data, torch.Generator().manual_seed(3),
-                                   joint)
+    random = distill.initial_pairs(spec, SimpleNamespace(pair_init="random", phase_init="disjoint"), data,
+                                   torch.Generator().manual_seed(3), joint)
     assert torch.equal(random, torch.randperm(40, generator=torch.Generator().manual_seed(3))[:5])

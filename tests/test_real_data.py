@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils.app import buffer, distill
+from distill_utils.app import ablation, buffer, distill
 from distill_utils.app.quickstart import STAMPS
 from distill_utils.data import build_datasets, load_image, transforms
 from networks import efficientnet_lite as lite
@@ -86,17 +86,20 @@ def test_stamps_recipes_use_the_frozen_pretrained_encoder_and_pass_flags_through
         assert done.returncode == 0, done.stderr
         (script, *argv), = calls
         args = distill.parse_args(argv)
-        assert (args.dataset, args.name, sum(args.num_queries), args.subset_num) == ("stamps", recipe, size, 2)
+        assert (args.dataset, args.name, args.num_queries, args.subset_num) == ("stamps", recipe, [size], 1)
         assert args.image_encoder == "efficientnet_lite0" and args.image_pretrained and not args.image_trainable
         assert args.text_encoder == "minilm" and args.lr_sim == 3.0
         assert args.ann_root == "./data/stamps" and args.image_root == "./data/stamps/images"
-        assert all("efficientnet_lite0_minilm/InfoNCE_NoAug/convexified_0_6" in p for p in args.buffer_path)
-        s = STAMPS  # the recipes run what the ablation's stamps comparison runs for PTM-ST
+        assert [p.split("InfoNCE_NoAug/")[-1] for p in args.buffer_path] == ["convexified_0_6"]
+        s, plan = STAMPS, ablation.REAL_PRESETS["default"]  # the recipes run what the ablation runs for PTM-ST
         assert (args.image_size, args.syn_steps, args.mini_batch_size, args.lr_img, args.lr_txt, args.lr_lr,
-                args.lr_teacher_img, args.Iteration, args.out_embedding, args.epoch_eval_train) == (
+                args.lr_teacher_img, args.out_embedding, args.epoch_eval_train, args.ema_decay) == (
             s.image_size, s.syn_steps, s.mini_batch_size, s.lr_img, s.lr_txt, s.lr_lr, s.lr_teacher,
-            list(s.iterations), s.out_embedding, s.epoch_eval_train)
-        assert [args.min_start_epoch, args.max_start_epoch] == [[p[2] for p in s.phases], [p[3] for p in s.phases]]
+            s.out_embedding, s.epoch_eval_train, plan.ptmst_ema)
+        assert args.clamp_lr == s.clamp_lr == 0.002
+        assert args.Iteration == ablation.phase_iterations(plan, "ptmst", size)
+        assert ablation.phase_sizes(plan, "ptmst", size) == [size]
+        assert [args.min_start_epoch, args.max_start_epoch] == [[s.phases[0][2]], [s.phases[0][3]]]
     done, calls = recorded_argv(tmp_path, "buffer.sh", "cpu", "stamps", "--num_experts", "2")
     assert done.returncode == 0, done.stderr
     args = buffer.parse_args(calls[0][1:])
@@ -114,9 +117,9 @@ def test_the_stamps_recipe_runs_every_stage_at_smoke_size(stamps_dir, tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "STAMPS_DIR": str(stamps_dir), "BUFFER_ROOT": str(tmp_path / "b"),
            "LOGGED_DIR": str(tmp_path / "runs"), "NUM_EXPERTS": "1", "SHORTCUT_ENDS": "3",
            "BUFFER_FLAGS": " ".join(["--train_epochs", "3", "--image_size", "32", *npz]),
-           "DISTILL_FLAGS": " ".join(["--image_size", "32", "--Iteration", "2", "2", "--eval_it", "2", "--syn_steps",
+           "DISTILL_FLAGS": " ".join(["--image_size", "32", "--Iteration", "2", "--eval_it", "2", "--syn_steps",
                                       "2", "--mini_batch_size", "2", "--keep_graphs", "2", "--epoch_eval_train", "2",
-                                      "--num_eval", "1", "--max_start_epoch", "1", "2", *npz]),
+                                      "--num_eval", "1", "--max_start_epoch", "1", *npz]),
            "EVAL_FLAGS": "--num_eval 1 --epoch_eval_train 2 --full_epochs 1 --full_lr_scale 1 --full_batch 8"}
     done = subprocess.run(["bash", str(ROOT / "sh" / "reproduce.sh"), "cpu", "stamps20"], capture_output=True,
                           text=True, env=env, cwd=ROOT)

@@ -112,10 +112,8 @@ class Plan:
 
 
 # learned step sizes that train (the authors' --lr_lr 0.01 at a student rate of 0.1, scaled to these rates:
-# the largest that stays finite, measured in docs/findings.md)
+# the largest measured to stay finite; docs/findings.md)
 SHAPES_LR_LR = 1e-3
-STAMPS_LR_LR = 1e-4
-STAMPS_ITERATIONS = (30, 30)  # a one-phase method runs their sum (docs/real_data.md: recall against iterations)
 # the authors' trajectories: 10-epoch experts, phase 0 matching the shortcut to epoch 6 from starts {0, 1},
 # phase 1 the shortcut to epoch 8 from starts {1, 2}; the one-phase methods start anywhere in [0, 3)
 TEN_EPOCH_SHAPES = replace(Settings(), train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)), lr_lr=SHAPES_LR_LR)
@@ -126,11 +124,9 @@ PRESETS: Dict[str, Plan] = {
     "smoke": Plan(seeds=(0,), budgets=(4,), quickstart=QUICKSTART["smoke"], frozen_out_embedding=32),
 }
 # --dataset stamps (or folder) among the pass-through flags: real photographs through a pretrained, frozen encoder
-TEN_EPOCH_STAMPS = replace(STAMPS, train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)), lr_lr=STAMPS_LR_LR,
-                           iterations=STAMPS_ITERATIONS)
 REAL_PRESETS: Dict[str, Plan] = {
-    "default": Plan(budgets=(20, 50, 100), quickstart=TEN_EPOCH_STAMPS, frozen_out_embedding=STAMPS.out_embedding),
-    "quick": Plan(seeds=(0,), budgets=(50,), quickstart=TEN_EPOCH_STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "default": Plan(budgets=(20, 50, 100), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
+    "quick": Plan(seeds=(0,), budgets=(50,), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
     "smoke": Plan(seeds=(0,), budgets=(4,), frozen_out_embedding=STAMPS.out_embedding, quickstart=replace(
         STAMPS, image_size=32, num_experts=1, train_epochs=3, phases=((0, 3, 0, 1), (0, 3, 0, 2)), iterations=(2, 2),
         eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=(1,), full_lr_scales=(1.0,),
@@ -235,6 +231,7 @@ def phase_flags(s: Settings, work: Path, method: str, seed: int, phases: Phases,
         "--keep_graphs", str(s.syn_steps), "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt),
         "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr), "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type,
         "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
+        *(["--clamp_lr", str(s.clamp_lr)] if s.clamp_lr is not None else []),
         "--logged_dir", str(logged), "--name", name]
 
 
