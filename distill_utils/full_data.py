@@ -105,7 +105,8 @@ class StudentView:
     inputs: Optional[torch.Tensor]  # None: streamed from the dataset
     are_features: bool
 
-    def batches(self, model, batch: int, generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor, bool]]:
+    def batches(self, model, batch: int,
+                generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, torch.Tensor, bool]]:
         """One epoch of ``(image inputs, text features, inputs are features)`` in a random order."""
         device = self.source.device
         if self.inputs is not None:

@@ -146,6 +146,14 @@ def test_split_random_row_holds_the_random_rows_pairs_cut_into_the_phases():
     assert evaluate.baseline_label("random_split", [7, 5]) == "random real subset, split 7 + 5"
 
 
+def test_the_random_row_of_a_set_larger_than_the_data_draws_each_phase_and_trains_them_at_once():
+    data = fake_data(n=10)
+    args = argparse.Namespace(lr_teacher_img=0.1, lr_teacher_txt=0.1, seed=0)
+    (whole,) = evaluate.baseline_subsets("random", data, [7, 6], args, None)
+    split = evaluate.baseline_subsets("random_split", data, [7, 6], args, None)
+    assert torch.equal(whole.texts, torch.cat([s.texts for s in split])) and torch.equal(whole.similarity, torch.eye(13))
+
+
 def test_ablation_split_row_uses_ptmst_sizes():
     data = fake_data()
     model = argparse.Namespace(lr_teacher_img=0.1, lr_teacher_txt=0.1)

@@ -129,8 +129,8 @@ REAL_PRESETS: Dict[str, Plan] = {
     "quick": Plan(seeds=(0,), budgets=(50,), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
     "smoke": Plan(seeds=(0,), budgets=(4,), frozen_out_embedding=STAMPS.out_embedding, quickstart=replace(
         STAMPS, image_size=32, num_experts=1, train_epochs=3, phases=((0, 3, 0, 1), (0, 3, 0, 2)), iterations=(2, 2),
-        eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=(1,), full_lr_scales=(1.0,),
-        full_batches=(8,))),
+        eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=(1,),
+        full_lr_scales=(1.0,), full_batches=(8,))),
 }
 PTMST_CHOICES = ("ptmst_layout", "ptmst_endpoints", "ptmst_iterations", "ptmst_ema")
 FULL_DATA = "full training set"

@@ -29,7 +29,7 @@ from .. import trajectories
 from ..coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
 from ..data import DataError
 from ..errors import UsageError, writable_folder
-from ..evaluation import evaluate_subsets, format_table
+from ..evaluation import evaluate_subsets, format_table, union_of
 from ..full_data import FullDataSettings, full_data_protocols
 from ..retrieval import RetrievalBenchmark, split_benchmarks
 from ..runs import RunFolder
@@ -273,6 +273,11 @@ def baseline_subsets(baseline: str, data: DataContext, sizes: Sequence[int], arg
     """The real pairs of a reference row: one subset of ``sum(sizes)`` pairs, or for ``random_split`` the same
     random pairs cut into ``sizes``."""
     total = [sum(sizes)]
+    if baseline == "random" and sum(sizes) > len(data.train) >= max(sizes):
+        log.warning("the distilled set holds %d pairs, more than the %d training pairs: the random row draws each "
+                    "phase's share on its own (pairs may repeat) and trains them at once", sum(sizes), len(data.train))
+        return [union_of(random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
+                                        random_generator(args.seed)))]
     if baseline in ("random", "random_split"):
         return random_subsets(data, sizes if baseline == "random_split" else total, args.lr_teacher_img,
                               args.lr_teacher_txt, random_generator(args.seed))

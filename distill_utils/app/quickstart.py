@@ -94,7 +94,8 @@ STAMPS = Settings(num_train=323, num_val=81, num_test=134, image_size=96, image_
                   phases=((0, 6, 0, 2), (0, 8, 1, 3)), num_queries=(25, 25), iterations=STAMPS_ITERATIONS,
                   eval_it=500, syn_steps=5, mini_batch_size=8, lr_img=100.0, lr_txt=0.5, lr_sim=0.05, lr_lr=1e-4,
                   ema_decay=0.99, clamp_lr=0.002,
-                  epoch_eval_train=50, num_eval=3, full_epochs=(10, 30, 100), full_batches=(32, 128), dataset="stamps", image_trainable=False,
+                  epoch_eval_train=50, num_eval=3, full_epochs=(10, 30, 100), full_batches=(32, 128), dataset="stamps",
+                  image_trainable=False,
                   out_embedding=256, lr_teacher=0.02)
 
 PRESETS: Dict[str, Settings] = {
@@ -235,7 +236,8 @@ def full_data_flags(s: Settings) -> List[str]:
 
 def run_evaluation(s: Settings, work: Path, run: Path, report: Path) -> Dict[str, dict]:
     return evaluate.main(common_flags(s, work) + [
-        "--ckpt_path", *map(str, runs.RunFolder(run).final_checkpoints()), "--baseline", "random", "random_split", "full",
+        "--ckpt_path", *map(str, runs.RunFolder(run).final_checkpoints()),
+        "--baseline", "random", "random_split", "full",
         *full_data_flags(s), "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
         "--num_eval", str(s.num_eval), "--out_dir", str(report)])
 
