@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from distill_utils.app import ablation
 from distill_utils.app.context import load_data, model_config
-from distill_utils.full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
 from distill_utils.retrieval import split_benchmarks
 from distill_utils.runlog import setup_logging
 
@@ -32,23 +30,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", default="./ablation_stamps", help="where the text features are cached")
     work = Path(parser.parse_args(argv).workdir)
     plan = ablation.parse_args(["--workdir", str(work), "--dataset", "stamps"]).plan
-    s, device = plan.quickstart, torch.device("cpu")
+    device = torch.device("cpu")
     model = ablation.model_namespace(plan, work, ["--dataset", "stamps"])
     data = load_data(model, device, augment=False, need_val=True)
     test, val = split_benchmarks(data, device, 128, 0)
     config = model_config(model, data.text_dim)
-    settings = FullDataSettings(epochs=s.full_epochs, lr_scales=s.full_lr_scales, batches=s.full_batches,
-                                lr_img=model.lr_teacher_img, lr_txt=model.lr_teacher_txt, num_eval=s.num_eval,
-                                loss_type=model.loss_type)
-    started = time.perf_counter()
-    source = pair_source(data, settings, device)
-    chosen, scores = choose_recipe(source, config, settings, test, val, device)
-    search_seconds = time.perf_counter() - started
-    recipe = recipe_of(settings, settings.grid()[chosen])
-    full = []
-    for seed in plan.seeds:
-        found = recipe_students(source, config, recipe, replace(settings, seed=seed), test, val, device)
-        full.append(found["val"]["selected"]["mean"]["r_mean"])
+    started, results, seconds = time.perf_counter(), {}, {}
+    ablation.full_rows(plan, model, data, config, test, val, device, results, seconds)
+    full = [results[(ablation.FULL_DATA, plan.budgets[0], seed)]["val"]["selected"]["mean"]["r_mean"]
+            for seed in plan.seeds]
+    search = results[(ablation.FULL_DATA, plan.budgets[0], plan.seeds[0])]
     rows = {"full": {"seeds": full, "mean": statistics.fmean(full), "std": statistics.pstdev(full)}}
     for budget in plan.budgets:
         values = []
@@ -59,8 +50,9 @@ def main(argv=None) -> dict:
         rows[f"random {budget}"] = {"seeds": values, "mean": statistics.fmean(values), "std": statistics.pstdev(values)}
     for name, row in rows.items():
         print(f"{name}: R@mean {row['mean']:.2f} ± {row['std']:.2f}")
-    out = {"chosen": scores[chosen], "search": scores, "search_seconds": search_seconds,
-           "seconds": time.perf_counter() - started, "rows": rows, "seeds": list(plan.seeds)}
+    out = {"chosen": search["search"][search["chosen"]], "search": search["search"],
+           "full_data_seconds": seconds[ablation.FULL_DATA], "seconds": time.perf_counter() - started, "rows": rows,
+           "seeds": list(plan.seeds)}
     print(write_json("full_data_row", out))
     return out
 

@@ -118,6 +118,16 @@ def student_inputs(model, images: torch.Tensor, chunk: int = 256):
         return torch.cat([model.image_encoder(images[s:s + chunk]) for s in range(0, len(images), chunk)]), True
 
 
+def fresh_student(config: DualEncoderConfig, seed: int, device: torch.device, momentum: float,
+                  weight_decay: float):
+    """A new student in training mode and its SGD over the image and text sides (param groups 0 and 1,
+    whose rates the caller sets every epoch)."""
+    model = config.build(seed=seed).to(device).train()
+    groups = [{"params": model.side_parameters("image"), "lr": 0.0},
+              {"params": model.side_parameters("text"), "lr": 0.0}]
+    return model, torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+
+
 def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, settings: EvalSettings,
                   test: RetrievalBenchmark, val: Optional[RetrievalBenchmark], run: int,
                   device: torch.device) -> StudentRun:
@@ -126,10 +136,7 @@ def train_student(subsets: Sequence[FrozenSubset], config: DualEncoderConfig, se
     if settings.schedule == "union":
         subsets = [union_of(subsets)]
     with seeded(seed, device):  # dropout masks: reproducible, and the caller's RNG stream is untouched
-        model = config.build(seed=seed).to(device).train()
-        groups = [{"params": model.side_parameters("image"), "lr": 0.0},
-                  {"params": model.side_parameters("text"), "lr": 0.0}]
-        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        model, optimizer = fresh_student(config, seed, device, settings.momentum, settings.weight_decay)
         criterion = MultilabelContrastiveLoss(settings.loss_type)
         generator = torch.Generator().manual_seed(seed)
         checkpoints = set(measurement_epochs(settings.epochs))

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from networks import DualEncoderConfig
 
-from .evaluation import StudentRun, both_protocols, decay_factor, measurement_epochs, student_seed
+from .evaluation import (StudentRun, both_protocols, decay_factor, fresh_student, measurement_epochs, select_on,
+                         student_seed)
 from .losses import MultilabelContrastiveLoss
 from .progress import progress
 from .retrieval import RetrievalBenchmark
@@ -129,18 +130,14 @@ def train_on_all(source: PairSource, config: DualEncoderConfig, recipe: Recipe, 
     """One fresh student on every training pair; every measurement holds test and val recall."""
     history = fit_student(source, config, recipe, settings, seed, device,
                           lambda model: {"test": test.evaluate(model), "val": val.evaluate(model)})[1]
-    best = max(range(len(history)), key=lambda i: (history[i]["val"]["r_mean"], -i))
-    return StudentRun(selected=history[best]["test"], last=history[-1]["test"], history=history)
+    return StudentRun(selected=select_on(history, "val"), last=history[-1]["test"], history=history)
 
 
 def fit_student(source: PairSource, config: DualEncoderConfig, recipe: Recipe, settings: FullDataSettings,
                 seed: int, device: torch.device, measure) -> Tuple[torch.nn.Module, List[dict]]:
     """The trained student and ``{"epoch": e, **measure(model)}`` at each measurement epoch."""
     with seeded(seed, device):
-        model = config.build(seed=seed).to(device).train()
-        groups = [{"params": model.side_parameters("image"), "lr": 0.0},
-                  {"params": model.side_parameters("text"), "lr": 0.0}]
-        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        model, optimizer = fresh_student(config, seed, device, settings.momentum, settings.weight_decay)
         criterion = MultilabelContrastiveLoss(settings.loss_type)
         generator = torch.Generator().manual_seed(seed)
         view = source.student_view(model)

@@ -471,15 +471,19 @@ def available_coresets(plan: Plan, selector: CoresetSelector) -> List[str]:
     return kept
 
 
+def full_data_settings_of(plan: Plan, model: argparse.Namespace) -> FullDataSettings:
+    s = plan.quickstart
+    return FullDataSettings(epochs=s.full_epochs, lr_scales=s.full_lr_scales, batches=s.full_batches,
+                            lr_img=model.lr_teacher_img, lr_txt=model.lr_teacher_txt, num_eval=s.num_eval,
+                            loss_type=model.loss_type, num_workers=model.num_workers)
+
+
 def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, val, device, results: Dict,
               seconds: Dict[str, float]) -> None:
     """The whole training set, its students' epochs, learning rate and batch chosen once on the val split,
     then trained at every seed: one value per seed, shown under every budget."""
-    s = plan.quickstart
     started = time.perf_counter()
-    settings = FullDataSettings(epochs=s.full_epochs, lr_scales=s.full_lr_scales, batches=s.full_batches,
-                                lr_img=model.lr_teacher_img, lr_txt=model.lr_teacher_txt, num_eval=s.num_eval,
-                                loss_type=model.loss_type, num_workers=model.num_workers)
+    settings = full_data_settings_of(plan, model)
     source = pair_source(data, settings, device)
     chosen, scores = choose_recipe(source, config, settings, test, val, device)
     recipe = recipe_of(settings, settings.grid()[chosen])

@@ -276,7 +276,7 @@ def initial_pairs(spec: PhaseSpec, args, data: DataContext, generator: torch.Gen
     if args.pair_init == "prototype":
         return prototype_pairs(joint.image, joint.text, spec.num_queries, generator)
     order = torch.randperm(len(data.train), generator=generator)
-    if args.phase_init == "independent" or spec.index == 0:
+    if args.phase_init == "independent":
         return order[:spec.num_queries]
     return first_untaken(order, spec.num_queries, earlier_random_picks(spec.index, args, len(data.train)))
 
@@ -296,8 +296,7 @@ def earlier_random_picks(index: int, args, available: int) -> set:
     taken: set = set()
     for k in range(index):
         order = torch.randperm(available, generator=torch.Generator().manual_seed(args.seed * 1000 + k))
-        taken.update(order[:args.num_queries[k]].tolist() if k == 0
-                     else first_untaken(order, args.num_queries[k], taken).tolist())
+        taken.update(first_untaken(order, args.num_queries[k], taken).tolist())
     return taken
 
 
