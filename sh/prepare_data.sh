@@ -4,13 +4,19 @@
 # after an interruption continues, and a rerun with everything in place needs no network.
 # Needs network, `hf` (pip install huggingface_hub), wget, unzip. Without network it stops at once and
 # says what to download and where to put it.
-# Usage: bash sh/prepare_data.sh DATASET [DATASET ...]   (flickr, coco, cc3m, stamps; default: flickr)
+# Usage: bash sh/prepare_data.sh DATASET [DATASET ...]   (flickr, coco, cc3m, stamps, openclipart; default: flickr)
 # stamps: the Tux Paint stamps (real photographs and drawings with English captions, GPL-2: never commit
 #   them) from the Debian package tuxpaint-stamps-default, fetched with `apt-get download` (the Debian
 #   registry is the only network it needs) and unpacked with `dpkg-deb -x`, then converted into
 #   $STAMPS_DIR/images (NAME.png + NAME.txt; see distill_utils/data/stamps.py). STAMPS_SOURCE=DIR uses an
 #   already extracted stamps folder (EXTRACTED/usr/share/tuxpaint/stamps) or an installed Tux Paint's
 #   (/usr/share/tuxpaint/stamps, found by itself) instead of downloading. STAMPS_DIR default: ./data/stamps.
+# openclipart: Debian's openclipart-png (public-domain clip art; about 130 MB) and wamerican (an English word
+#   list for the captions), fetched and unpacked the same way, then converted into $OPENCLIPART_DIR/images
+#   (at least 3,000 captioned pairs; see distill_utils/data/openclipart.py). OPENCLIPART_SOURCE=DIR uses an
+#   extracted png folder (EXTRACTED/usr/share/openclipart/png) or an installed one (found by itself).
+#   OPENCLIPART_DIR default: ./data/openclipart; WORDS_SOURCE=DIR: a folder holding american-english (the word
+#   list). A variable set but empty is refused (unset it to fetch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -18,59 +24,82 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
   exit 0
 fi
 STAMPS_DIR="${STAMPS_DIR:-./data/stamps}"
-STAMPS_PACKAGE=tuxpaint-stamps-default
+OPENCLIPART_DIR="${OPENCLIPART_DIR:-./data/openclipart}"
 
-stamps_source() {  # prints the stamps folder to convert, fetching the package when none is at hand
-  if [[ -n "${STAMPS_SOURCE:-}" ]]; then
-    if [[ ! -d "$STAMPS_SOURCE" ]]; then
-      echo "error: STAMPS_SOURCE=$STAMPS_SOURCE is not a folder: point it at EXTRACTED/usr/share/tuxpaint/stamps" >&2
+# PACKAGE SUBFOLDER PACKAGE_DIR VARIABLE SIZE [ENTRY]: prints the folder SUBFOLDER of PACKAGE (holding ENTRY):
+# VARIABLE's value when set, the installed one, or the package fetched and unpacked into PACKAGE_DIR
+debian_folder() {
+  local name="$1" sub="$2" package="$3" variable="$4" size="$5" entry="${6:-.}"
+  local extracted="$3/extracted"
+  if [[ -n "${!variable+set}" ]]; then
+    local given="${!variable}"
+    if [[ -z "$given" ]]; then
+      echo "error: $variable is set but empty: unset it to fetch $name, or point it at EXTRACTED$sub" >&2
       return 1
     fi
-    echo "$STAMPS_SOURCE"; return 0
+    if [[ ! -d "$given" ]]; then
+      echo "error: $variable=$given is not a folder: point it at EXTRACTED$sub (after dpkg-deb -x ${name}_*.deb EXTRACTED)" >&2
+      return 1
+    fi
+    echo "$name: taking $given (from $variable)" >&2
+    echo "$given"; return 0
   fi
-  if [[ -d /usr/share/tuxpaint/stamps ]]; then echo /usr/share/tuxpaint/stamps; return 0; fi
-  local package="$STAMPS_DIR/package" extracted="$STAMPS_DIR/package/extracted"
-  if [[ -d "$extracted/usr/share/tuxpaint/stamps" && -f "$package/.extracted" ]]; then
-    echo "$extracted/usr/share/tuxpaint/stamps"; return 0
-  fi
+  if [[ -e "$sub/$entry" ]]; then echo "$name: taking the installed $sub" >&2; echo "$sub"; return 0; fi
+  if [[ -d "$extracted$sub" && -f "$package/.extracted" ]]; then echo "$extracted$sub"; return 0; fi
   if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
     {
-      echo "error: fetching the stamps needs apt-get and dpkg-deb (a Debian or Ubuntu machine). Elsewhere, download"
-      echo "${STAMPS_PACKAGE}_*.deb from https://packages.debian.org/$STAMPS_PACKAGE, unpack it (dpkg-deb -x FILE.deb DIR,"
-      echo "or: ar x FILE.deb && tar xf data.tar.xz -C DIR), then run: STAMPS_SOURCE=DIR/usr/share/tuxpaint/stamps bash sh/prepare_data.sh stamps"
+      echo "error: fetching $name needs apt-get and dpkg-deb (a Debian or Ubuntu machine). Elsewhere, download"
+      echo "${name}_*.deb from https://packages.debian.org/$name, unpack it (dpkg-deb -x FILE.deb DIR, or:"
+      echo "ar x FILE.deb && tar xf data.tar.xz -C DIR), then run this again with $variable=DIR$sub"
     } >&2
     return 1
   fi
   mkdir -p "$package"
-  if ! ls "$package"/${STAMPS_PACKAGE}_*.deb >/dev/null 2>&1; then
-    echo "fetching $STAMPS_PACKAGE from the Debian registry into $package (about 160 MB)" >&2
-    if ! (cd "$package" && apt-get download "$STAMPS_PACKAGE" >&2); then
+  if ! ls "$package"/${name}_*.deb >/dev/null 2>&1; then
+    echo "fetching $name from the Debian registry into $package ($size)" >&2
+    if ! (cd "$package" && apt-get download "$name" >&2); then
       {
-        echo "error: apt-get download $STAMPS_PACKAGE failed (no Debian registry reachable, or the package lists are"
-        echo "stale: run apt-get update first). Or fetch the .deb elsewhere into $package, or set STAMPS_SOURCE to an"
-        echo "extracted stamps folder, then run this again."
+        echo "error: apt-get download $name failed (no Debian registry reachable, or the package lists are"
+        echo "stale: run apt-get update first). Or fetch the .deb elsewhere into $package, or set $variable to"
+        echo "an extracted folder (EXTRACTED$sub), then run this again."
       } >&2
       return 1
     fi
   fi
   rm -rf "$extracted"
-  dpkg-deb -x "$(ls "$package"/${STAMPS_PACKAGE}_*.deb | head -n 1)" "$extracted"
+  dpkg-deb -x "$(ls "$package"/${name}_*.deb | head -n 1)" "$extracted"
   touch "$package/.extracted"
-  echo "$extracted/usr/share/tuxpaint/stamps"
+  echo "$extracted$sub"
 }
 
-if [[ " $* " == *" stamps "* ]]; then
-  if [[ -f "$STAMPS_DIR/images/.prepared.json" ]]; then
-    echo "stamps ready in $STAMPS_DIR/images (nothing to do)"
-  else
-    SOURCE="$(stamps_source)"
-    ${PYTHON:-python3} -m distill_utils.app.stamps --source "$SOURCE" --out "$STAMPS_DIR/images"
-  fi
-  REMAINING=()
-  for dataset in "$@"; do [[ "$dataset" == stamps ]] || REMAINING+=("$dataset"); done
-  [[ ${#REMAINING[@]} -eq 0 ]] && exit 0
-  set -- "${REMAINING[@]}"
-fi
+REMAINING=()
+for dataset in "$@"; do
+  case "$dataset" in
+    stamps)
+      if [[ -f "$STAMPS_DIR/images/.prepared.json" ]]; then
+        echo "stamps ready in $STAMPS_DIR/images (nothing to do)"
+      else
+        SOURCE="$(debian_folder tuxpaint-stamps-default /usr/share/tuxpaint/stamps "$STAMPS_DIR/package" STAMPS_SOURCE \
+          "about 160 MB")"
+        ${PYTHON:-python3} -m distill_utils.app.stamps --source "$SOURCE" --out "$STAMPS_DIR/images"
+      fi ;;
+    openclipart)
+      if [[ -f "$OPENCLIPART_DIR/images/.prepared.json" ]]; then
+        echo "openclipart ready in $OPENCLIPART_DIR/images (nothing to do)"
+      else
+        SOURCE="$(debian_folder openclipart-png /usr/share/openclipart/png "$OPENCLIPART_DIR/package/openclipart-png" \
+          OPENCLIPART_SOURCE "about 130 MB")"
+        WORDS="$(debian_folder wamerican /usr/share/dict "$OPENCLIPART_DIR/package/wamerican" WORDS_SOURCE "under 1 MB" \
+          american-english)"
+        WORDS="$WORDS/american-english"
+        ${PYTHON:-python3} -m distill_utils.app.openclipart --source "$SOURCE" --words "$WORDS" \
+          --out "$OPENCLIPART_DIR/images"
+      fi ;;
+    *) REMAINING+=("$dataset") ;;
+  esac
+done
+if [[ $# -gt 0 && ${#REMAINING[@]} -eq 0 ]]; then exit 0; fi
+set -- "${REMAINING[@]+"${REMAINING[@]}"}"
 ANN_ROOT=./data/Annotation
 FLICKR_ROOT=./distill_utils/data/Flickr30k
 COCO_ROOT=./distill_utils/data/COCO
@@ -85,7 +114,7 @@ root_of() { case "$1" in flickr) echo "$FLICKR_ROOT" ;; coco) echo "$COCO_ROOT" 
 for dataset in "${DATASETS[@]}"; do
   case "$dataset" in
     flickr|coco|cc3m) ;;
-    *) echo "unknown dataset '$dataset': pass flickr, coco, cc3m or stamps" >&2; exit 2 ;;
+    *) echo "unknown dataset '$dataset': pass flickr, coco, cc3m, stamps or openclipart" >&2; exit 2 ;;
   esac
 done
 

@@ -195,3 +195,22 @@ def test_the_ablation_takes_the_stamps_and_adds_a_full_data_row(stamps_dir, tmp_
     assert "| ptmst |" in text and "| full training set |" in text
     assert "frozen encoder" not in text  # every model here has the frozen encoder: one random row serves all
     assert len(list((tmp_path / "buffer").glob("*/stamps/efficientnet_lite0_minilm/InfoNCE_NoAug/normal"))) == 1
+
+
+def test_a_failed_stamp_write_names_the_file_instead_of_skipping_it(tmp_path, monkeypatch):
+    import errno
+    from PIL import Image
+    from distill_utils.data import stamps
+    from distill_utils.errors import UsageError
+    source = fake_stamps(tmp_path / "stamps")
+    out = tmp_path / "out" / "images"
+    real_save = Image.Image.save
+
+    def read_only(self, target, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(Image.Image, "save", read_only)
+    with pytest.raises(UsageError, match=r"cannot write .*(tiger|pear)\.png \(Read-only file system\)"):
+        stamps.convert(source, out)
+    assert not out.exists() and not list(out.parent.glob(".images.*"))  # nothing marked ready, nothing half made
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert stamps.convert(source, out)["stamps"] == 2

@@ -143,14 +143,16 @@ def script_parser(prog: str, description: str, epilog: str, student_evaluation: 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="flickr", choices=["flickr", "coco", "cc3m", "shapes", "stamps", "folder"],
+    group.add_argument("--dataset", default="flickr",
+                       choices=["flickr", "coco", "cc3m", "shapes", "stamps", "openclipart", "folder"],
                        help="shapes: the built-in offline dataset (python -m distill_utils.data.shapes); stamps: the Tux "
-                            "Paint photographs (bash sh/prepare_data.sh stamps); folder: any --image_root of images "
-                            "with NAME.txt captions")
+                            "Paint photographs (bash sh/prepare_data.sh stamps); openclipart: Debian's clip art (bash "
+                            "sh/prepare_data.sh openclipart); folder: any --image_root of images with NAME.txt captions")
     group.add_argument("--image_root", default=None, help="image folder; None means the dataset's own (see README)")
     group.add_argument("--ann_root", default=None, help="folder of the annotation JSON files; None means ./data/Annotation/ "
-                       "(shapes: ./data/shapes/, stamps: ./data/stamps/, folder: the --image_root itself)")
-    folder = parser.add_argument_group("folder datasets (stamps, folder): how the split is drawn on first use")
+                       "(shapes: ./data/shapes/, stamps: ./data/stamps/, openclipart: ./data/openclipart/, folder: the "
+                       "--image_root itself)")
+    folder = parser.add_argument_group("folder datasets (stamps, openclipart, folder): how the split is drawn on first use")
     folder.add_argument("--captions", default="first", choices=["first", "all"],
                         help="first: a caption file's first non-empty line is the caption; all: every line is one")
     folder.add_argument("--split_seed", type=int, default=0, help="seed of the train/val/test draw")

@@ -40,6 +40,7 @@ _ANNOTATIONS_HINT = ("download the annotations with `hf download previsior/PTM-S
 _FOLDER_HINT = ("the split files are drawn from the image folder on first use: pass --image_root FOLDER (images "
                 "with NAME.txt captions beside them)")
 _STAMPS_HINT = "fetch and convert the Tux Paint stamps with `bash sh/prepare_data.sh stamps`"
+_OPENCLIPART_HINT = "fetch and convert Debian's Open Clip Art with `bash sh/prepare_data.sh openclipart`"
 _SHAPES_HINT = "generate it with `python -m distill_utils.app.shapes --root ./data/shapes` (or pass --ann_root/--image_root)"
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -55,6 +56,9 @@ DATASETS: Dict[str, DatasetSpec] = {
     "folder": DatasetSpec(*SPLIT_FILES, "", "", _FOLDER_HINT, from_folder=True),
     # the Tux Paint stamps: real photographs and drawings with English captions (sh/prepare_data.sh stamps)
     "stamps": DatasetSpec(*SPLIT_FILES, "./data/stamps/images/", "./data/stamps/", _STAMPS_HINT, from_folder=True),
+    # Debian's public-domain clip art, captions from titles and file names (sh/prepare_data.sh openclipart)
+    "openclipart": DatasetSpec(*SPLIT_FILES, "./data/openclipart/images/", "./data/openclipart/", _OPENCLIPART_HINT,
+                               from_folder=True),
 }
 
 

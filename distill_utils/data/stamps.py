@@ -66,6 +66,18 @@ def shrink(image: Image.Image, max_size: int) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
 
 
+def save_pair(image: Image.Image, caption: str, target: Path) -> None:
+    """``target`` (a PNG) and the caption beside it; a failed write names the file: it is never skipped."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, format="PNG")
+        target.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {target} ({error.strerror or error}): free space on that disk or make the "
+                         f"folder writable (or pass another output folder), then run the same command again; "
+                         f"nothing was marked ready") from None
+
+
 def convert(source: Path, out: Path, categories: Optional[Sequence[str]] = None, max_size: int = 256) -> dict:
     """Write the folder at ``out`` (built in a temporary folder beside it, then renamed: never half
     written); returns its record. A folder already made with the same settings is kept as it is."""
@@ -88,19 +100,21 @@ def convert(source: Path, out: Path, categories: Optional[Sequence[str]] = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     skipped: List[str] = []
-    for relative, caption in stamps.items():
-        target = building / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with Image.open(source / relative) as image:
-                shrink(image.convert("RGBA"), max_size).save(target)
-        except (OSError, Image.DecompressionBombError):
-            skipped.append(str(relative))  # an undecodable stamp is left out, and said so in the record
-            continue
-        target.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-    record = {**settings, "stamps": len(stamps) - len(skipped), "skipped_unreadable": skipped,
-              "license": "GPL-2 (Tux Paint stamps): do not commit these files"}
-    (building / MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    try:
+        for relative, caption in stamps.items():
+            try:
+                with Image.open(source / relative) as image:
+                    shrunk = shrink(image.convert("RGBA"), max_size)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                skipped.append(str(relative))  # an undecodable stamp is left out, and said so in the record
+                continue
+            save_pair(shrunk, caption, building / relative)
+        record = {**settings, "stamps": len(stamps) - len(skipped), "skipped_unreadable": skipped,
+                  "license": "GPL-2 (Tux Paint stamps): do not commit these files"}
+        (building / MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)  # nothing half made stays behind, least of all a marker
+        raise
     if out.exists():
         out.rmdir()  # empty (checked above)
     building.rename(out)
