@@ -5,6 +5,8 @@
 #                  trajectories (Figs. 2b, 4)
 #   components     BASE, +EMA, +PTM, +ST, PTM+ST at equal and at per-phase iterations (the ablation table)
 #   schedule       the student schedules (--student_schedule, --phase_lr own) on PTM-ST's and random split sets
+#   scale          MTT-VL, LoRS, PTM-ST (the authors' phases) and random pairs at 50-500 pairs of 10,000 shapes
+#                  pairs: where the phases pay off (--preset quick: seed 0, budgets 50 and 500)
 # Usage: bash sh/study.sh STUDY [--workdir DIR] [--seeds ...] [--budgets ...] [--iterations N] [study flags, see
 #                               --help] [any distill_ptm-st.py or buffer.py flag, e.g. --dataset stamps]
 set -euo pipefail

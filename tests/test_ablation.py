@@ -146,6 +146,8 @@ def test_any_dataset_through_pass_through_flags(shapes_root, tmp_path):
     (["--seed", "3"], "--seed is set by the ablation itself"),
     (["--methods", "nope"], "invalid choice"),
     (["--coresets", "greedy"], "invalid choice"),
+    (["--coresets"], "--coresets: expected at least one argument"),  # a bare flag never means "none"
+    (["--coresets", "none", "herding"], "'none' means no coreset row"),
     (["--students", "no_such_net"], "--students 'no_such_net' is neither built in"),
     (["--students", "convnet", "convnet"], "--students names convnet more than once"),
     (["--lr_search", "2", "--lr_img", "3"], "--lr_img is what --lr_search searches"),
@@ -214,7 +216,7 @@ def test_lr_search_gives_every_method_the_same_configurations_and_runs_the_val_c
     """Each method and budget distils every configuration at the search's own seed; the configuration
     with the best val score (the cells the report shows) is the one the reported seeds ran with."""
     report = ablation.main(["--workdir", str(tmp_path), "--preset", "smoke", "--methods", "lors", "ptmst",
-                            "--coresets", "--syn_steps", "1", "--lr_search", "3"])
+                            "--coresets", "none", "--syn_steps", "1", "--lr_search", "3"])
     payload = json.loads((report.parent / "results.json").read_text())
     searches = payload["lr_search"]
     assert {(s["method"], s["budget"]) for s in searches} == {("lors", 4), ("ptmst", 4)}

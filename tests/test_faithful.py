@@ -43,6 +43,27 @@ def test_each_phase_runs_as_many_iterations_as_a_one_phase_method():
     assert ablation.phase_iterations(even, "ptmst", 50) == list(even.quickstart.iterations)
 
 
+def test_the_one_phase_layout_is_the_first_phase_alone_at_every_budget(tmp_path):
+    one = plan_of(ptmst_layout="one")
+    total = sum(one.quickstart.iterations)
+    assert ablation.phase_sizes(one, "ptmst", 500) == [500]
+    assert ablation.phase_iterations(one, "ptmst", 500) == [total]
+    flags = flags_of(one, "ptmst", 500, tmp_path)
+    assert [Path(p).name for p in flags.buffer_path] == ["convexified_0_6"] and flags.ema_decay[-1] == 0.99
+    # at 100 pairs or fewer it is exactly the published run (the same flags: one folder for both rows)
+    assert ablation.distill_flags(one, tmp_path, "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x") == \
+        ablation.distill_flags(plan_of(), tmp_path, "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x")
+
+
+def test_iterations_and_the_dataset_reach_the_plan_of_real_images():
+    plan = ablation.parse_args(["--dataset", "openclipart", "--iterations", "300"]).plan
+    assert plan.quickstart.dataset == "openclipart" and plan.quickstart.expert_batch == 256
+    assert sum(plan.quickstart.iterations) == 300 and ablation.phase_iterations(plan, "ptmst", 200) == [300, 300]
+    assert ablation.parse_args(["--dataset", "stamps"]).plan.quickstart == ablation.STAMPS
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--iterations", "1"])
+
+
 def flags_of(plan: ablation.Plan, method: str, budget: int, tmp_path: Path) -> argparse.Namespace:
     folders = {"normal": tmp_path / "normal", "frozen": tmp_path / "frozen",
                "shortcuts": [tmp_path / "convexified_0_6", tmp_path / "convexified_0_8"]}

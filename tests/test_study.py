@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss
 from distill_utils.app import study
+from distill_utils.runs import RunFolder
 from distill_utils.matching import TrajectoryMatcher
 from distill_utils.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
@@ -187,7 +188,36 @@ def test_schedule_study_reuses_the_components_runs(smoke_work):
     assert ("LoRS (one phase)", "paper") in schedules and len(schedules) == 9
 
 
+@pytest.mark.slow
+def test_scale_study_at_smoke_size_reports_phases_against_one_phase_and_resumes(tmp_path):
+    folder, text, payload = run_study(tmp_path, "scale")
+    assert_pngs(folder, "recall_vs_budget.png")
+    assert payload["budgets"] == [4, 110] and payload["phase_sizes"] == {"4": [4], "110": [55, 55]}
+    assert payload["rows"] == ["mttvl", "lors", "ptmst", "ptmst, one phase", "random", "random, split like PTM-ST",
+                               "full training set"]
+    runs = tmp_path / "study_runs" / "scale" / "shapes"
+    # at 4 pairs PTM-ST as published is one phase: the one-phase row is that very run, reused
+    assert len(list(runs.glob("ptmst_b4_s0_*"))) == 1 and len(list(runs.glob("ptmst_b110_s0_*"))) == 2
+    phased = [RunFolder(f) for f in runs.glob("ptmst_b110_s0_*")]
+    assert sorted(len(r.recorded_args()["num_queries"]) for r in phased) == [1, 2]
+    assert "| 110 | 55 + 55 |" in text and "| 4 | 4 | (the same run) |" in text
+    for protocol in ("val", "paper"):
+        cells = payload["table"]
+        assert set(cells) >= {f"ptmst, one phase|110|{protocol}", f"full training set|4|{protocol}"}
+    # the payoff row is the per-seed difference of the two rows' recalls, as printed
+    per = {(r["row"], r["budget"]): r["val"]["selected"]["mean"]["r_mean"] for r in payload["per_seed"]}
+    assert f"| 110 | 55 + 55 | {per[('ptmst', 110)] - per[('ptmst, one phase', 110)]:.2f} ± 0.00 |" in text
+    assert len(list(runs.glob("*/study_students_*.json"))) == 7  # one per run folder: 8 rows, 7 runs
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    again_folder, again_text, again = run_study(tmp_path, "scale")
+    assert again["table"] == payload["table"]  # nothing retrained: the same figures from the kept runs and students
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["components", "--preset", "quick"], "--preset quick is the scale study's"),
+    (["scale", "--dataset", "stamps"], "--dataset stamps: the scale study generates its own"),
+    (["scale", "--windows", "1"], "--windows is the teacher_stage study's flag"),
     (["teacher_stage", "--windows", "9"], "--windows 9: a window [w, w + 2) needs snapshot w + 2"),
     (["components", "--seed", "3"], "--seed is set by the study itself"),
     (["components", "--ema_decay", "0.5"], "--ema_decay is set by the study itself"),

@@ -13,8 +13,9 @@ its student schedule, the herding, k-center and forgetting coresets (``--coreset
 first expert), and the full training set (its students' epochs, learning rate and batch chosen on val).
 ``--students NAME ...`` adds a cross-architecture table: every method's sets and every reference row
 trained by students of each listed image encoder.
-``--dataset stamps`` (or ``folder``) among the pass-through flags switches to the real-photograph settings
-(``quickstart.STAMPS``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100).
+``--dataset stamps`` (``openclipart``, or ``folder``) among the pass-through flags switches to the real-image
+settings (``quickstart.STAMPS``, ``OPENCLIPART``: frozen ImageNet EfficientNet-Lite0, MiniLM, budgets 20 50 100).
+``--iterations N`` sets a one-phase method's distillation iterations (and each PTM-ST phase's).
 Writes a report folder: README.md (tables laid out like the papers': budgets as column groups of IR@1/5/10,
 TR@1/5/10 and their mean; time per method; settings), results.json, matplotlib plots (PNG) of mean
 recall against budget and across students, and each method's synthetic images.
@@ -61,8 +62,8 @@ from ..coresets import CORESETS
 from ..plots import grouped_bars, lines_with_error_bars
 from .evaluate import CoresetSelector, random_generator, random_subsets
 from .methods import METHODS
-from .quickstart import (PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data, make_shortcuts,
-                         pretrain_encoder, top_up_experts)
+from .quickstart import (OPENCLIPART, PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data,
+                         make_shortcuts, pretrain_encoder, top_up_experts)
 
 log = logging.getLogger("ptmst.ablation")
 ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -123,7 +124,8 @@ PRESETS: Dict[str, Plan] = {
     # a handful of steps, for the test suite
     "smoke": Plan(seeds=(0,), budgets=(4,), quickstart=QUICKSTART["smoke"], frozen_out_embedding=32),
 }
-# --dataset stamps (or folder) among the pass-through flags: real photographs through a pretrained, frozen encoder
+# --dataset stamps, openclipart (or folder) among the pass-through flags: real images through a pretrained, frozen
+# encoder, each dataset's settings
 REAL_PRESETS: Dict[str, Plan] = {
     "default": Plan(budgets=(20, 50, 100), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
     "quick": Plan(seeds=(0,), budgets=(50,), quickstart=STAMPS, frozen_out_embedding=STAMPS.out_embedding),
@@ -132,6 +134,7 @@ REAL_PRESETS: Dict[str, Plan] = {
         eval_it=2, syn_steps=2, mini_batch_size=2, epoch_eval_train=2, num_eval=1, full_epochs=(1,),
         full_lr_scales=(1.0,), full_batches=(8,))),
 }
+REAL_SETTINGS = {"stamps": STAMPS, "openclipart": OPENCLIPART, "folder": STAMPS}
 PTMST_CHOICES = ("ptmst_layout", "ptmst_endpoints", "ptmst_iterations", "ptmst_ema")
 FULL_DATA = "full training set"
 RANDOM_SPLIT = "random, split like PTM-ST"
@@ -169,6 +172,8 @@ def phase_sizes(plan: Plan, method: str, budget: int) -> List[int]:
         return [budget]
     if plan.ptmst_layout == "published":
         return published_sizes(budget)
+    if plan.ptmst_layout == "one":
+        return [budget]
     return even_split(budget, len(plan.quickstart.phases))
 
 
@@ -178,7 +183,7 @@ def phase_iterations(plan: Plan, method: str, budget: int) -> List[int]:
         return [one_phase_iterations(s)]
     if plan.ptmst_iterations == "per_phase":
         return [one_phase_iterations(s)] * phases
-    return even_split(one_phase_iterations(s), phases) if plan.ptmst_layout == "published" else list(s.iterations)
+    return even_split(one_phase_iterations(s), phases) if plan.ptmst_layout != "even" else list(s.iterations)
 
 
 def ema_decay_of(plan: Plan, method: str) -> float:
@@ -641,8 +646,9 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
 
 def structure_sentence(plan: Plan) -> str:
     s, one = plan.quickstart, one_phase_iterations(plan.quickstart)
-    layout = ("one phase up to 100 pairs, two above (the authors' split)" if plan.ptmst_layout == "published"
-              else f"{len(s.phases)} phases of equal shares")
+    layout = {"published": "one phase up to 100 pairs, two above (the authors' split)",
+              "one": "one phase at every budget (the first phase's shortcut and starts)"}.get(
+        plan.ptmst_layout, f"{len(s.phases)} phases of equal shares")
     endpoints = ("each phase on its own shortcut endpoint" if plan.ptmst_endpoints == "own"
                  else "every phase on the first phase's shortcut endpoint")
     iterations = (f"{one} iterations per phase" if plan.ptmst_iterations == "per_phase"
@@ -732,8 +738,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="override the preset's budgets (pairs)")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
                         help="override the preset's methods")
-    parser.add_argument("--coresets", nargs="*", default=None, choices=list(CORESETS),
-                        help="coreset rows beside the random subset (default: all three; none: --coresets)")
+    parser.add_argument("--coresets", nargs="+", default=None, choices=[*CORESETS, "none"],
+                        help="coreset rows beside the random subset (default: all three; --coresets none: no row)")
     parser.add_argument("--lr_search", type=int, default=0, metavar="N",
                         help="give every method the same N configurations of --lr_img, --lr_txt and --lr_lr (the "
                              "first: the preset's), distilled at a seed of their own and chosen on the val split; "
@@ -744,9 +750,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     authors = parser.add_argument_group(
         "PTM-ST's structure", "the defaults are the authors' recipes; the other choices bring back how this "
         "comparison first ran PTM-ST (docs/findings.md: what each change moved)")
-    authors.add_argument("--ptmst_layout", choices=["published", "even"], default=None,
+    authors.add_argument("--ptmst_layout", choices=["published", "even", "one"], default=None,
                          help="published (default): one phase up to 100 pairs, above that two, split like the "
-                              "authors' (half, or 2/5 from 500 pairs: 200 + 299); even: every phase, equal shares")
+                              "authors' (half, or 2/5 from 500 pairs: 200 + 300); even: every phase, equal shares; "
+                              "one: a single phase at every budget (the shortcut without the phases)")
     authors.add_argument("--ptmst_endpoints", choices=["own", "shared"], default=None,
                          help="own (default): each phase matches its own shortcut endpoint (epochs 6 and 8 of "
                               "10-epoch experts); shared: every phase matches the first phase's")
@@ -755,6 +762,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               "split: the one-phase methods' iterations shared out over the phases")
     authors.add_argument("--ptmst_ema", type=float, default=None, metavar="DECAY",
                          help="EMA decay of PTM-ST's saved set (default 0.99, the authors'; 0: none)")
+    parser.add_argument("--iterations", type=int, default=None, metavar="N",
+                        help="distillation iterations of a one-phase method (PTM-ST: of each phase, as its authors "
+                             "run it; default: the preset's, 400 on shapes, 1000 on real images)")
     args, extra = parser.parse_known_args(argv)
     for flag, values in (("--seeds", args.seeds), ("--budgets", args.budgets), ("--methods", args.methods),
                          ("--coresets", args.coresets), ("--students", args.students)):
@@ -777,8 +787,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                 if group[0].split("=", 1)[0] == "--dataset"]
     args.builtin_data = not datasets
     # real photographs get the pretrained-encoder settings; any other --dataset runs the shapes settings on it
-    real = bool(datasets) and datasets[-1] in ("stamps", "folder")
+    real = bool(datasets) and datasets[-1] in REAL_SETTINGS
+    if args.coresets and "none" in args.coresets and len(args.coresets) > 1:
+        parser.error(f"--coresets {' '.join(args.coresets)}: 'none' means no coreset row; give it alone, or name the "
+                     f"coresets to show")
     plan = (REAL_PRESETS if real else PRESETS)[args.preset]
+    if real and args.preset != "smoke":
+        plan = replace(plan, quickstart=REAL_SETTINGS[datasets[-1]])
+    if args.iterations is not None:
+        if args.iterations < 2:
+            parser.error(f"--iterations {args.iterations}: give at least 2 (a one-phase method's total, split over "
+                         f"the settings' phases when PTM-ST shares them)")
+        plan = replace(plan, quickstart=replace(plan.quickstart, iterations=tuple(
+            even_split(args.iterations, len(plan.quickstart.iterations)))))
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
                    budgets=tuple(sorted(set(args.budgets))) if args.budgets else plan.budgets,
                    methods=tuple(m for m in ORDER if m in args.methods) if args.methods else plan.methods,

@@ -13,6 +13,12 @@
     one-phase run has in total).
 ``schedule``: the student schedules of ``--student_schedule`` and ``--phase_lr own`` on PTM-ST's sets and
     on random real subsets split the same way, a one-phase LoRS set beside them.
+``scale``: the methods at budgets up to 500 pairs on 10,000 shapes training pairs: MTT-VL, LoRS and PTM-ST
+    as the authors run it (one phase up to 100 pairs, above two, 100 + 100 at 200 and 200 + 300 at 500,
+    each phase on its own shortcut endpoint with as many iterations as a one-phase method), PTM-ST cut to
+    one phase at every budget (the shortcut without the phases), random real pairs, the same pairs split
+    like PTM-ST, and the full training set; both protocols, recall against budget, the time of every run.
+    ``--preset quick``: seed 0, budgets 50 and 500 (the default's runs of those, reused by a later call).
 
 Every study trains its own experts long enough to have stages (10 epochs, as the paper's) and reuses,
 by fingerprint, every run and expert a previous call made with the same flags. Flags of
@@ -23,6 +29,7 @@ README.md (tables, plots, the exact command, the runs), results.json and the PNG
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
@@ -48,20 +55,27 @@ from ..runlog import resolve_device, seeded, setup_logging
 from ..runs import RunFolder
 
 from . import convexify, distill
-from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, OWNED, Phases, ensure_run, even_split, flag_groups, flags_for,
-                       load_final, matching_run, phase_flags, publish, report_stamp, students,
-                       train_expert_set, Plan)
+from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, FULL_DATA, OWNED, RANDOM_SPLIT, TEN_EPOCH_SHAPES, Phases,
+                       RunRecord, distill_all, ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups,
+                       flags_for, load_final, matching_run, paper_table, phase_flags, phase_sizes, publish,
+                       report_stamp, students, table, train_expert_set, Plan)
 from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
 from .quickstart import PRESETS as QUICKSTART, STAMPS, Settings, generate_data, pretrain_encoder
 
 log = logging.getLogger("ptmst.study")
-STUDIES = ("teacher_stage", "gradients", "components", "schedule")
+REAL_DATASETS = ("stamps", "openclipart", "folder")
+STUDIES = ("teacher_stage", "gradients", "components", "schedule", "scale")
 # ten-epoch experts, the paper's; its Flickr recipe's phases: shortcuts over snapshots 0..5 and 0..7,
 # starts from [0, 2) and [1, 3)
 TEN_EPOCHS = dict(train_epochs=10, phases=((0, 6, 0, 2), (0, 8, 1, 3)))
 SMOKE = replace(QUICKSTART["smoke"], train_epochs=4, phases=((0, 3, 0, 1), (0, 4, 1, 2)))
+# the scale study's shapes: 10,000 training pairs, so 500 pairs are 5% of them; the experts' batch grows with
+# the data so that an epoch stays 10 steps (its displacement reachable in 8 student steps, as the quick start's)
+SCALE = replace(TEN_EPOCH_SHAPES, num_train=2000, num_val=200, num_test=400, expert_batch=1024)
+SCALE_METHODS = ("mttvl", "lors", "ptmst")
+ONE_PHASE_PTMST = "ptmst, one phase"  # PTM-ST's first phase alone at the whole budget: the shortcut, no phases
 
 
 @dataclass(frozen=True)
@@ -87,11 +101,20 @@ def default_plan(study: str, settings: Settings) -> StudyPlan:
         return StudyPlan(s, seeds=(0,), budgets=(20,), iterations=iterations)
     if study == "components":
         return StudyPlan(s, seeds=(0, 1, 2), budgets=(40,), iterations=iterations)
+    if study == "scale":
+        return StudyPlan(SCALE if settings is not SMOKE else s, seeds=(0, 1), budgets=(50, 100, 200, 500),
+                         iterations=400)
     return StudyPlan(s, seeds=(0, 1, 2), budgets=(20, 40), iterations=iterations)  # 40 pairs: the components' runs
 
 
 def smoke_plan(study: str) -> StudyPlan:
-    return replace(default_plan(study, SMOKE), seeds=(0,), budgets=(4,), iterations=2, experts=1)
+    # the scale study's second budget is over 100 pairs, so its smoke run has PTM-ST's two phases
+    budgets = (4, 110) if study == "scale" else (4,)
+    return replace(default_plan(study, SMOKE), seeds=(0,), budgets=budgets, iterations=2, experts=1)
+
+
+def quick_plan(study: str) -> StudyPlan:
+    return replace(default_plan(study, QUICKSTART["default"]), seeds=(0,), budgets=(50, 500))
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -486,8 +509,168 @@ def schedule(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
     return text, payload
 
 
+# --------------------------------------------------------------------------------------------------- scale
+
+
+def scale_plan(plan: StudyPlan) -> Plan:
+    """The ablation's plan of the scale study: its methods, the authors' PTM-ST, no coresets, full data."""
+    s = replace(plan.settings, iterations=tuple(even_split(plan.iterations, len(plan.settings.phases))))
+    return Plan(seeds=plan.seeds, budgets=plan.budgets, methods=SCALE_METHODS, quickstart=s, coresets=())
+
+
+def scale_records(ws: Workspace, plan: Plan) -> List[RunRecord]:
+    """Every method's runs, then PTM-ST cut to one phase (at up to 100 pairs the same runs, reused)."""
+    folders = {"normal": ws.normal, "shortcuts": ws.shortcuts()}
+    runs = ws.runs / "scale"
+    records = distill_all(plan, ws.work, folders, runs, ws.model.dataset, ws.extra)
+    one = distill_all(replace(plan, methods=("ptmst",), ptmst_layout="one"), ws.work, folders, runs,
+                      ws.model.dataset, ws.extra)
+    records += [replace(r, method=ONE_PHASE_PTMST) for r in one]
+    ws.records += [{"run": r.folder, "seconds": r.seconds} for r in records]
+    return records
+
+
+def cached_students(ws: Workspace, plan: Plan, record: RunRecord) -> Tuple[dict, float]:
+    """Both protocols' summaries of a run's students, kept in the run folder so that a cut study does not
+    train them again; and the seconds they took when trained."""
+    ws.load()
+    recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
+    settings = eval_settings_of(plan, recorded, record.seed)
+    config = model_config(recorded, ws.data.text_dim)
+    key = json.dumps({"settings": asdict(settings), "model": asdict(config)}, sort_keys=True, default=str)
+    cache = Path(record.folder) / f"study_students_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+    if cache.is_file():
+        try:
+            kept = json.loads(cache.read_text(encoding="utf-8"))
+            return kept["summary"], kept["seconds"]
+        except (OSError, ValueError, KeyError):
+            log.warning("%s cannot be read: training its students again", cache)
+    started = time.perf_counter()
+    summary = students(load_final(Path(record.folder)), config, settings, ws.test, ws.val, ws.device)
+    seconds = time.perf_counter() - started
+    atomic_write_text(cache, json.dumps({"summary": summary, "seconds": seconds}, default=str))
+    return summary, seconds
+
+
+def scale_rows(results: Dict) -> List[str]:
+    rows = [*SCALE_METHODS, ONE_PHASE_PTMST, "random", RANDOM_SPLIT, FULL_DATA]
+    return [row for row in rows if any(key[0] == row for key in results)]
+
+
+def difference(results: Dict, plan: Plan, row: str, other: str, budget: int, protocol: str = "val"):
+    """Mean and std over seeds of the per-seed difference ``row - other`` of mean recall."""
+    values = [recall(results[(row, budget, seed)], protocol) - recall(results[(other, budget, seed)], protocol)
+              for seed in plan.seeds]
+    return mean_std(values)
+
+
+def best_one_phase(results: Dict, plan: Plan, budget: int, protocol: str = "val") -> str:
+    return max(("mttvl", "lors"), key=lambda m: statistics.fmean(recall(results[(m, budget, s)], protocol)
+                                                               for s in plan.seeds))
+
+
+def payoff_lines(results: Dict, plan: Plan) -> List[str]:
+    """Per budget: PTM-ST's phase sizes, what the phases add over the same shortcut as one phase, PTM-ST
+    against the better one-phase method, and what the split schedule does to random real pairs."""
+    lines = ["| budget | PTM-ST phases (pairs) | PTM-ST - PTM-ST as one phase | PTM-ST - best of MTT-VL/LoRS "
+             "| random split - random |", "|---|---|---|---|---|"]
+    for budget in plan.budgets:
+        sizes = phase_sizes(plan, "ptmst", budget)
+        best = best_one_phase(results, plan, budget)
+        phases = (cell(difference(results, plan, "ptmst", ONE_PHASE_PTMST, budget)) if len(sizes) > 1
+                  else "(the same run)")
+        lines.append(f"| {budget} | {' + '.join(map(str, sizes))} | {phases} | "
+                     f"{cell(difference(results, plan, 'ptmst', best, budget))} ({best}) | "
+                     f"{cell(difference(results, plan, RANDOM_SPLIT, 'random', budget))} |")
+    return lines
+
+
+def payoff_sentence(results: Dict, plan: Plan) -> str:
+    """Where the phases first beat the same shortcut run as one phase by more than the seeds' spread."""
+    phased = [b for b in plan.budgets if len(phase_sizes(plan, "ptmst", b)) > 1]
+    paying = [b for b in phased if difference(results, plan, "ptmst", ONE_PHASE_PTMST, b)[0]
+              > difference(results, plan, "ptmst", ONE_PHASE_PTMST, b)[1]]
+    if not phased:
+        return "No budget here is large enough for the authors' phases (over 100 pairs)."
+    if not paying:
+        return (f"The phases pay off at no budget measured: at {', '.join(map(str, phased))} pairs PTM-ST's two "
+                "phases do not beat its first phase run alone at the whole budget by more than the seeds' spread "
+                "(val protocol).")
+    first = paying[0]
+    return (f"The phases first pay off at {first} pairs (phases of {' + '.join(map(str, phase_sizes(plan, 'ptmst', first)))}"
+            f"): PTM-ST beats its first phase run alone at the whole budget by more than the seeds' spread "
+            f"(val protocol); budgets where they do: {', '.join(map(str, paying))}.")
+
+
+def scale(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
+    plan = scale_plan(ws.plan)
+    records = scale_records(ws, plan)
+    results, eval_seconds, run_eval = {}, {}, {}
+    for record in progress(records, desc="evaluations", unit="set"):
+        key = (record.method, record.budget, record.seed)
+        results[key], run_eval[record.folder] = cached_students(ws, plan, record)
+        eval_seconds[record.method] = eval_seconds.get(record.method, 0.0) + run_eval[record.folder]
+    step_sizes: Dict[Tuple[str, int], List[List[Tuple[float, float]]]] = {}
+    for record in records:
+        step_sizes.setdefault((record.method, record.budget), []).append(
+            [(float(x.lr_img), float(x.lr_txt)) for x in load_final(Path(record.folder))])
+    references, reference_seconds = evaluate_all(plan, ws.work, [], ws.model, ws.normal)
+    results.update(references)
+    eval_seconds.update(reference_seconds)
+    rows = scale_rows(results)
+    lines_with_error_bars(report / "recall_vs_budget.png", list(plan.budgets),
+                          {row: [mean_std([recall(results[(row, b, s)]) for s in plan.seeds]) for b in plan.budgets]
+                           for row in rows}, "synthetic pairs (budget)", "mean recall (%), val protocol",
+                          f"{ws.settings.num_train * 5} training pairs; mean ± std over seeds {list(plan.seeds)}")
+    s = plan.quickstart
+    distill_seconds = {row: sum(r.seconds for r in records if r.method == row) for row in rows}
+    text = [
+        f"## Recall against budget at {plan.quickstart.num_train * 5:,} training pairs", "",
+        f"Shapes with {s.num_train * 5} training pairs ({s.num_train} images x 5 captions), {s.num_val} val and "
+        f"{s.num_test} test images; {s.num_experts} experts of {s.train_epochs} epochs. MTT-VL and LoRS: one phase "
+        f"of {plan.quickstart.iterations[0] + plan.quickstart.iterations[1]} iterations, starts in "
+        f"[{min(p[2] for p in s.phases)}, {max(p[3] for p in s.phases)}), no EMA. PTM-ST as its authors run it: one "
+        "phase up to 100 pairs, two above (half each; two fifths and three fifths from 500 pairs), each phase on "
+        f"its own shortcut ({', '.join(f'snapshots {p[0]}..{p[1]}, starts [{p[2]}, {p[3]})' for p in s.phases)}) "
+        f"with the one-phase methods' iterations, EMA {plan.ptmst_ema}. '{ONE_PHASE_PTMST}': PTM-ST's first phase "
+        "alone holding the whole budget (the shortcut, no phases; at up to 100 pairs it is PTM-ST's own run). "
+        f"'{RANDOM_SPLIT}': the random row's pairs cut into PTM-ST's phase sizes and trained under its student "
+        f"schedule. Every set trained by {s.num_eval} fresh students per seed; mean ± std over seeds "
+        f"{list(plan.seeds)}.", "",
+        "### Val protocol (measurement chosen on val, test recall reported)", "",
+        table(plan, results, "val", rows), "",
+        "### Paper protocol (best of the test measurements)", "",
+        table(plan, results, "paper", rows), "",
+        "![recall against budget](recall_vs_budget.png)", "",
+        "## Where the phases pay off", "",
+        "Differences of mean recall (val protocol), per seed then mean ± std over seeds.", "",
+        *payoff_lines(results, plan), "", payoff_sentence(results, plan), "",
+        "## Learned step sizes", "",
+        "The distilled sets' students train at these rates (PTM-ST's: every subset at the last phase's, the paper's "
+        f"schedule); the random and full-data rows at the experts' {ws.model.lr_teacher_img} / "
+        f"{ws.model.lr_teacher_txt}.", "",
+        *learned_step_sizes(step_sizes, ws.model.lr_teacher_img, ws.model.lr_teacher_txt),
+        "## Every recall, laid out as the papers' tables (val protocol)", "",
+        paper_table(plan, results, "val", rows), "",
+        "## Time", "",
+        "| row | distillation (s, all budgets and seeds) | students (s) |", "|---|---|---|",
+        *[f"| {row} | {distill_seconds.get(row, 0.0):.0f} | {eval_seconds.get(row, 0.0):.0f} |" for row in rows], "",
+        "| run | distillation (s) | students (s) |", "|---|---|---|",
+        *[f"| `{Path(r.folder).name}` | {r.seconds:.0f} | {run_eval[r.folder]:.0f} |" for r in records], "",
+        "A run or evaluation reused from an earlier call counts with the time it took then.", ""]
+    payload = {"rows": rows, "budgets": list(plan.budgets), "seeds": list(plan.seeds),
+               "phase_sizes": {b: phase_sizes(plan, "ptmst", b) for b in plan.budgets},
+               "table": {f"{r}|{b}|{p}": mean_std([recall(results[(r, b, sd)], p) for sd in plan.seeds])
+                         for r in rows for b in plan.budgets for p in ("val", "paper")},
+               "distill_seconds": distill_seconds, "eval_seconds": eval_seconds,
+               "step_sizes": [{"row": r, "budget": b, "per_seed": v} for (r, b), v in step_sizes.items()],
+               "run_seconds": {r.folder: {"distill": r.seconds, "students": run_eval[r.folder]} for r in records},
+               "per_seed": [{"row": k[0], "budget": k[1], "seed": k[2], **v} for k, v in results.items()]}
+    return text, payload
+
+
 STUDY_FUNCTIONS = {"teacher_stage": teacher_stage, "gradients": gradients, "components": components,
-                   "schedule": schedule}
+                   "schedule": schedule, "scale": scale}
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -500,7 +683,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default="./study", help="data, experts, runs and reports go here (the "
                                                                "quick start's and the ablation's layout: a shared "
                                                                "workdir reuses their data and encoder)")
-    parser.add_argument("--preset", default="default", choices=["default", "smoke"], help="smoke: the test suite's")
+    parser.add_argument("--preset", default="default", choices=["default", "quick", "smoke"],
+                        help="quick (scale only): seed 0, budgets 50 and 500; smoke: the test suite's")
     parser.add_argument("--seeds", type=non_negative(), nargs="+", default=None, help="override the study's seeds")
     parser.add_argument("--budgets", type=positive(), nargs="+", default=None, help="override the study's budgets (pairs)")
     parser.add_argument("--iterations", type=positive(), default=None,
@@ -525,9 +709,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
                 if group[0].split("=", 1)[0] == "--dataset"]
     args.builtin_data = not datasets
-    real = bool(datasets) and datasets[-1] in ("stamps", "folder")
+    real = bool(datasets) and datasets[-1] in REAL_DATASETS
+    if args.study == "scale" and datasets:
+        parser.error(f"--dataset {datasets[-1]}: the scale study generates its own 10,000 shapes pairs (budgets up to "
+                     "500 pairs must be a small fraction of the data); for real images run the ablation "
+                     "(bash sh/ablation.sh --dataset stamps, or openclipart) and drop --dataset here")
+    if args.preset == "quick" and args.study != "scale":
+        parser.error(f"--preset quick is the scale study's (seed 0, budgets 50 and 500); {args.study} has default and "
+                     f"smoke: narrow it with --seeds and --budgets instead")
     if args.preset == "smoke":
         plan = smoke_plan(args.study)
+    elif args.preset == "quick":
+        plan = quick_plan(args.study)
     else:
         plan = default_plan(args.study, STAMPS if real else QUICKSTART["default"])
     plan = replace(plan, seeds=tuple(args.seeds) if args.seeds else plan.seeds,
@@ -537,6 +730,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    width=plan.width if args.width is None else args.width,
                    experts=plan.experts if args.experts is None else args.experts,
                    schedules=tuple(args.schedules) if args.schedules else plan.schedules)
+    for flag, owner in (("windows", "teacher_stage"), ("width", "teacher_stage"), ("experts", "gradients"),
+                        ("schedules", "schedule")):
+        if getattr(args, flag) is not None and args.study != owner:
+            parser.error(f"--{flag} is the {owner} study's flag and changes nothing in {args.study}: drop it")
     check_plan(parser, args.study, plan)
     args.plan = plan
     return args
