@@ -61,6 +61,13 @@ def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_re
     assert {r["method"] for r in results["results"] if r["student"] == "convnet"} == \
         set(ROWS) - {"random, frozen encoder", "full training set"}
     assert not list((work / "reports").glob(".*partial"))
+    from distill_utils import export
+    assert sorted(p.name for p in (report.parent / "exports").iterdir()) == sorted(f"{m}_b4_s0" for m in METHODS)
+    lors, _ = export.load_export(report.parent / "exports" / "lors_b4_s0")
+    assert torch.equal(lors[0].images, ablation.load_final(run_of(work, "lors"))[0].images)
+    card = (report.parent / "exports" / "lors_b4_s0" / "README.md").read_text()
+    val = next(r for r in results["results"] if r["method"] == "lors" and r["student"] is None)["val"]
+    assert f"{val['selected']['mean']['r_mean']:.2f} ± " in card and "val protocol" in card
     seconds = {m: float(re.search(rf"^\| {m} \| (\d+) \|", text, re.M).group(1)) for m in METHODS}
     recorded = {m: json.loads((run_of(work, m) / "ablation_seconds.json").read_text()) for m in METHODS}
     for method in METHODS:

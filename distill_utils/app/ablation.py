@@ -44,7 +44,7 @@ import torch
 
 from networks.image_encoders import is_known_image_encoder, unknown_image_encoder_message
 
-from .. import checkpoint
+from .. import checkpoint, export
 from ..errors import UsageError
 from ..runs import RunFolder, find_matching_run
 from ..atomic import atomic_write_text
@@ -377,6 +377,29 @@ def distill_run(run: RunFolder, flags: List[str]) -> None:
             f"folders and the report is built from them.]") from None
 
 
+def export_runs(plan: Plan, records: Sequence[RunRecord], results: Dict, model: argparse.Namespace,
+                folder: Path) -> List[str]:
+    """Every run's final set into ``folder/{method}_b{budget}_s{seed}`` (eval.py --export's layout), its card
+    carrying the val-protocol recall the report shows; returns the folder names."""
+    device = resolve_device(model.device)
+    data = load_data(model, device, augment=False)
+    names = []
+    for record in records:
+        recorded = RunFolder(Path(record.folder)).recorded_args()
+        subsets = load_final(Path(record.folder))
+        facts = export.CardFacts(method=record.method, dataset=model.dataset, image_encoder=recorded["image_encoder"],
+                                 text_encoder=recorded["text_encoder"], iterations=recorded["Iteration"],
+                                 flags={**recorded, "run_folder": record.folder},
+                                 recall=results[(record.method, record.budget, record.seed)]["val"]["selected"],
+                                 protocol="val", num_eval=plan.quickstart.num_eval)
+        texts = torch.cat([s.texts for s in subsets])
+        name = f"{record.method}_b{record.budget}_s{record.seed}"
+        export.write_export(folder / name, subsets, facts,
+                            export.nearest_captions(texts, data.train_text, data.train.captions))
+        names.append(name)
+    return names
+
+
 def load_final(folder: Path) -> List:
     run = RunFolder(folder)
     return [checkpoint.load_distilled(path)[0] for path in run.final_checkpoints()]
@@ -636,6 +659,10 @@ def write_report(plan: Plan, report: Path, results: Dict, records: Sequence[RunR
         "Each folder's name ends in the fingerprint of the flags that decide its result; its args.json and "
         "args_history.jsonl hold them.", "",
         *[f"- `{r.folder}`" for r in records], "",
+        "## Exported sets", "",
+        "Every run's final set, loadable without this code, is in `exports/{method}_b{budget}_s{seed}/` (PNG images "
+        "with metadata.jsonl for `datasets.load_dataset(\"imagefolder\", data_dir=...)`, synthetic.safetensors, a "
+        "dataset card with its val-protocol recall); `python eval.py --synthetic FOLDER` evaluates one again.", "",
         "## Synthetic images (first seed)", "",
         *[f"![{name}](images/{name}) `{name}`" for name in images], "",
         "## Settings", "", "```json", json.dumps(asdict(plan), indent=1), "```", ""]
@@ -853,6 +880,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     records = distill_all(plan, work, folders, logged, model.dataset, args.distill_flags, searched)
     results, eval_seconds = evaluate_all(plan, work, records, model, normal)
     command = "bash sh/ablation.sh " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    export_runs(plan, records, results, model, report / "exports")
     write_report(plan, report, results, records, eval_seconds, command.strip(), copy_images(records, report, plan.seeds[0]),
                  model, searched)
     path = publish(report, work / "reports", report_stamp()) / "README.md"

@@ -23,7 +23,7 @@ import torch
 
 from networks import DualEncoderConfig
 
-from .. import checkpoint
+from .. import checkpoint, export
 from ..atomic import text_writer, write_all
 from .. import trajectories
 from ..coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sim_type", default=None, choices=["full", "lowrank"],
                        help="accepted for the reference's commands; the checkpoint's matrix is used")
     group.add_argument("--out_dir", default=None, help="where eval_results.{json,md} go (default: beside the last checkpoint)")
+    shared = parser.add_argument_group(
+        "export (a distilled set others load without this code: docs/usage.md#exported-sets)")
+    shared.add_argument("--export", default=None, metavar="DIR",
+                        help="after evaluating, write the set to DIR: PNG images with metadata.jsonl (Hugging Face "
+                             "imagefolder), synthetic.safetensors (the exact tensors), a dataset card README.md with "
+                             "the recall measured here, args.json and manifest.json")
+    shared.add_argument("--overwrite", action="store_true", help="replace an existing --export folder")
+    group.add_argument("--synthetic", default=None, metavar="DIR",
+                       help="evaluate an exported folder (eval.py --export) instead of --run or --ckpt_path; its "
+                            "args.json gives the data and model flags, as a run's does")
     student = parser.add_argument_group(
         "cross-architecture students", "train every row's students with another image encoder than the "
         "distiller's; the synthetic texts are the distiller's text features, so the text encoder stays")
@@ -140,6 +150,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Flags; with ``--run``, what the run's latest start recorded fills every flag not given here."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.overwrite and not args.export:
+        parser.error("--overwrite replaces an --export folder: give --export DIR with it, or drop it")
+    if args.synthetic is not None:
+        return synthetic_args(parser, args, argv)
     if args.run is None:
         if not args.ckpt_path:
             parser.error("pass --run RUN_FOLDER (logged_files/DATASET/RUN) or --ckpt_path with a checkpoint per phase")
@@ -154,6 +168,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     check_eval_args(parser, args)
     if not args.ckpt_path:
         args.ckpt_path = run_checkpoints(run, recorded)
+    return args
+
+
+def synthetic_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """Flags for ``--synthetic DIR``: what the export's args.json recorded fills every flag not given here."""
+    for flag, given in (("--run", args.run), ("--ckpt_path", args.ckpt_path), ("--export", args.export)):
+        if given:
+            parser.error(f"--synthetic evaluates an exported folder on its own: drop {flag}")
+    recorded_path = Path(args.synthetic) / export.ARGS
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise export.ExportError(f"--synthetic {args.synthetic}: {recorded_path} is missing or unreadable, so this is "
+                                 f"not a complete export of eval.py --export: export the run again") from None
+    parser.set_defaults(**{k: recorded[k] for k in RUN_FLAGS if k in recorded})
+    if recorded.get("expert_dir"):
+        parser.set_defaults(expert_dir=recorded["expert_dir"])
+    args = parser.parse_args(argv)
+    check_eval_args(parser, args)
+    args.ckpt_path, args.recorded = [], recorded
     return args
 
 
@@ -344,6 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     """Evaluate; return ``{row name: {"mean": ..., "std": ...}}``."""
     setup_logging()
     args = parse_args(argv)
+    if args.export:
+        export.check_target(Path(args.export), args.overwrite)  # before any student trains
+    synthetic = export.load_export(Path(args.synthetic)) if args.synthetic else None
     for path in args.ckpt_path:  # before loading any data
         if not Path(path).is_file():
             what = "is a folder, not a checkpoint file" if Path(path).is_dir() else "does not exist"
@@ -351,11 +388,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
                                              f"a run (logged_files/DATASET/RUN/), one per phase, in phase order")
     check_phase_order(args.ckpt_path)
     check_student_flags(args)
-    out_dir = writable_folder(Path(args.out_dir) if args.out_dir else Path(args.ckpt_path[-1]).parent, "--out_dir")
+    # an export is shared as it is: its evaluations go beside it, never into it
+    beside = Path(f"{args.synthetic.rstrip('/')}_evaluations") if args.synthetic else Path(args.ckpt_path[-1]).parent
+    out_dir = writable_folder(Path(args.out_dir) if args.out_dir else beside, "--out_dir")
     device = resolve_device(args.device)
     enable_fast_math(device)
     data = load_data(args, device, augment=False, need_val=args.eval_protocol == "val" or "full" in args.baseline)
-    subsets, method = load_checkpoints(args.ckpt_path, args, data.text_dim)
+    if synthetic is not None:
+        subsets, method = synthetic[0], LABELS.get(args.recorded.get("method", "ptmst"), "PTM-ST")
+        for subset in subsets:
+            checkpoint.check_fits(subset, Path(args.synthetic) / export.TENSORS, args.image_size, data.text_dim)
+    else:
+        subsets, method = load_checkpoints(args.ckpt_path, args, data.text_dim)
     config, student = student_config(args, data.text_dim)
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
@@ -376,4 +420,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     print(format_table(rows), flush=True)  # before writing: a failed write must not lose the table
     out = write_results(out_dir, rows, args, student)
     print(f"written to {out} and {out.with_suffix('.json')}")
+    if args.export:
+        folder = export_set(args, subsets, data, method, next(iter(rows.values())))
+        print(f"exported to {folder} (load it with datasets.load_dataset('imagefolder', data_dir=...) or "
+              f"eval.py --synthetic {folder})")
     return rows
+
+
+def export_flags(args: argparse.Namespace) -> dict:
+    """The flags the export records: the run's own (with --run), else this call's data and model flags."""
+    folder = RunFolder(Path(args.run) if args.run else Path(args.ckpt_path[-1]).parent)
+    try:
+        flags = folder.recorded_args()
+    except UsageError:  # checkpoints without their run folder's flags: this call's flags say what is known
+        flags = {}
+    flags.update({k: getattr(args, k) for k in RUN_FLAGS})  # what this evaluation used wins
+    return {**flags, "expert_dir": args.expert_dir, "ckpt_path": list(args.ckpt_path)}
+
+
+def export_set(args: argparse.Namespace, subsets: Sequence[FrozenSubset], data: DataContext, method: str,
+               distilled: dict) -> Path:
+    flags = export_flags(args)
+    facts = export.CardFacts(method=method, dataset=args.dataset, image_encoder=args.image_encoder,
+                             text_encoder=args.text_encoder, iterations=flags.get("Iteration") or (), flags=flags,
+                             recall=distilled, protocol=args.eval_protocol, num_eval=args.num_eval)
+    texts = torch.cat([s.texts for s in subsets])
+    nearest = export.nearest_captions(texts, data.train_text, data.train.captions)
+    return export.write_export(Path(args.export), subsets, facts, nearest, args.overwrite)
