@@ -79,6 +79,26 @@ def test_images_sharing_a_caption_stay_in_train(tmp_path):
         assert sum(1 for e in read(ann / "folder_train.json") if e["caption"] == "A thing.") == 4
 
 
+@pytest.mark.parametrize("encoded", [
+    "\ufeffA thing.  \r\nsecond line\r\n".encode("utf-8"),      # Notepad's UTF-8: a byte-order mark, CRLF
+    "A thing.\t \n\n  other words\n".encode("utf-8"),             # trailing blanks, several lines
+    "\ufeffA thing.\r\n".encode("utf-16-le"),                     # Windows' "Unicode": UTF-16 with a mark
+    "\ufeffA thing.\r\n".encode("utf-16-be"),
+    "A thing.\rold Mac line end\r".encode("utf-8"),
+])
+def test_captions_as_editors_save_them_are_the_caption_a_person_reads(tmp_path, encoded):
+    images = make_folder(tmp_path / "images", duplicates=1)  # img11 says "A thing." in plain UTF-8
+    (tmp_path / "images" / "b" / "deeper" / "img10.txt").write_bytes(encoded)
+    pairs = folder_data.scan(tmp_path / "images")
+    (saved,) = [p for p in pairs if p.image.endswith("img10.png")]
+    assert saved.captions == ("A thing.",)
+    # the duplicate rule sees the cleaned caption: both images stay in train
+    _, val, test = build_datasets("folder", str(tmp_path / "images"), str(tmp_path / "ann"), image_size=8,
+                                  split=FolderSplit(0.25, 0.25, 0))
+    assert "a thing" not in val.text + test.text
+    assert read(tmp_path / "ann" / "folder_split.json")["images_sharing_a_caption"] == 2
+
+
 def test_every_line_as_a_caption(tmp_path):
     images = make_folder(tmp_path / "images")
     train, _, test = build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8,
@@ -102,7 +122,7 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     ("no_images", "holds no .png"),
     ("missing_caption", "has no caption file img3.txt"),
     ("binary_caption", "binary data"),
-    ("latin1_caption", "not UTF-8"),
+    ("latin1_caption", "neither UTF-8 nor UTF-16"),
     ("empty_caption", "holds no caption"),
     ("unreadable_image", "cannot be decoded"),
     ("too_few", "cannot be split"),

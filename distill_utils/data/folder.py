@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from ..atomic import text_writer, write_all
-from .captions import pre_caption
+from .captions import decode_caption_file, pre_caption
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_MODES = ("first", "all")
@@ -54,10 +54,10 @@ class Pair:
 
 def _caption_lines(path: Path) -> List[str]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = decode_caption_file(path.read_bytes())
     except UnicodeDecodeError:
-        raise FolderError(f"caption file {path} is not UTF-8 text: save it as UTF-8 (one caption per line) or "
-                          f"remove it together with its image") from None
+        raise FolderError(f"caption file {path} is neither UTF-8 nor UTF-16 text: save it as UTF-8 (one caption per "
+                          f"line) or remove it together with its image") from None
     if "\x00" in text:
         raise FolderError(f"caption file {path} holds binary data (NUL bytes), not text: write the caption there "
                           f"as plain UTF-8 text")

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 from PIL import Image
 
 from ..errors import UsageError
-from .captions import pre_caption
+from .captions import decode_caption_file, pre_caption
 
 DEFAULT_EXCLUDED = ("symbols",)
 MARKER = ".prepared.json"
@@ -35,7 +35,7 @@ MARKER = ".prepared.json"
 def english_caption(text_file: Path) -> Optional[str]:
     """The first line of a stamp's description when it is the English one (not ``xx.utf8=...``)."""
     try:
-        lines = [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in decode_caption_file(text_file.read_bytes()).splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError):
         return None
     if not lines or ".utf8=" in lines[0].split(" ", 1)[0] or not pre_caption(lines[0]):
