@@ -120,18 +120,20 @@ class EfficientNetLite0(nn.Module):
         unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise PretrainedWeightsUnavailable(f"EfficientNet-Lite0 weights do not fit: missing {missing[:3]}, "
-                                               f"unexpected {unexpected[:3]}")
+                                               f"unexpected {unexpected[:3]}; they are another architecture's: pass "
+                                               f"--checkpoint_dir a folder with efficientnet_lite0's own weights")
 
 
 def pretrained_state(checkpoint_dir: Optional[str]) -> Dict[str, torch.Tensor]:
     """The ImageNet weights in timm's layout, from the first source that has them."""
     if checkpoint_dir:
-        from .image_encoders import _find_local_checkpoint, unreadable_weights
+        from .image_encoders import _find_local_checkpoint, unreadable_weights, unwrap_state_dict
         path = _find_local_checkpoint(checkpoint_dir, "efficientnet_lite0")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise unreadable_weights(path, error) from None
+        return unwrap_state_dict(state, path)
     packaged = package_weights()
     if packaged is not None:
         return package_state_dict(packaged)

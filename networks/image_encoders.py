@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -32,6 +32,28 @@ def _find_local_checkpoint(checkpoint_dir: str, name: str) -> Path:
         f"(torch.save(model.state_dict(), ...)) or point --checkpoint_dir at the right folder.")
 
 
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")  # training checkpoints' usual keys
+
+
+def unwrap_state_dict(state, path: Path) -> Dict[str, torch.Tensor]:
+    """The weights inside ``state``: a state dict itself, or one wrapped in a training checkpoint
+    (``{"state_dict": ...}``, ``{"model": ...}``, ...); a DistributedDataParallel ``module.`` prefix removed.
+    Anything else is refused naming the file and the flag."""
+    def is_weights(value) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    if isinstance(state, dict) and not is_weights(state):
+        inner = [key for key in WRAPPER_KEYS if is_weights(state.get(key))]
+        state = state[inner[0]] if inner else state
+    if not is_weights(state):
+        kind = type(state).__name__ if not isinstance(state, dict) else f"dict with keys {sorted(map(str, state))[:5]}"
+        raise PretrainedWeightsUnavailable(
+            f"weights file {path} (--checkpoint_dir) holds a {kind}, not a state dict of tensors nor a training "
+            f"checkpoint with one under {'/'.join(WRAPPER_KEYS)}: save model.state_dict() there")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
 def _load_state_dict(model: nn.Module, path: Path) -> None:
     try:
         if path.suffix == ".safetensors":
@@ -41,17 +63,16 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, a header that is not safetensors ...
         raise unreadable_weights(path, error) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedWeightsUnavailable(f"weights file {path} holds a {type(state).__name__}, not a state dict of "
-                                           f"tensors: save model.state_dict() there")
+    state = unwrap_state_dict(state, path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         missing, unexpected = [str(error).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise PretrainedWeightsUnavailable(
-            f"weights in {path} do not fit the model: missing/mismatched {list(missing)[:3]}, unexpected "
-            f"{list(unexpected)[:3]}; save model.state_dict() of the same architecture there")
+            f"weights in {path} (--checkpoint_dir) do not fit the model: missing/mismatched {list(missing)[:3]}, "
+            f"unexpected {list(unexpected)[:3]}; they are another architecture's: save model.state_dict() of the "
+            f"same --image_encoder there")
 
 
 def unreadable_weights(path: Path, error: Exception) -> PretrainedWeightsUnavailable:

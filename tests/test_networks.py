@@ -55,6 +55,33 @@ def test_builtin_encoder_pretrained_needs_a_checkpoint_dir(tmp_path):
         networks.create_image_encoder("convnet", pretrained=True, checkpoint_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"state_dict": s, "epoch": 3},                          # a Lightning-style checkpoint
+    lambda s: {"model": s, "optimizer": {"lr": torch.tensor(0.1)}},   # a DeiT/DINO-style one
+    lambda s: {f"module.{k}": v for k, v in s.items()},               # saved from DistributedDataParallel
+    lambda s: {"model_state_dict": {f"module.{k}": v for k, v in s.items()}},
+])
+def test_weights_wrapped_in_a_training_checkpoint_are_unwrapped(tmp_path, wrap):
+    source = networks.create_image_encoder("convnet_tiny", init_seed=5)
+    torch.save(wrap(source.state_dict()), tmp_path / "convnet_tiny.pth")
+    loaded = networks.create_image_encoder("convnet_tiny", pretrained=True, checkpoint_dir=str(tmp_path), init_seed=9)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"epoch": 3, "optimizer": {"lr": 0.1}}, "not a state dict of tensors nor a training checkpoint"),
+    ([torch.zeros(2)], "holds a list"),
+    ("other", "another architecture's"),  # a real state dict of the wrong encoder
+])
+def test_foreign_weights_are_refused_naming_the_file_and_the_flag(tmp_path, content, message):
+    if content == "other":
+        content = networks.create_image_encoder("convnet", init_seed=1).state_dict()
+    torch.save(content, tmp_path / "convnet_tiny.pth")
+    with pytest.raises(PretrainedWeightsUnavailable, match=message) as caught:
+        networks.create_image_encoder("convnet_tiny", pretrained=True, checkpoint_dir=str(tmp_path))
+    assert str(tmp_path / "convnet_tiny.pth") in str(caught.value) and "--checkpoint_dir" in str(caught.value)
+
+
 def test_pretrained_offline_gives_advice(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PretrainedWeightsUnavailable, match="--checkpoint_dir"):
