@@ -57,12 +57,13 @@ def claim_path(folder: Path, index: int) -> Path:
 
 
 @contextmanager
-def folder_lock(folder: Path, wait: bool = True, owner: str = "") -> Iterator[None]:
-    """Exclusive advisory lock on ``folder/.lock``; the kernel drops it when the process dies, so a
+def folder_lock(folder: Path, wait: bool = True, owner: str = "", name: str = LOCK_NAME) -> Iterator[None]:
+    """Exclusive advisory lock on ``folder/.lock`` (or ``folder/name``: a lock of another purpose, which one
+    process can hold while it takes ``.lock``); the kernel drops it when the process dies, so a
     killed holder never leaves a stale lock. ``wait=False`` raises :class:`FolderBusy` at once when
     another process holds it; ``owner`` is written into the file so that error can name the holder."""
     folder = Path(folder)
-    path = folder / LOCK_NAME
+    path = folder / name
     handle = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
     try:
         try:

@@ -208,3 +208,39 @@ def test_temporaries_no_writer_holds_are_named_by_readers_and_removed_by_the_nex
     assert ".img_replay_buffer_1.pt.x1y2.tmp" in caplog.text and ".txt_replay_buffer_2" not in caplog.text
     assert trajectories.claim_next_index(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".txt_replay_buffer_2.pt.live.tmp"]
+
+
+RACE_TOP_UP = """
+import sys
+from pathlib import Path
+from distill_utils.app import quickstart
+s = quickstart.PRESETS["smoke"]
+work = Path(sys.argv[1])
+quickstart.generate_data(s, work)
+quickstart.pretrain_encoder(s, work)
+print(quickstart.top_up_experts(s, work))
+"""
+
+
+def test_two_calls_on_one_workdir_train_the_shared_encoder_and_experts_once(tmp_path):
+    """Two quick starts, ablations or studies at once: each shared stage is trained by one of them, the other
+    waits and reuses it, and the expert folder never holds more experts than planned."""
+    import os
+    import subprocess
+    import sys
+    from distill_utils import trajectories
+    from distill_utils.app import quickstart
+    script = tmp_path / "race.py"
+    script.write_text(RACE_TOP_UP)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    racers = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "work")], cwd=root, text=True, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [r.communicate(timeout=600) for r in racers]
+    assert all(r.returncode == 0 for r in racers), [o[1][-2000:] for o in outputs]
+    folders = {o[0].strip().splitlines()[-1] for o in outputs}
+    assert len(folders) == 1
+    planned = quickstart.PRESETS["smoke"].num_experts
+    assert len(trajectories.twin_indices(Path(folders.pop()))) == planned
+    trained = sum((o[0] + o[1]).count("saved expert") for o in outputs)  # pretraining (1 run) + the experts
+    assert trained == 1 + planned

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .. import runs, trajectories
+from .. import claims, runs, trajectories
 from ..atomic import atomic_save, atomic_write_text
 from ..data import shapes
 from ..errors import writable_folder
@@ -181,6 +181,14 @@ def encoder_folder(s: Settings, work: Path, create: bool = False) -> Path:
 def pretrain_encoder(s: Settings, work: Path) -> Path:
     """One CLIP-style run from random weights; its final image encoder becomes the shared start."""
     keyed = encoder_folder(s, work, create=True)
+    with claims.folder_lock(keyed, owner=claims.this_process(), name=TOP_UP_LOCK):  # one pretraining per workdir
+        return pretrained_encoder_in(s, work, keyed)
+
+
+TOP_UP_LOCK = ".top_up.lock"
+
+
+def pretrained_encoder_in(s: Settings, work: Path, keyed: Path) -> Path:
     target = keyed / f"{s.image_encoder}.pth"
     if target.is_file():
         return target
@@ -206,10 +214,13 @@ def top_up_experts(s: Settings, work: Path, flags: Sequence[str] = (), base: str
     root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS, create=True)
     folder = trajectories.expert_folder(root, parsed.dataset, parsed.image_encoder, parsed.text_encoder,
                                         parsed.loss_type, parsed.no_aug)
-    have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
-    if have < s.num_experts:
-        log.info("experts: %d of %d in %s, training %d", have, s.num_experts, folder, s.num_experts - have)
-        buffer.main(argv(root, s.num_experts - have))
+    # another call on this workdir (a second ablation, study or quick start) tops up the same folder: one at
+    # a time, so the second finds the experts the first trained and never trains more than planned
+    with claims.folder_lock(root, owner=claims.this_process(), name=TOP_UP_LOCK):
+        have = len(trajectories.twin_indices(folder)) if folder.is_dir() else 0
+        if have < s.num_experts:
+            log.info("experts: %d of %d in %s, training %d", have, s.num_experts, folder, s.num_experts - have)
+            buffer.main(argv(root, s.num_experts - have))
     return folder
 
 
