@@ -242,3 +242,13 @@ def test_lr_search_gives_every_method_the_same_configurations_and_runs_the_val_c
     text = report.read_text()
     assert "tried the same 3 configurations" in text and "**" in text
     assert "chose from the same search" in text and "with the same learning rates" not in text
+
+
+def test_a_budget_larger_than_a_folder_datasets_training_split_stops_before_any_expert(tmp_path):
+    from tests.test_folder_data import make_folder
+    from distill_utils.errors import UsageError
+    images = make_folder(tmp_path / "images", n=12)  # 12 - 2 val - 3 test = 7 training pairs
+    with pytest.raises(UsageError, match="--budgets 50 exceeds the 7 training pairs of folder"):
+        ablation.main(["--workdir", str(tmp_path / "work"), "--preset", "smoke", "--budgets", "4", "50",
+                       "--dataset", "folder", "--image_root", str(images), "--ann_root", str(tmp_path / "ann")])
+    assert not (tmp_path / "work" / "buffer").exists()  # no expert was trained first

@@ -45,6 +45,7 @@ import torch
 from networks.image_encoders import is_known_image_encoder, unknown_image_encoder_message
 
 from .. import checkpoint, export
+from ..data import build_datasets
 from ..errors import UsageError
 from ..runs import RunFolder, find_matching_run
 from ..atomic import atomic_write_text
@@ -57,7 +58,7 @@ from ..runlog import resolve_device, setup_logging
 
 from . import buffer, distill
 from .cli import run_script
-from .context import load_data, model_config
+from .context import folder_split, load_data, model_config
 from ..coresets import CORESETS
 from ..plots import grouped_bars, lines_with_error_bars
 from .evaluate import CoresetSelector, random_generator, random_subsets
@@ -855,6 +856,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_budgets_fit(plan: Plan, model: argparse.Namespace) -> None:
+    """Refuse, before any expert trains, a budget larger than the training split (known once the split is read)."""
+    train, _, _ = build_datasets(model.dataset, model.image_root, model.ann_root, model.image_size, augment=False,
+                                 split=folder_split(model))
+    if max(plan.budgets) > len(train):
+        raise UsageError(f"--budgets {max(plan.budgets)} exceeds the {len(train)} training pairs of {model.dataset}: "
+                         f"give budgets of at most {len(train)} pairs")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     setup_logging()
@@ -868,6 +878,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         generate_data(s, work)
         pretrain_encoder(s, work)
     model = model_namespace(plan, work, args.distill_flags)
+    check_budgets_fit(plan, model)
     normal = train_expert_set(plan, work, model, args.buffer_flags, frozen=False)
     folders: Dict[str, object] = {"normal": normal}
     if "ptmst" in plan.methods:
