@@ -16,3 +16,14 @@ def shapes_args(root: Path, tmp: Path, *extra: str, image_encoder: str = "convne
 def fake_trajectory(shapes, snapshots: int, seed: int) -> List[List[torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(*shape, generator=generator) for shape in shapes] for _ in range(snapshots)]
+
+
+def path_without_apt(folder: Path) -> str:
+    """A PATH of links to the basic tools the data scripts use, without apt-get or dpkg-deb."""
+    import shutil
+    folder.mkdir(parents=True, exist_ok=True)
+    for tool in ("bash", "dirname", "ls", "head", "mkdir", "rm", "touch", "sed", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (folder / tool).symlink_to(found)
+    return str(folder)

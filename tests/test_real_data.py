@@ -15,6 +15,7 @@ from distill_utils.app import ablation, buffer, distill
 from distill_utils.app.quickstart import STAMPS
 from distill_utils.data import build_datasets, load_image, transforms
 from networks import efficientnet_lite as lite
+from tests.helpers import path_without_apt
 from tests.test_recipes import recorded_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,16 +169,11 @@ def test_prepare_stamps_converts_an_extracted_folder_once(tmp_path):
 def test_prepare_stamps_says_what_to_do_without_a_source_or_apt_get(tmp_path):
     done = run_prepare(tmp_path, STAMPS_SOURCE=str(tmp_path / "missing"))
     assert done.returncode != 0 and "STAMPS_SOURCE" in done.stderr and "Traceback" not in done.stderr
-    bin_dir = tmp_path / "bin"  # a PATH with the basic tools but neither apt-get nor dpkg-deb
-    bin_dir.mkdir()
-    for tool in ("bash", "dirname", "ls", "head", "mkdir", "rm", "touch", "sed", "cat"):
-        found = shutil.which(tool)
-        if found:
-            (bin_dir / tool).symlink_to(found)
+    bin_dir = path_without_apt(tmp_path / "bin")
     if Path("/usr/share/tuxpaint/stamps").is_dir():
         pytest.skip("Tux Paint is installed here: the script takes its stamps without fetching")
     done = subprocess.run([shutil.which("bash"), str(ROOT / "sh" / "prepare_data.sh"), "stamps"], capture_output=True,
-                          text=True, env={"PATH": str(bin_dir), "PYTHON": sys.executable,
+                          text=True, env={"PATH": bin_dir, "PYTHON": sys.executable,
                                           "STAMPS_DIR": str(tmp_path / "out")})
     assert done.returncode != 0
     assert "needs apt-get and dpkg-deb" in done.stderr and "STAMPS_SOURCE=" in done.stderr
