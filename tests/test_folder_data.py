@@ -157,3 +157,21 @@ def test_bad_folders_get_a_message_naming_the_file(tmp_path, fault, message):
 def test_folder_needs_an_image_root():
     with pytest.raises(DataError, match="needs --image_root"):
         build_datasets("folder", None, None)
+
+
+@pytest.mark.parametrize("name", ["folder_train.json", "folder_val.json", "folder_test.json"])
+def test_a_cut_split_file_names_the_file_to_delete_and_following_that_advice_works(tmp_path, name):
+    import re
+    images = make_folder(tmp_path / "images")
+    ann = tmp_path / "ann"
+    build_datasets("folder", str(images), str(ann), image_size=8)
+    before = {p.name: p.read_text() for p in ann.glob("folder_*.json")}
+    cut = ann / name
+    cut.write_text(cut.read_text()[: len(cut.read_text()) // 2])
+    with pytest.raises(DataError) as caught:
+        build_datasets("folder", str(images), str(ann), image_size=8)
+    (named,) = re.findall(r"delete (\S+) and run the same command again", str(caught.value))
+    assert Path(named) == cut and "download" not in str(caught.value)
+    Path(named).unlink()  # the advice, followed literally
+    build_datasets("folder", str(images), str(ann), image_size=8)
+    assert {p.name: p.read_text() for p in ann.glob("folder_*.json")} == before  # the same split again

@@ -68,6 +68,15 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+def repair_advice(path: Path, hint: str) -> str:
+    """What to do about a damaged annotation file: a folder dataset's split file is drawn again when deleted
+    (the same split flags draw the same split), a downloaded one is downloaded again."""
+    if path.name in SPLIT_FILES:
+        return (f"delete {path} and run the same command again: the split is drawn again from the image folder "
+                f"(the same --split_seed and fractions give the same split)")
+    return f"download it again: {hint}"
+
+
 def load_annotation(path: Path, required: Sequence[str], hint: str) -> List[dict]:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
@@ -75,9 +84,10 @@ def load_annotation(path: Path, required: Sequence[str], hint: str) -> List[dict
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"annotation file {path} is not valid JSON ({error}); download it again: {hint}.") from None
+        raise DataError(f"annotation file {path} is not valid JSON ({error}); {repair_advice(path, hint)}.") from None
     if not isinstance(entries, list) or not entries:
-        raise DataError(f"annotation file {path} should hold a non-empty JSON list of entries; download it again: {hint}.")
+        raise DataError(f"annotation file {path} should hold a non-empty JSON list of entries; "
+                        f"{repair_advice(path, hint)}.")
     for index, entry in enumerate(entries):
         missing = [key for key in required if not isinstance(entry, dict) or key not in entry]
         if missing:
