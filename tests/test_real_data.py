@@ -166,6 +166,15 @@ def test_prepare_stamps_converts_an_extracted_folder_once(tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+def test_an_empty_stamps_source_starts_nothing_and_a_given_one_is_named(tmp_path):
+    empty = run_prepare(tmp_path, STAMPS_SOURCE="")
+    assert empty.returncode != 0 and "STAMPS_SOURCE is set but empty: unset it to fetch" in empty.stderr
+    assert not (tmp_path / "out").exists()  # no download began
+    source = fake_stamps(tmp_path / "stamps")
+    given = run_prepare(tmp_path, STAMPS_SOURCE=str(source))
+    assert given.returncode == 0 and f"taking {source} (from STAMPS_SOURCE)" in given.stderr
+
+
 def test_prepare_stamps_says_what_to_do_without_a_source_or_apt_get(tmp_path):
     done = run_prepare(tmp_path, STAMPS_SOURCE=str(tmp_path / "missing"))
     assert done.returncode != 0 and "STAMPS_SOURCE" in done.stderr and "Traceback" not in done.stderr
