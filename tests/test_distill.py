@@ -288,3 +288,18 @@ def test_a_full_disk_mid_run_loses_nothing_and_resume_ends_where_an_uninterrupte
     monkeypatch.setattr(checkpoint, "atomic_save", real_save)
     resumed = distill.main(distill_argv(shapes_root, tmp_path, phases, "--resume", name="full"))
     assert_same_distilled(whole, resumed)
+
+
+def test_more_segments_per_iteration_than_distinct_ones_is_warned_by_name(shapes_root, expert_dirs, tmp_path,
+                                                                          caplog):
+    _, normal, _, _ = expert_dirs  # 2 experts, starts {0, 1}: 4 distinct segments
+    argv = distill_argv(shapes_root, tmp_path, [normal], "--segments_per_iter", "5", "--Iteration", "1",
+                        "--eval_it", "1")
+    with caplog.at_level("WARNING"):
+        distill.main(argv)
+    assert "--segments_per_iter 5 exceeds the 4 distinct segments phase 0 can draw (2 experts" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        distill.main(distill_argv(shapes_root, tmp_path, [normal], "--segments_per_iter", "4", "--Iteration", "1",
+                                  "--eval_it", "1", name="four"))
+    assert "distinct segments" not in caplog.text

@@ -519,6 +519,23 @@ def start_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer
                      ExpertCycle(buffer.experts(), generator), generator, starts)
 
 
+def distinct_segments(loop: PhaseLoop) -> int:
+    """Experts times start snapshots (per side, for asynchronous starts) a phase can draw from."""
+    starts = loop.starts
+    image, text = starts.ranges.image, starts.ranges.text
+    pairs = (image[1] - image[0]) * ((text[1] - text[0]) if starts.asynchronous else 1)
+    return len(loop.cycle.experts) * pairs
+
+
+def warn_repeated_segments(count: int, loop: PhaseLoop, spec: PhaseSpec) -> None:
+    distinct = distinct_segments(loop)
+    if count > distinct:
+        log.warning("--segments_per_iter %d exceeds the %d distinct segments phase %d can draw (%d experts x its "
+                    "start snapshots): some repeat in every iteration, which costs time and adds nothing; give at "
+                    "most %d, or more experts or a wider --min_start_epoch/--max_start_epoch", count, distinct,
+                    spec.index, len(loop.cycle.experts), distinct)
+
+
 def draw_segments(loop: PhaseLoop, count: int):
     """The iteration's draws from the phase's generator, in the order :mod:`distill_utils.segments`
     documents: each segment's expert and start (the mini-batches and the seeds follow)."""
@@ -554,6 +571,7 @@ def run_phase(run: Run, spec: PhaseSpec, buffer: trajectories.TrajectoryBuffer, 
             matcher.keep_choice.agree = lambda times: sum_across([times], ranks, args.dist_timeout)
     snapshots = SnapshotCache.from_flag(device, args.expert_cache_gb)
     count, mine = args.segments_per_iter, share_of(args.segments_per_iter, ranks)
+    warn_repeated_segments(count, loop, spec)
     batching = segment_batching(args.segment_batching, matcher, len(mine), ranks, args.dist_timeout)
     if isinstance(batching, BatchingChoice):
         loop.batching_choice = batching
