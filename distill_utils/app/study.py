@@ -530,7 +530,7 @@ def scale_records(ws: Workspace, plan: Plan) -> List[RunRecord]:
     return records
 
 
-def cached_students(ws: Workspace, plan: Plan, record: RunRecord) -> Tuple[dict, float]:
+def cached_students(ws: Workspace, plan: Plan, record: RunRecord, subsets) -> Tuple[dict, float]:
     """Both protocols' summaries of a run's students, kept in the run folder so that a cut study does not
     train them again; and the seconds they took when trained."""
     ws.load()
@@ -546,7 +546,7 @@ def cached_students(ws: Workspace, plan: Plan, record: RunRecord) -> Tuple[dict,
         except (OSError, ValueError, KeyError):
             log.warning("%s cannot be read: training its students again", cache)
     started = time.perf_counter()
-    summary = students(load_final(Path(record.folder)), config, settings, ws.test, ws.val, ws.device)
+    summary = students(subsets, config, settings, ws.test, ws.val, ws.device)
     seconds = time.perf_counter() - started
     atomic_write_text(cache, json.dumps({"summary": summary, "seconds": seconds}, default=str))
     return summary, seconds
@@ -588,8 +588,8 @@ def payoff_lines(results: Dict, plan: Plan) -> List[str]:
 def payoff_sentence(results: Dict, plan: Plan) -> str:
     """Where the phases first beat the same shortcut run as one phase by more than the seeds' spread."""
     phased = [b for b in plan.budgets if len(phase_sizes(plan, "ptmst", b)) > 1]
-    paying = [b for b in phased if difference(results, plan, "ptmst", ONE_PHASE_PTMST, b)[0]
-              > difference(results, plan, "ptmst", ONE_PHASE_PTMST, b)[1]]
+    gains = {b: difference(results, plan, "ptmst", ONE_PHASE_PTMST, b) for b in phased}
+    paying = [b for b in phased if gains[b][0] > gains[b][1]]
     if not phased:
         return "No budget here is large enough for the authors' phases (over 100 pairs)."
     if not paying:
@@ -606,14 +606,14 @@ def scale(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
     plan = scale_plan(ws.plan)
     records = scale_records(ws, plan)
     results, eval_seconds, run_eval = {}, {}, {}
-    for record in progress(records, desc="evaluations", unit="set"):
-        key = (record.method, record.budget, record.seed)
-        results[key], run_eval[record.folder] = cached_students(ws, plan, record)
-        eval_seconds[record.method] = eval_seconds.get(record.method, 0.0) + run_eval[record.folder]
     step_sizes: Dict[Tuple[str, int], List[List[Tuple[float, float]]]] = {}
-    for record in records:
+    for record in progress(records, desc="evaluations", unit="set"):
+        subsets = load_final(Path(record.folder))
         step_sizes.setdefault((record.method, record.budget), []).append(
-            [(float(x.lr_img), float(x.lr_txt)) for x in load_final(Path(record.folder))])
+            [(float(x.lr_img), float(x.lr_txt)) for x in subsets])
+        key = (record.method, record.budget, record.seed)
+        results[key], run_eval[record.folder] = cached_students(ws, plan, record, subsets)
+        eval_seconds[record.method] = eval_seconds.get(record.method, 0.0) + run_eval[record.folder]
     references, reference_seconds = evaluate_all(plan, ws.work, [], ws.model, ws.normal)
     results.update(references)
     eval_seconds.update(reference_seconds)
