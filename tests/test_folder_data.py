@@ -175,3 +175,62 @@ def test_a_cut_split_file_names_the_file_to_delete_and_following_that_advice_wor
     Path(named).unlink()  # the advice, followed literally
     build_datasets("folder", str(images), str(ann), image_size=8)
     assert {p.name: p.read_text() for p in ann.glob("folder_*.json")} == before  # the same split again
+
+
+def add_pair(folder: Path, name: str, colour=(9, 9, 9)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (9, 7), colour).save(folder / f"{name}.png")
+    (folder / f"{name}.txt").write_text(f"A picture called {name}.\n", encoding="utf-8")
+
+
+def test_a_linked_folder_is_read_and_a_loop_or_second_path_is_named(tmp_path, caplog):
+    images = make_folder(tmp_path / "images")
+    add_pair(tmp_path / "elsewhere", "outside")
+    (images / "linked").symlink_to(tmp_path / "elsewhere")         # a folder kept outside the tree
+    (images / "a" / "back_to_root").symlink_to(images)             # a loop
+    (images / "again").symlink_to(images / "b")                    # a second path to a folder of the tree
+    with caplog.at_level("INFO", logger="ptmst.data"):
+        build_datasets("folder", str(images), str(tmp_path / "ann"), image_size=8, split=FolderSplit(0.25, 0.25))
+    record = read(tmp_path / "ann" / "folder_split.json")
+    assert record["pairs"] == 13  # the 12 of the tree and the linked folder's one, each once
+    left = {item["path"]: item["reason"] for item in record["left_out"]}
+    assert set(left) == {"a/back_to_root", "again"}
+    assert all("read already" in reason for reason in left.values())
+    train = read(tmp_path / "ann" / "folder_train.json")
+    held = read(tmp_path / "ann" / "folder_val.json") + read(tmp_path / "ann" / "folder_test.json")
+    assert "linked/outside.png" in {e["image"] for e in train + held}
+    summary = [r.getMessage() for r in caplog.records if "pairs found" in r.getMessage()]
+    assert summary and "13 image-caption pairs found" in summary[0] and "2 files left out" in summary[0]
+    assert "again (" in summary[0]
+
+
+def test_files_the_reader_does_not_take_are_named_with_their_reason(tmp_path, caplog):
+    images = make_folder(tmp_path / "images")
+    Image.new("RGB", (4, 4)).save(images / "a" / "animated.gif")
+    (images / "a" / "animated.txt").write_text("A gif.\n")
+    (images / "notes.md").write_text("# my notes\n")
+    (images / "dangling.png").symlink_to(tmp_path / "gone.png")
+    add_pair(tmp_path / "elsewhere", "far")
+    (images / "b" / "far.png").symlink_to(tmp_path / "elsewhere" / "far.png")  # a linked file is used
+    (images / "b" / "far.txt").symlink_to(tmp_path / "elsewhere" / "far.txt")
+    found = folder_data.scan_folder(images)
+    assert "b/far.png" in {p.image for p in found.pairs} and len(found.pairs) == 13
+    left = {item.path: item.reason for item in found.left_out}
+    assert set(left) == {"a/animated.gif", "a/animated.txt", "notes.md", "dangling.png"}
+    assert "convert it to .png" in left["a/animated.gif"]
+    assert "without an image" in left["a/animated.txt"]
+    assert "does not exist" in left["dangling.png"]
+    assert "not an image" in left["notes.md"]
+    summary = found.summary(images, shown=2)
+    assert "13 image-caption pairs found; 4 files left out" in summary and "and 2 more" in summary
+
+
+def test_a_folder_without_surprises_says_so_and_keeps_its_digest(tmp_path):
+    images = make_folder(tmp_path / "images")
+    (images / folder_data.PREPARED_RECORD).write_text("{}")  # what the preparation scripts leave beside the pairs
+    build_datasets("folder", str(images), None, image_size=8, split=FolderSplit(0.25, 0.25))
+    found = folder_data.scan_folder(images)
+    assert found.left_out == [] and found.summary(images).endswith("no file left out")
+    # the order (and so the digest every recorded split holds) is that of sorted paths, as it always was
+    brute = sorted(p for p in images.rglob("*.png"))
+    assert [p.image for p in found.pairs] == [p.relative_to(images).as_posix() for p in brute]

@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..atomic import text_writer, write_all
 from .captions import decode_caption_file, pre_caption
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# images in a format the reader does not take: named as such, so a user knows to convert them
+OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".svg", ".heic", ".avif", ".jfif", ".ico", ".ppm")
 CAPTION_MODES = ("first", "all")
 SPLIT_FILES = ("folder_train.json", "folder_val.json", "folder_test.json")
 SPLIT_RECORD = "folder_split.json"
+
+# what the preparation scripts write beside the pairs (their record of how the folder was made)
+PREPARED_RECORD = ".prepared.json"
+
+log = logging.getLogger("ptmst.data")
 
 
 class FolderError(ValueError):
@@ -64,8 +73,90 @@ def _caption_lines(path: Path) -> List[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def scan(root: Path, captions: str = "first") -> List[Pair]:
-    """Every image under ``root`` with its captions, in a fixed (sorted) order."""
+@dataclass(frozen=True)
+class LeftOut:
+    path: str    # relative to the root, with forward slashes
+    reason: str
+
+
+@dataclass
+class FolderScan:
+    pairs: List[Pair]
+    left_out: List[LeftOut]
+
+    def summary(self, root: Path, listed_in: Optional[Path] = None, shown: int = 5) -> str:
+        line = f"image folder {root}: {len(self.pairs)} image-caption pairs found"
+        if not self.left_out:
+            return line + ", no file left out"
+        named = "; ".join(f"{item.path} ({item.reason})" for item in self.left_out[:shown])
+        more = len(self.left_out) - shown
+        return (line + f"; {len(self.left_out)} files left out: {named}"
+                + (f"; and {more} more" + (f", every one named in {listed_in}" if listed_in else "") if more > 0
+                   else ""))
+
+
+def _key(path: Path) -> Tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def _walk(root: Path) -> Tuple[List[Path], List[LeftOut]]:
+    """Every file under ``root``, linked folders followed once each. A link to a folder already read
+    (a loop, or a second path to the same folder) and a link to nothing are left out by name."""
+    files: List[Path] = []
+    left_out: List[LeftOut] = []
+    seen = {_key(root)}
+    links: List[Path] = []
+
+    def read(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink():
+                if entry.is_dir():
+                    links.append(entry)
+                elif entry.is_file():
+                    files.append(entry)
+                else:
+                    left_out.append(LeftOut(_relative(entry, root), f"a link to {os.readlink(entry)}, which does "
+                                                                    f"not exist"))
+            elif entry.is_dir():
+                seen.add(_key(entry))
+                read(entry)
+            elif entry.is_file():
+                files.append(entry)
+
+    # the real folders first, so that a link never claims a folder the tree holds under its own name
+    read(root)
+    while links:
+        link = links.pop(0)
+        key = _key(link)
+        if key in seen:
+            left_out.append(LeftOut(_relative(link, root), f"a link to the folder {link.resolve()}, which is read "
+                                                           f"already (a loop, or a second path to it)"))
+            continue
+        seen.add(key)
+        read(link)
+    return files, left_out
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _reason_left_out(path: Path, root: Path, captions: set) -> Optional[str]:
+    """Why a file that is not an image the reader takes is not used; None for the caption files of
+    images and for the split files this module writes."""
+    suffix = path.suffix.lower()
+    if path in captions or (path.parent == root and path.name in SPLIT_FILES + (SPLIT_RECORD, PREPARED_RECORD)):
+        return None
+    if suffix == ".txt":
+        return f"a caption file without an image beside it ({'/'.join(IMAGE_SUFFIXES)})"
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        return f"{suffix} images are not read: convert it to .png (or .jpg) beside its caption file"
+    return "not an image or a caption file"
+
+
+def scan_folder(root: Path, captions: str = "first") -> FolderScan:
+    """Every image under ``root`` with its captions, in a fixed (sorted) order, and every file left out."""
     if captions not in CAPTION_MODES:
         raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
     root = Path(root)
@@ -73,10 +164,16 @@ def scan(root: Path, captions: str = "first") -> List[Pair]:
         raise FolderError(f"image folder {root} does not exist: pass --image_root a folder of images with a "
                           f"NAME.txt caption file beside each NAME.png/.jpg (bash sh/prepare_data.sh stamps "
                           f"makes one)")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, left_out = _walk(root)
+    images = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FolderError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} images: pass --image_root the "
                           f"folder that holds the images and their NAME.txt caption files")
+    captions_of_images = {image.with_suffix(".txt") for image in images}
+    for path in sorted(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES):
+        reason = _reason_left_out(path, root, captions_of_images)
+        if reason:
+            left_out.append(LeftOut(_relative(path, root), reason))
     pairs = []
     for image in images:
         caption_file = image.with_suffix(".txt")
@@ -88,8 +185,13 @@ def scan(root: Path, captions: str = "first") -> List[Pair]:
         if not usable:
             raise FolderError(f"caption file {caption_file} holds no caption (it is empty, or punctuation only): "
                               f"write the image's caption there or remove the pair")
-        pairs.append(Pair(image.relative_to(root).as_posix(), tuple(usable[:1] if captions == "first" else usable)))
-    return pairs
+        pairs.append(Pair(_relative(image, root), tuple(usable[:1] if captions == "first" else usable)))
+    return FolderScan(pairs, sorted(left_out, key=lambda item: item.path))
+
+
+def scan(root: Path, captions: str = "first") -> List[Pair]:
+    """Every image under ``root`` with its captions, in a fixed (sorted) order."""
+    return scan_folder(root, captions).pairs
 
 
 def folder_digest(pairs: Sequence[Pair]) -> str:
@@ -122,13 +224,15 @@ def _eval_entries(pairs: Sequence[Pair]) -> List[dict]:
     return [{"image": p.image, "caption": list(p.captions)} for p in pairs]
 
 
-def split_record(root: Path, pairs: Sequence[Pair], split: FolderSplit, parts: Dict[str, List[Pair]]) -> dict:
+def split_record(root: Path, found: FolderScan, split: FolderSplit, parts: Dict[str, List[Pair]]) -> dict:
+    pairs = found.pairs
     counts = Counter(pre_caption(c) for p in pairs for c in p.captions)
     return {"format": 1, "image_root": str(Path(root).resolve()), "split": asdict(split),
             "folder_digest": folder_digest(pairs), "pairs": len(pairs),
             "images_sharing_a_caption": sum(1 for p in pairs if any(counts[pre_caption(c)] > 1 for c in p.captions)),
             "sizes": {name: len(part) for name, part in parts.items()},
-            "duplicates": "images sharing a normalised caption with another image are kept in train"}
+            "duplicates": "images sharing a normalised caption with another image are kept in train",
+            "left_out": [asdict(item) for item in found.left_out]}
 
 
 def _read_record(path: Path) -> dict:
@@ -158,10 +262,11 @@ def ensure_split(root: Path, ann_root: Path, split: FolderSplit = FolderSplit())
                 f"stage must read one split. Pass the recorded values, or another --ann_root for the new split "
                 f"(or delete {record_path} and the folder_*.json files to draw again)")
         return record_path
-    pairs = scan(root, split.captions)
-    parts = draw_split(pairs, split)
+    found = scan_folder(root, split.captions)
+    log.info(found.summary(root, listed_in=record_path))
+    parts = draw_split(found.pairs, split)
     ann_root.mkdir(parents=True, exist_ok=True)
-    record = split_record(root, pairs, split, parts)
+    record = split_record(root, found, split, parts)
     # the three files and their record are one split: written as a group, never one without the others
     write_all([(files[0], text_writer(json.dumps(_train_entries(parts["train"]), indent=0))),
                (files[1], text_writer(json.dumps(_eval_entries(parts["val"]), indent=0))),
@@ -173,7 +278,9 @@ def ensure_split(root: Path, ann_root: Path, split: FolderSplit = FolderSplit())
 def check_unchanged(root: Path, ann_root: Path) -> None:
     """Refuse a folder whose pairs differ from the ones the recorded split was drawn from."""
     record = _read_record(Path(ann_root) / SPLIT_RECORD)
-    pairs = scan(root, record["split"]["captions"])
+    found = scan_folder(root, record["split"]["captions"])
+    log.info(found.summary(root))
+    pairs = found.pairs
     if folder_digest(pairs) != record["folder_digest"]:
         raise FolderError(
             f"the images or captions under {root} changed since the split in {ann_root} was drawn ({record['pairs']} "

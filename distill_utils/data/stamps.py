@@ -27,9 +27,10 @@ from PIL import Image
 
 from ..errors import UsageError
 from .captions import decode_caption_file, pre_caption
+from .folder import PREPARED_RECORD
 
 DEFAULT_EXCLUDED = ("symbols",)
-MARKER = ".prepared.json"
+MARKER = PREPARED_RECORD
 
 
 def english_caption(text_file: Path) -> Optional[str]:
