@@ -75,6 +75,7 @@ class RunFolder:
     HISTORY = "args_history.jsonl"
     LATEST = "latest.pt"
     METRICS = "metrics.jsonl"
+    EXPERTS = "experts.json"  # the trajectory files each phase's folder held when the run started
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -194,6 +195,28 @@ class RunFolder:
                  "resumed_at": resumed_at, "changed": changes, "args": resolved}
         lines = [json.dumps(e, default=str) for e in self.history_entries()] + [json.dumps(entry, default=str)]
         atomic_write_text(self.history, "\n".join(lines) + "\n")
+
+    @property
+    def experts_record(self) -> Path:
+        return self.path / self.EXPERTS
+
+    def record_experts(self, identity: List[dict]) -> None:
+        atomic_write_text(self.experts_record, json.dumps({"format": 1, "phases": identity}, indent=1))
+
+    def recorded_experts(self) -> Optional[List[dict]]:
+        """The experts the run was made from, or None for a run that recorded none (older runs)."""
+        try:
+            record = json.loads(self.experts_record.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RunFolderError(f"{self.experts_record} is damaged ({error}): it records which experts the run was "
+                                 f"made from. Move the run folder {self.path} away and run the command again to "
+                                 f"distil it afresh") from None
+        if not isinstance(record, dict) or not isinstance(record.get("phases"), list):
+            raise RunFolderError(f"{self.experts_record} is not a record this project wrote: move the run folder "
+                                 f"{self.path} away and run the command again to distil it afresh")
+        return record["phases"]
 
     # ----------------------------------------------------------------------------- metrics
     def trim_metrics(self, phase: int, iteration: int) -> int:

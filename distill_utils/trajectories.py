@@ -16,6 +16,7 @@ Image and text files are paired by their index ``n``, never by listing order.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import re
@@ -103,6 +104,72 @@ def twin_indices(folder: Path) -> List[int]:
 
 def _index_of(path: Path) -> int:
     return int(re.search(r"_(\d+)\.pt$", Path(path).name).group(1))
+
+
+# ------------------------------------------------------------------------------------ identity
+WHOLE_FILE_LIMIT = 8 << 20  # files up to this size are hashed whole
+EDGE_BYTES = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """A content fingerprint of one trajectory file that costs a few MiB of reading at most. A file
+    torch.save wrote is a zip archive whose central directory, at its end, holds the CRC-32 of every
+    stored tensor, so its size, first and last MiB change whenever any tensor does."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= WHOLE_FILE_LIMIT:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(EDGE_BYTES))
+            handle.seek(size - EDGE_BYTES)
+            digest.update(handle.read(EDGE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def trajectory_file_names(folder: Path) -> List[str]:
+    """The trajectory files of a folder (twin and compact), in name order."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(entry.name for entry in Path(folder).iterdir()
+                  if any(pattern.match(entry.name) for pattern in _PATTERNS.values()))
+
+
+def experts_identity(folders: Sequence[Path]) -> List[dict]:
+    """Per folder (one per phase): its path and ``{file name: file_digest}`` of its trajectory files;
+    what a run records as the experts it was made from."""
+    identity = []
+    for folder in folders:
+        files = {}
+        for name in trajectory_file_names(folder):
+            try:
+                files[name] = file_digest(Path(folder) / name)
+            except FileNotFoundError:  # removed while listing: it is not among the experts now
+                continue
+        identity.append({"folder": str(Path(folder).resolve()), "files": files})
+    return identity
+
+
+def identity_changes(recorded: Sequence[dict], current: Sequence[dict]) -> List[str]:
+    """What differs between two :func:`experts_identity` records, one line per folder that changed
+    (files rewritten, gone and new, by name). Folders pair by phase, not by path, so a workdir moved
+    as a whole keeps its runs."""
+    if len(recorded) != len(current):
+        return [f"{len(recorded)} expert folders recorded, {len(current)} now"]
+    lines = []
+    for then, now in zip(recorded, current):
+        old, new = then["files"], now["files"]
+        parts = [(label, names) for label, names in (
+            ("rewritten", sorted(n for n in old if n in new and old[n] != new[n])),
+            ("gone", sorted(n for n in old if n not in new)),
+            ("new", sorted(n for n in new if n not in old))) if names]
+        if parts:
+            lines.append(f"{now['folder']}: " + "; ".join(
+                f"{label}: {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                for label, names in parts))
+    return lines
 
 
 # ------------------------------------------------------------------------------------ writing

@@ -244,3 +244,125 @@ def test_two_calls_on_one_workdir_train_the_shared_encoder_and_experts_once(tmp_
     assert len(trajectories.twin_indices(Path(folders.pop()))) == planned
     trained = sum((o[0] + o[1]).count("saved expert") for o in outputs)  # pretraining (1 run) + the experts
     assert trained == 1 + planned
+
+
+def write_marked_experts(folder: Path, markers) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, marker in enumerate(markers):
+        trajectories.write_expert(folder, index, marked_trajectory(marker), marked_trajectory(-marker))
+
+
+def test_the_digest_of_a_large_trajectory_file_sees_a_change_in_its_middle(tmp_path):
+    """Files over the whole-file limit are read at their ends only: torch.save's zip directory there holds
+    every tensor's CRC-32, so one changed value in the middle still changes the digest."""
+    path = tmp_path / "img_replay_buffer_0.pt"
+    values = torch.zeros(3_000_000)  # 12 MB, over the limit
+    torch.save([values], path)
+    assert path.stat().st_size > trajectories.WHOLE_FILE_LIMIT
+    before = trajectories.file_digest(path)
+    values[1_500_000] = 1.0
+    torch.save([values], path)
+    assert trajectories.file_digest(path) != before
+    torch.save([values], path)  # the same content written again: the same digest
+    assert trajectories.file_digest(path) == trajectories.file_digest(path)
+
+
+def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_path, monkeypatch):
+    from distill_utils.app import ablation
+    from distill_utils.errors import UsageError
+    from distill_utils.runs import RunFolder
+    experts = tmp_path / "experts"
+    write_marked_experts(experts, [1.0, 2.0])
+    run = RunFolder(tmp_path / "logged" / "lors_b10_s0_abc")
+    run.path.mkdir(parents=True)
+    (run.path / "args.json").write_text(json.dumps({"Iteration": [3]}))
+    run.checkpoint(0, 3).write_bytes(b"a finished run")
+    run.record_experts(trajectories.experts_identity([experts]))
+    distilled = []
+    monkeypatch.setattr(ablation, "distill_run", lambda folder, flags: (distilled.append(folder),
+                                                                        folder.path.mkdir(parents=True)))
+    ablation.ensure_run(run, [], "run 1/1")  # the same experts: reused
+    assert distilled == []
+
+    for change, named in [("rewritten", "img_replay_buffer_1.pt"), ("new", "img_replay_buffer_2.pt"),
+                          ("gone", "img_replay_buffer_0.pt")]:
+        if change == "rewritten":
+            trajectories.write_expert(experts, 1, marked_trajectory(7.0), marked_trajectory(-7.0))
+        elif change == "new":
+            write_marked_experts(experts, [1.0, 7.0, 3.0])
+        else:
+            for side in ("image", "text"):
+                trajectories.twin_path(experts, side, 0).unlink()
+        with pytest.raises(UsageError) as refused:
+            ablation.ensure_run(run, [], "run 1/1")
+        message = str(refused.value)
+        assert f"{change}: {named}" in message and str(run.path) in message and distilled == []
+        run.record_experts(trajectories.experts_identity([experts]))  # accept this state for the next case
+
+    trajectories.write_expert(experts, 1, marked_trajectory(9.0), marked_trajectory(-9.0))
+    with pytest.raises(UsageError, match="Move that run folder away and run the same command again"):
+        ablation.ensure_run(run, [], "run 1/1")
+    run.path.rename(tmp_path / "kept_aside")  # the advice, followed literally
+    monkeypatch.setattr(ablation, "recorded_seconds", lambda path: 0.0)
+    ablation.ensure_run(RunFolder(run.path), [], "run 1/1")
+    assert [folder.path for folder in distilled] == [run.path]  # distilled afresh from the experts there now
+
+
+def test_a_resume_names_the_experts_rewritten_since_the_run_started(tmp_path, caplog):
+    from distill_utils.app import distill
+    from distill_utils.runs import RunFolder
+    experts = tmp_path / "experts"
+    write_marked_experts(experts, [1.0, 2.0])
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    distill.record_experts(run, [experts], resumed=False)
+    first = json.loads(run.experts_record.read_text())
+    assert set(first["phases"][0]["files"]) == {"img_replay_buffer_0.pt", "img_replay_buffer_1.pt",
+                                                "txt_replay_buffer_0.pt", "txt_replay_buffer_1.pt"}
+    trajectories.write_expert(experts, 0, marked_trajectory(5.0), marked_trajectory(-5.0))
+    with caplog.at_level("WARNING", logger="ptmst"):
+        distill.record_experts(run, [experts], resumed=True)
+    assert "rewritten: img_replay_buffer_0.pt, txt_replay_buffer_0.pt" in caplog.text
+    assert json.loads(run.experts_record.read_text()) == first  # the record of the start is kept
+
+
+def test_the_ablation_gives_a_run_for_changed_experts_a_folder_of_its_own(tmp_path):
+    from distill_utils.app import ablation
+    from distill_utils.runs import RunFolder
+    experts = tmp_path / "experts"
+    write_marked_experts(experts, [1.0, 2.0])
+    made = RunFolder(tmp_path / "logged" / "mttvl_b10_s0_abc")
+    made.path.mkdir(parents=True)
+    (made.path / "args.json").write_text(json.dumps({"Iteration": [3]}))
+    made.record_experts(trajectories.experts_identity([experts]))
+    assert ablation.for_the_experts_there(made, [str(experts)]).path == made.path
+    write_marked_experts(experts, [1.0, 2.0, 3.0])  # topped up with a third expert since
+    other = ablation.for_the_experts_there(made, [str(experts)])
+    assert other.path != made.path and other.path.parent == made.path.parent
+    assert other.name.startswith(made.name + "_e") and not other.holds_run()
+    other.path.mkdir()  # once distilled there, the same experts find it again, and the first run is kept
+    (other.path / "args.json").write_text(json.dumps({"Iteration": [3]}))
+    other.record_experts(trajectories.experts_identity([experts]))
+    assert ablation.for_the_experts_there(made, [str(experts)]).path == other.path
+    assert made.experts_record.is_file()
+
+
+def test_two_convexify_calls_at_once_make_each_shortcut_once(expert_dirs, tmp_path):
+    import re
+    import shutil
+    _, normal, _, _ = expert_dirs
+    experts = tmp_path / "normal"
+    shutil.copytree(normal, experts)
+    out = tmp_path / "shortcut"
+    # each shortcut takes a second to write, so the two calls overlap whichever starts first
+    call = ("import sys, time; from distill_utils.app import convexify; full = convexify.convexify_full; "
+            "convexify.convexify_full = lambda *a: (time.sleep(1.0), full(*a))[1]; "
+            "convexify.main(['--normal_dir', sys.argv[1], '--start', '0', '--end', '3', '--out_dir', sys.argv[2]])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    racers = [subprocess.Popen([sys.executable, "-c", call, str(experts), str(out)], cwd=ROOT, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [racer.communicate(timeout=300) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), [o[1][-1500:] for o in outputs]
+    written = [int(re.search(r"(\d+) expert\(s\) written", o[0]).group(1)) for o in outputs]
+    assert sorted(written) == [0, len(trajectories.twin_indices(experts))]  # one made them, the other found them
+    assert trajectories.twin_indices(out) == trajectories.twin_indices(experts)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import logging
 import shutil
@@ -44,7 +45,7 @@ import torch
 
 from networks.image_encoders import is_known_image_encoder, unknown_image_encoder_message
 
-from .. import checkpoint, export
+from .. import checkpoint, export, trajectories
 from ..data import build_datasets
 from ..errors import UsageError
 from ..runs import RunFolder, find_matching_run
@@ -278,13 +279,32 @@ def run_for(plan: Plan, work: Path, method: str, budget: int, seed: int, folders
 
 def matching_run(parent: Path, base: str, flags_named) -> Tuple[RunFolder, List[str]]:
     """``parent/{base}_{digest}`` for the flags ``flags_named(name)`` gives, and those flags."""
-    run = find_matching_run(parent, base, vars(distill.parse_args(flags_named("unnamed"))))
+    flags = vars(distill.parse_args(flags_named("unnamed")))
+    run = for_the_experts_there(find_matching_run(parent, base, flags), flags["buffer_path"][:flags["subset_num"]])
     return run, flags_named(run.name)
+
+
+def for_the_experts_there(run: RunFolder, folders: Sequence[str]) -> RunFolder:
+    """``run``, unless it was made from other experts than ``folders`` hold now (an expert rewritten,
+    added or gone): then a folder of its own for these experts, named by their digest, so neither run is
+    paired with experts it was not made from and neither is lost."""
+    recorded = run.recorded_experts() if run.holds_run() else None
+    if recorded is None:
+        return run
+    identity = trajectories.experts_identity([Path(folder) for folder in folders])
+    changed = trajectories.identity_changes(recorded, identity)
+    if not changed:
+        return run
+    digest = hashlib.sha256(json.dumps([entry["files"] for entry in identity], sort_keys=True).encode()).hexdigest()
+    other = RunFolder(run.path.with_name(f"{run.name}_e{digest[:8]}"))
+    log.info("%s was made from other experts (%s): this run goes to %s", run.name, " | ".join(changed), other.name)
+    return for_the_experts_there(other, folders) if other.holds_run() else other
 
 
 def ensure_run(run: RunFolder, flags: List[str], label: str) -> float:
     """Distil ``run`` unless it finished earlier (a cut one resumes); its distillation seconds, all calls together."""
     started = time.perf_counter()
+    refuse_other_experts(run)
     finished = run.finished()
     log.info("%s -> %s%s", label, run.name, " (finished earlier with the same flags: reused)" if finished else
              " (cut earlier with the same flags: resumed)" if run.holds_run() else "")
@@ -293,6 +313,20 @@ def ensure_run(run: RunFolder, flags: List[str], label: str) -> float:
         seconds = recorded_seconds(run.path) + time.perf_counter() - started  # a resumed run adds its parts
         atomic_write_text(run.path / SECONDS_FILE, json.dumps({"seconds": seconds}))
     return recorded_seconds(run.path)
+
+
+def refuse_other_experts(run: RunFolder) -> None:
+    """A run made from experts that have changed since (rewritten, gone or added) is neither reused nor
+    resumed: its result belongs to the experts it read."""
+    recorded = run.recorded_experts() if run.holds_run() else None
+    if recorded is None:
+        return
+    folders = [Path(entry["folder"]) for entry in recorded]
+    changed = trajectories.identity_changes(recorded, trajectories.experts_identity(folders))
+    if changed:
+        raise UsageError(f"{run.path} was distilled from other experts than the ones there now "
+                         f"({' | '.join(changed)}), so its result does not belong to them. Move that run folder "
+                         f"away and run the same command again to distil it from the experts there now.")
 
 
 SEARCHED = ("lr_img", "lr_txt", "lr_lr")  # the synthetic data's and the step sizes' learning rates

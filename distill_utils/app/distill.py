@@ -717,6 +717,21 @@ def record_start(run: RunFolder, args: argparse.Namespace, state: Optional[dict]
         run.trim_metrics(state["phase"], state["iteration"])
     resumed_at = None if state is None else {"phase": state["phase"], "iteration": state["iteration"]}
     run.record_start(vars(args), resumed_at, changes, git_sha())
+    record_experts(run, [Path(folder) for folder in args.buffer_path[:args.subset_num]], resumed=state is not None)
+
+
+def record_experts(run: RunFolder, folders: Sequence[Path], resumed: bool) -> None:
+    """A run records the experts it starts from (``experts.json``), so a later call can tell a run made
+    from other experts; a resume keeps the record of the start and names what changed since."""
+    identity = trajectories.experts_identity(folders)
+    recorded = run.recorded_experts() if resumed else None
+    if recorded is None:
+        run.record_experts(identity)
+        return
+    changed = trajectories.identity_changes(recorded, identity)
+    if changed:
+        log.warning("the experts changed since this run started (%s stays the record of its start): %s",
+                    run.experts_record.name, " | ".join(changed))
 
 
 def trajectory_kind(folder: Path) -> Optional[str]:
