@@ -303,3 +303,27 @@ def test_more_segments_per_iteration_than_distinct_ones_is_warned_by_name(shapes
         distill.main(distill_argv(shapes_root, tmp_path, [normal], "--segments_per_iter", "4", "--Iteration", "1",
                                   "--eval_it", "1", name="four"))
     assert "distinct segments" not in caplog.text
+
+
+@pytest.mark.parametrize("late_phase", ["experts_too_short", "more_pairs_than_data", "no_experts"])
+def test_a_bad_last_phase_stops_before_the_first_phase_matches(shapes_root, expert_dirs, tmp_path, capsys,
+                                                               monkeypatch, late_phase):
+    _, _, shortcut, _ = expert_dirs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = distill_argv(shapes_root, tmp_path, [shortcut, empty if late_phase == "no_experts" else shortcut])
+    if late_phase == "experts_too_short":
+        position = argv.index("--max_start_epoch")
+        argv[position + 2] = "9"  # phase 1's starts reach past the 3-epoch experts' last snapshot
+    elif late_phase == "more_pairs_than_data":
+        position = argv.index("--num_queries")
+        argv[position + 2] = "100000"
+    matched = []
+    monkeypatch.setattr(TrajectoryMatcher, "match", lambda *a, **k: matched.append(1))
+    with pytest.raises(SystemExit):
+        run_script(lambda: distill.main(argv))
+    err = capsys.readouterr().err
+    assert not matched and "Traceback" not in err
+    expected = {"experts_too_short": "phase 1", "more_pairs_than_data": "100000",
+                "no_experts": str(empty)}[late_phase]
+    assert expected in err

@@ -232,3 +232,13 @@ def test_bad_study_flags_name_the_flag(argv, message, tmp_path):
     done = subprocess.run([sys.executable, "-m", "distill_utils.app.study", *argv, "--workdir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_budget_larger_than_a_folder_datasets_training_split_stops_the_study_before_any_expert(tmp_path):
+    from distill_utils.errors import UsageError
+    from tests.test_folder_data import make_folder
+    images = make_folder(tmp_path / "images", n=12)  # 7 training pairs
+    with pytest.raises(UsageError, match="--budgets 40 exceeds the 7 training pairs of folder"):
+        study.main(["components", "--workdir", str(tmp_path / "work"), "--preset", "smoke", "--budgets", "4", "40",
+                    "--dataset", "folder", "--image_root", str(images), "--ann_root", str(tmp_path / "ann")])
+    assert not (tmp_path / "work" / "buffer").exists()  # no expert was trained first

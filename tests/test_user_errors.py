@@ -334,3 +334,35 @@ def test_read_only_output_folders_are_refused_before_any_work(shapes_root, exper
                                                   str(read_only_folder / "runs")), capsys)
     assert "--logged_dir" in err and "Read-only file system" in err
     assert not (tmp_path / "npz").exists()  # refused before any caption was encoded
+
+
+@pytest.mark.parametrize("late_row", ["empty_expert_dir", "no_forgetting_record", "too_many_pairs"])
+def test_eval_stops_at_a_bad_late_row_before_any_student(shapes_root, expert_dirs, tmp_path, capsys, monkeypatch,
+                                                         late_row):
+    """The distilled set's students train first and the reference rows after, so a row that cannot be made
+    must be found at load time, not after minutes of students."""
+    import shutil
+    _, normal, _, _ = expert_dirs
+    size = 4 if late_row != "too_many_pairs" else 100  # two phases of 100: random pairs may repeat, a coreset not
+    saved = [tmp_path / f"distilled_{phase}_2.pt" for phase in (0, 1)]
+    for phase, path in enumerate(saved):
+        checkpoint.save_distilled(path, _as_set(evaluate.FrozenSubset(
+            torch.randn(size, 3, 16, 16), torch.randn(size, 32), torch.eye(size), 0.1, 0.1)), {}, phase, 2)
+    experts = tmp_path / "experts"
+    if late_row == "empty_expert_dir":
+        experts.mkdir()
+    else:
+        shutil.copytree(normal, experts)
+        for record in experts.glob("forgetting_*.json"):
+            record.unlink()
+    baseline = {"empty_expert_dir": "herding", "no_forgetting_record": "forgetting", "too_many_pairs": "kcenter"}
+    trained = []
+    monkeypatch.setattr(evaluate, "evaluate_subsets", lambda *a, **k: trained.append(1))
+    argv = shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_eval", "1", "--epoch_eval_train", "1",
+                       "--ckpt_path", *map(str, saved), "--expert_dir", str(experts),
+                       "--baseline", "random", baseline[late_row])
+    err = script_error(evaluate.main, argv, capsys)
+    assert not trained, "a student trained before the bad row was found"
+    expected = {"empty_expert_dir": str(experts), "no_forgetting_record": "forgetting_0.json",
+                "too_many_pairs": "kcenter baseline needs 200 training pairs"}[late_row]
+    assert expected in err

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 
-from .. import trajectories
+from .. import claims, trajectories
 from ..atomic import atomic_write_text
 from ..errors import writable_folder
 from ..progress import progress
@@ -81,15 +82,9 @@ def check_output_folder(parser: argparse.ArgumentParser, normal: Path, out: Path
                      f"out")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Path:
-    setup_logging()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    indices = validate(parser, args)
-    folder = Path(args.normal_dir)
-    out = Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end, args.compact)
-    check_output_folder(parser, folder, out)
-    out = writable_folder(out, "--out_dir")
+def convexify_missing(args: argparse.Namespace, folder: Path, out: Path,
+                      indices: Sequence[int]) -> Tuple[int, int, int]:
+    """Write the shortcut of every expert whose output is not there yet; (bytes written, skipped, full bytes)."""
     meta = trajectories.read_meta(folder)
     if meta is not None:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(
@@ -107,6 +102,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             full_bytes += full_encoding_bytes(folder, index, args.start, args.end)
         else:
             written += convexify_full(folder, out, index, args.start, args.end)
+    return written, skipped, full_bytes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    indices = validate(parser, args)
+    folder = Path(args.normal_dir)
+    out = Path(args.out_dir) if args.out_dir else output_folder(folder, args.start, args.end, args.compact)
+    check_output_folder(parser, folder, out)
+    out = writable_folder(out, "--out_dir")
+    # two callers on one workdir (two ablations, a study beside one) make each shortcut once: the second waits
+    with claims.folder_lock(out, owner=f"convexify.py, PID {os.getpid()}", name=".convexify.lock"):
+        written, skipped, full_bytes = convexify_missing(args, folder, out, indices)
     message = f"{len(indices) - skipped} expert(s) written to {out} ({written / 1e6:.2f} MB)"
     if skipped:
         message += f"; {skipped} already there, skipped (--overwrite redoes them)"

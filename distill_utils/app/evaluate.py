@@ -290,6 +290,14 @@ class CoresetSelector:
                                                             pairs_digest(train.image_paths(), train.captions))
         return self._forgetting
 
+    def check(self, kind: str) -> None:
+        """Read what ``kind`` selects with (the expert's folder and, for forgetting, its record) now, so a
+        missing or foreign file stops the command before any student trains."""
+        if kind == "forgetting":
+            self.forgetting_record()
+        else:
+            expert_at_end(self.config, self.expert_dir, torch.device("cpu"))
+
     def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float, seed: int) -> List[FrozenSubset]:
         """``seed`` orders the forgetting counts that tie; herding and k-center do not depend on it."""
         if sum(sizes) > len(self.data.train):
@@ -300,6 +308,21 @@ class CoresetSelector:
         else:
             ranking = rank_pairs(kind, sum(sizes), embeddings=self.embeddings())
         return real_subsets(self.data, split_ranking(ranking, sizes), lr_img, lr_txt)
+
+
+def check_baselines(baselines: Sequence[str], sizes: Sequence[int], available: int,
+                    selector: Optional["CoresetSelector"]) -> None:
+    """What every reference row needs, checked before any student trains: enough training pairs, and for
+    the coresets a readable expert (and its forgetting record)."""
+    for baseline in baselines:
+        if baseline in ("random", "random_split") and max(sizes) > available:
+            raise DataError(f"the {baseline} baseline needs {max(sizes)} distinct training pairs for one phase but "
+                            f"the dataset has {available}: drop --baseline {baseline} or use a larger training set")
+        if baseline in CORESETS:
+            if sum(sizes) > available:
+                raise DataError(f"the {baseline} baseline needs {sum(sizes)} training pairs but the dataset has "
+                                f"{available}: drop --baseline {baseline} or use a larger training set")
+            selector.check(baseline)
 
 
 def baseline_subsets(baseline: str, data: DataContext, sizes: Sequence[int], args: argparse.Namespace,
@@ -404,11 +427,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     test, val = split_benchmarks(data, device, args.batch_size_test, args.num_workers)
     settings = eval_settings(args)
     sizes = [len(s) for s in subsets]
+    selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device) \
+        if args.expert_dir else None
+    check_baselines(args.baseline, sizes, len(data.train), selector)  # before the first student trains
     suffix = f", student {student}" if student else ""
     rows = {f"{method} ({sum(sizes)} pairs){suffix}": evaluate_subsets(subsets, config, settings, test, val, device,
                                                                       "distilled set")["selected"]}
-    selector = CoresetSelector(data, Path(args.expert_dir), model_config(args, data.text_dim), device) \
-        if args.expert_dir else None
     for baseline in [b for b in BASELINES if b in args.baseline and b != "full"]:
         reals = baseline_subsets(baseline, data, sizes, args, selector)
         rows[f"{baseline_label(baseline, sizes)} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(

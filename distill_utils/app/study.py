@@ -56,8 +56,8 @@ from ..runs import RunFolder
 
 from . import convexify, distill
 from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, FULL_DATA, OWNED, RANDOM_SPLIT, TEN_EPOCH_SHAPES, Phases,
-                       RunRecord, distill_all, ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups,
-                       flags_for, load_final, matching_run, paper_table, phase_flags, phase_sizes, publish,
+                       RunRecord, check_budgets_fit, distill_all, ensure_run, eval_settings_of, evaluate_all,
+                       even_split, flag_groups, flags_for, load_final, matching_run, paper_table, phase_flags, phase_sizes, publish,
                        report_stamp, students, table, train_expert_set, Plan)
 from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
@@ -198,6 +198,8 @@ def prepare(plan: StudyPlan, work: Path, distill_extra: List[str], buffer_extra:
     smallest = min(even_split(min(plan.budgets), len(plan.settings.phases)))  # so every run's mini-batch fits
     model = distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(["unused"], [0], [1], [smallest], [1]),
                                            work / "unused", "unused") + distill_extra)
+    if not builtin:  # the largest budget is the study's last run: known to fit before the first expert trains
+        check_budgets_fit(plan, model)
     normal = train_expert_set(Plan(quickstart=plan.settings), work, model, buffer_extra, frozen=False)
     return Workspace(plan, work, distill_extra, model, normal, work / "study_runs")
 
