@@ -8,4 +8,4 @@ from distill_utils.app.cli import run_script
 from distill_utils.app.buffer import main
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, outputs={"--buffer_path": "./buffer"})

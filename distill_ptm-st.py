@@ -9,4 +9,4 @@ from distill_utils.app.cli import run_script
 from distill_utils.app.distill import main
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, outputs={"--logged_dir": "./logged_files"})

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Dict, Optional
 
 
 class UsageError(RuntimeError):
@@ -18,15 +20,42 @@ class UsageError(RuntimeError):
 _ALREADY_WRITTEN = "Files already written are complete (every file is written to a temporary name, then renamed)."
 
 
-def describe_os_error(error: OSError) -> str:
-    """One paragraph for an OS error met while reading or writing a file."""
-    path = error.filename if error.filename is not None else "a file"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{6,}\.tmp$")   # atomic.py's mkstemp names
+_PARTIAL = re.compile(r"^\.(?P<name>.+)_[A-Za-z0-9_]{8}\.partial$")  # report folders being written
+
+
+def final_path(path: str) -> str:
+    """The file (or report folder) a temporary name becomes: what a user knows and can move."""
+    parts = list(Path(path).parts)
+    for position, part in enumerate(parts):
+        temporary, partial = _TEMPORARY.match(part), _PARTIAL.match(part)
+        if temporary:
+            parts[position] = temporary.group("name")
+        elif partial:
+            return f"the {partial.group('name')} report being written in {Path(*parts[:position])}"
+    return str(Path(*parts))
+
+
+def flag_holding(path: str, outputs: Dict[str, str]) -> Optional[str]:
+    """The flag of ``outputs`` (flag: folder) whose folder holds ``path``, the deepest one."""
+    target = Path(os.path.abspath(path))
+    holding = [(len(Path(os.path.abspath(folder)).parts), flag) for flag, folder in outputs.items()
+               if folder and Path(os.path.abspath(folder)) in (target, *target.parents)]
+    return max(holding)[1] if holding else None
+
+
+def describe_os_error(error: OSError, outputs: Optional[Dict[str, str]] = None) -> str:
+    """One paragraph for an OS error met while reading or writing a file; ``outputs`` (flag: folder, the
+    command's output flags as given) lets it name the flag that moves the file."""
+    path = final_path(str(error.filename)) if error.filename is not None else "a file"
     reason = error.strerror or str(error)
     code = error.errno
     if code == errno.ENOSPC or code == errno.EDQUOT:
+        flag = flag_holding(str(error.filename), outputs or {}) if error.filename is not None else None
+        move = f"pass {flag} a folder on another disk" if flag else "point the output flag at another disk"
         return (f"no space left on the device while writing {path}. Free space on that disk (df -h "
-                f"{Path(str(path)).parent}) or point the output flag at another disk, then run the same command "
-                f"again. {_ALREADY_WRITTEN}")
+                f"{Path(str(error.filename or '.')).parent}) or {move}, then run the same command again. "
+                f"{_ALREADY_WRITTEN}")
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"permission denied for {path} ({reason}): make it writable (or readable) for this user, or "
                 f"choose another folder with the corresponding flag.")

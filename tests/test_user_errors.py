@@ -366,3 +366,52 @@ def test_eval_stops_at_a_bad_late_row_before_any_student(shapes_root, expert_dir
     expected = {"empty_expert_dir": str(experts), "no_forgetting_record": "forgetting_0.json",
                 "too_many_pairs": "kcenter baseline needs 200 training pairs"}[late_row]
     assert expected in err
+
+
+def test_a_full_disk_names_the_file_and_the_flag_not_a_temporary(shapes_root, tmp_path, capsys, monkeypatch):
+    """atomic.py writes through '.NAME.XXXXXXXX.tmp' temporaries: the message names NAME and the flag
+    that moves it, as the user gave it."""
+    import sys
+    saved = tmp_path / "d.pt"
+    checkpoint.save_distilled(saved, _as_set(evaluate.FrozenSubset(
+        torch.randn(4, 3, 16, 16), torch.randn(4, 32), torch.eye(4), 0.1, 0.1)), {}, 0, 0)
+    out = tmp_path / "results"
+
+    def disk_full(items):
+        final = Path(items[0][0])
+        raise OSError(28, "No space left on device", str(final.parent / f".{final.name}.k2j_x9q1.tmp"))
+
+    monkeypatch.setattr(evaluate, "write_all", disk_full)
+    monkeypatch.setattr(evaluate, "evaluate_subsets", lambda *a, **k: {"selected": {
+        "mean": {"r_mean": 1.0}, "std": {"r_mean": 0.0}}})
+    monkeypatch.setattr(evaluate, "format_table", lambda rows: "table")
+    argv = shapes_args(shapes_root, tmp_path, "--image_trainable", "--num_eval", "1", "--epoch_eval_train", "1",
+                       "--ckpt_path", str(saved), "--baseline", "--out_dir", str(out))
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    with pytest.raises(SystemExit):
+        run_script(lambda: evaluate.main(argv))
+    err = capsys.readouterr().err
+    assert ".tmp" not in err and str(out / "eval_results") in err
+    assert "pass --out_dir a folder on another disk" in err
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("/w/runs/.latest.pt.abc123xy.tmp", "/w/runs/latest.pt"),
+    ("/w/reports/.ablation_q1w2e3r4.partial/README.md", "the ablation report being written in /w/reports"),
+    ("/w/reports/.study_components_a1b2c3d4.partial/fig.png", "the study_components report being written in /w/reports"),
+    ("/w/plain/file.json", "/w/plain/file.json"),
+])
+def test_temporary_names_become_the_files_they_turn_into(written, expected):
+    from distill_utils.errors import final_path
+    assert final_path(written) == expected
+
+
+def test_the_flag_named_is_the_deepest_output_folder_holding_the_file():
+    from distill_utils.app.cli import output_flags
+    from distill_utils.errors import flag_holding
+    flags = output_flags(["--workdir", "/w", "--image_root=/data/img", "--logged_dir", "/w/runs", "--seed", "3"],
+                         {"--workdir": "./ablation"})
+    assert flags == {"--workdir": "/w", "--image_root": "/data/img", "--logged_dir": "/w/runs"}
+    assert flag_holding("/w/runs/x/.a.pt.abcdef12.tmp", flags) == "--logged_dir"
+    assert flag_holding("/w/reports/r.md", flags) == "--workdir"
+    assert flag_holding("/elsewhere/r.md", flags) is None

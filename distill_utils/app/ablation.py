@@ -936,5 +936,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="interrupted: finished runs are kept in --workdir/ablation_runs and a cut run "
+    run_script(main, outputs={"--workdir": "./ablation"}, interrupted="interrupted: finished runs are kept in --workdir/ablation_runs and a cut run "
                                  "resumes: run the same command again to go on.")

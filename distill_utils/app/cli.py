@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 from networks import EncoderError
 
@@ -232,17 +232,34 @@ def user_message(error: BaseException) -> str:
     return f"{original} (raised in a DataLoader worker process)"
 
 
+def output_flags(argv: Sequence[str], defaults: Dict[str, str]) -> Dict[str, str]:
+    """``{flag: folder}`` for the path-valued flags of ``argv`` (``--flag value`` and ``--flag=value``),
+    over the script's output flags' defaults: what a message can name as the flag that moves a file."""
+    found = dict(defaults)
+    for position, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        flag, _, value = token.partition("=")
+        if not value and position + 1 < len(argv) and not argv[position + 1].startswith("--"):
+            value = argv[position + 1]
+        if value and ("/" in value or value.startswith(".")):
+            found[flag] = value
+    return found
+
+
 def run_script(main, interrupted: str = "interrupted: files already written are complete (written "
-                                          "atomically); run the same command again to continue.") -> None:
+                                          "atomically); run the same command again to continue.",
+               outputs: Optional[Dict[str, str]] = None) -> None:
     """Run a script's ``main()``; user errors and OS errors (a full disk, a read-only folder) become
-    one paragraph on stderr and exit status 2, not a stack trace."""
+    one paragraph on stderr and exit status 2, not a stack trace. ``outputs`` (flag: default folder)
+    are the script's output flags, so a full disk's message names the one that moves the file."""
     try:
         main()
     except (UsageError, EncoderError, FloatingPointError, MemoryError) as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as error:
-        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        print(f"error: {describe_os_error(error, output_flags(sys.argv[1:], outputs or {}))}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -797,5 +797,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, interrupted="interrupted: finished runs are kept in --workdir/study_runs and a cut run resumes: "
+    run_script(main, outputs={"--workdir": "./study"}, interrupted="interrupted: finished runs are kept in --workdir/study_runs and a cut run resumes: "
                                  "run the same command again to go on.")
