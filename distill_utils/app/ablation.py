@@ -284,21 +284,33 @@ def matching_run(parent: Path, base: str, flags_named) -> Tuple[RunFolder, List[
     return run, flags_named(run.name)
 
 
-def for_the_experts_there(run: RunFolder, folders: Sequence[str]) -> RunFolder:
-    """``run``, unless it was made from other experts than ``folders`` hold now (an expert rewritten,
-    added or gone): then a folder of its own for these experts, named by their digest, so neither run is
-    paired with experts it was not made from and neither is lost."""
+def experts_changes(run: RunFolder, identity: Optional[List[dict]] = None) -> List[str]:
+    """What changed in the experts since ``run`` recorded them ([] for a run without a record):
+    against ``identity`` when given, else against its recorded folders as they are now."""
     recorded = run.recorded_experts() if run.holds_run() else None
     if recorded is None:
+        return []
+    if identity is None:
+        identity = trajectories.experts_identity([Path(entry["folder"]) for entry in recorded])
+    return trajectories.identity_changes(recorded, identity)
+
+
+def for_the_experts_there(run: RunFolder, folders: Sequence[str],
+                          identity: Optional[List[dict]] = None) -> RunFolder:
+    """``run``, unless it was made from other experts than ``folders`` hold now (an expert rewritten,
+    added or gone): then a folder of its own for these experts, named by their digest, so neither run is
+    paired with experts it was not made from and neither is lost. ``identity``: the folders' experts,
+    when computed already."""
+    if not run.holds_run() or run.recorded_experts() is None:
         return run
-    identity = trajectories.experts_identity([Path(folder) for folder in folders])
-    changed = trajectories.identity_changes(recorded, identity)
+    identity = identity or trajectories.experts_identity([Path(folder) for folder in folders])
+    changed = experts_changes(run, identity)
     if not changed:
         return run
     digest = hashlib.sha256(json.dumps([entry["files"] for entry in identity], sort_keys=True).encode()).hexdigest()
     other = RunFolder(run.path.with_name(f"{run.name}_e{digest[:8]}"))
     log.info("%s was made from other experts (%s): this run goes to %s", run.name, " | ".join(changed), other.name)
-    return for_the_experts_there(other, folders) if other.holds_run() else other
+    return for_the_experts_there(other, folders, identity)
 
 
 def ensure_run(run: RunFolder, flags: List[str], label: str) -> float:
@@ -318,11 +330,7 @@ def ensure_run(run: RunFolder, flags: List[str], label: str) -> float:
 def refuse_other_experts(run: RunFolder) -> None:
     """A run made from experts that have changed since (rewritten, gone or added) is neither reused nor
     resumed: its result belongs to the experts it read."""
-    recorded = run.recorded_experts() if run.holds_run() else None
-    if recorded is None:
-        return
-    folders = [Path(entry["folder"]) for entry in recorded]
-    changed = trajectories.identity_changes(recorded, trajectories.experts_identity(folders))
+    changed = experts_changes(run)
     if changed:
         raise UsageError(f"{run.path} was distilled from other experts than the ones there now "
                          f"({' | '.join(changed)}), so its result does not belong to them. Move that run folder "
@@ -936,5 +944,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, outputs={"--workdir": "./ablation"}, interrupted="interrupted: finished runs are kept in --workdir/ablation_runs and a cut run "
-                                 "resumes: run the same command again to go on.")
+    run_script(main, outputs={"--workdir": "./ablation"},
+               interrupted="interrupted: finished runs are kept in --workdir/ablation_runs and a cut run resumes: run "
+                           "the same command again to go on.")

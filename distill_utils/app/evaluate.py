@@ -247,6 +247,12 @@ def real_subsets(data: DataContext, chunks: Sequence[Sequence[int]], lr_img: flo
     return subsets
 
 
+def check_enough_pairs(baseline: str, needed: int, available: int, what: str = "training pairs") -> None:
+    if needed > available:
+        raise DataError(f"the {baseline} baseline needs {needed} {what} but the dataset has {available}: drop "
+                        f"--baseline {baseline} or use a larger training set")
+
+
 def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
                    generator: torch.Generator) -> List[FrozenSubset]:
     """Random real training pairs; distinct across phases when the training set holds enough pairs,
@@ -255,9 +261,7 @@ def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_tx
     if sum(sizes) <= available:
         chunks = torch.randperm(available, generator=generator)[:sum(sizes)].split(list(sizes))
     else:
-        if max(sizes) > available:
-            raise DataError(f"the random baseline needs {max(sizes)} distinct training pairs for one phase but the "
-                            f"dataset has {available}: drop --baseline random or use a larger training set")
+        check_enough_pairs("random", max(sizes), available, "distinct training pairs for one phase")
         log.warning("the training set has %d pairs, fewer than the %d the phases hold together: each phase's "
                     "random subset is drawn on its own, so they may share pairs", available, sum(sizes))
         chunks = [torch.randperm(available, generator=generator)[:size] for size in sizes]
@@ -272,11 +276,17 @@ class CoresetSelector:
     def __init__(self, data: DataContext, expert_dir: Path, config, device: torch.device):
         self.data, self.expert_dir, self.config, self.device = data, Path(expert_dir), config, device
         self._embeddings = None
+        self._expert = None
         self._forgetting: Optional[dict] = None
+
+    def expert(self):
+        if self._expert is None:
+            self._expert, _ = expert_at_end(self.config, self.expert_dir, self.device)
+        return self._expert
 
     def embeddings(self):
         if self._embeddings is None:
-            model, _ = expert_at_end(self.config, self.expert_dir, self.device)
+            model = self.expert()
             train = self.data.train
             self._embeddings = pair_embeddings(model, lambda path: train.transform(train.folder(path)),
                                                train.image_paths(), self.data.train_text, self.device)
@@ -296,13 +306,11 @@ class CoresetSelector:
         if kind == "forgetting":
             self.forgetting_record()
         else:
-            expert_at_end(self.config, self.expert_dir, torch.device("cpu"))
+            self.expert()
 
     def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float, seed: int) -> List[FrozenSubset]:
         """``seed`` orders the forgetting counts that tie; herding and k-center do not depend on it."""
-        if sum(sizes) > len(self.data.train):
-            raise DataError(f"the {kind} baseline needs {sum(sizes)} training pairs but the dataset has "
-                            f"{len(self.data.train)}: drop --baseline {kind} or use a larger training set")
+        check_enough_pairs(kind, sum(sizes), len(self.data.train))
         if kind == "forgetting":
             ranking = rank_pairs(kind, sum(sizes), forgetting=self.forgetting_record(), seed=seed)
         else:
@@ -315,13 +323,10 @@ def check_baselines(baselines: Sequence[str], sizes: Sequence[int], available: i
     """What every reference row needs, checked before any student trains: enough training pairs, and for
     the coresets a readable expert (and its forgetting record)."""
     for baseline in baselines:
-        if baseline in ("random", "random_split") and max(sizes) > available:
-            raise DataError(f"the {baseline} baseline needs {max(sizes)} distinct training pairs for one phase but "
-                            f"the dataset has {available}: drop --baseline {baseline} or use a larger training set")
+        if baseline in ("random", "random_split"):
+            check_enough_pairs(baseline, max(sizes), available, "distinct training pairs for one phase")
         if baseline in CORESETS:
-            if sum(sizes) > available:
-                raise DataError(f"the {baseline} baseline needs {sum(sizes)} training pairs but the dataset has "
-                                f"{available}: drop --baseline {baseline} or use a larger training set")
+            check_enough_pairs(baseline, sum(sizes), available)
             selector.check(baseline)
 
 

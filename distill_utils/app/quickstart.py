@@ -317,5 +317,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, outputs={"--workdir": "./quickstart"}, interrupted="interrupted: the stages that finished (data, pretrained encoder, experts, shortcut "
-                                 "trajectories) are kept in --workdir and reused; run the same command again to go on.")
+    run_script(main, outputs={"--workdir": "./quickstart"},
+               interrupted="interrupted: the stages that finished (data, pretrained encoder, experts, shortcut "
+                           "trajectories) are kept in --workdir and reused; run the same command again to go on.")

@@ -57,8 +57,8 @@ from ..runs import RunFolder
 from . import convexify, distill
 from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, FULL_DATA, OWNED, RANDOM_SPLIT, TEN_EPOCH_SHAPES, Phases,
                        RunRecord, check_budgets_fit, distill_all, ensure_run, eval_settings_of, evaluate_all,
-                       even_split, flag_groups, flags_for, load_final, matching_run, paper_table, phase_flags, phase_sizes, publish,
-                       report_stamp, students, table, train_expert_set, Plan)
+                       even_split, flag_groups, flags_for, load_final, matching_run, paper_table, phase_flags,
+                       phase_sizes, publish, report_stamp, students, table, train_expert_set, Plan)
 from .cli import non_negative, positive, run_script
 from .context import load_data, model_config
 from .evaluate import random_subsets
@@ -797,5 +797,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_script(main, outputs={"--workdir": "./study"}, interrupted="interrupted: finished runs are kept in --workdir/study_runs and a cut run resumes: "
-                                 "run the same command again to go on.")
+    run_script(main, outputs={"--workdir": "./study"},
+               interrupted="interrupted: finished runs are kept in --workdir/study_runs and a cut run resumes: "
+                           "run the same command again to go on.")

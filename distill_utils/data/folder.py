@@ -88,11 +88,12 @@ class FolderScan:
         line = f"image folder {root}: {len(self.pairs)} image-caption pairs found"
         if not self.left_out:
             return line + ", no file left out"
-        named = "; ".join(f"{item.path} ({item.reason})" for item in self.left_out[:shown])
+        line += f"; {len(self.left_out)} files left out: "
+        line += "; ".join(f"{item.path} ({item.reason})" for item in self.left_out[:shown])
         more = len(self.left_out) - shown
-        return (line + f"; {len(self.left_out)} files left out: {named}"
-                + (f"; and {more} more" + (f", every one named in {listed_in}" if listed_in else "") if more > 0
-                   else ""))
+        if more > 0:
+            line += f"; and {more} more" + (f", every one named in {listed_in}" if listed_in else "")
+        return line
 
 
 def _key(path: Path) -> Tuple[int, int]:
