@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from networks import SIDES
 
 from .authors_step import prepare_rebuild

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from distill_utils import trajectories
-from distill_utils.matching import StudentParameters, capture_rng_state, restore_rng_state
-from distill_utils.synthetic import SyntheticSet
+from distill_utils.experts import trajectories
+from distill_utils.distillation.matching import StudentParameters, capture_rng_state, restore_rng_state
+from distill_utils.distillation.synthetic import SyntheticSet
 from networks import SIDES, DualEncoderConfig, PretrainedWeightsUnavailable, create_image_encoder
 from networks.text_encoders import _vocab_tokenizer
 

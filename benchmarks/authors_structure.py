@@ -23,8 +23,8 @@ import torch
 from distill_utils.app import ablation
 from distill_utils.app.context import load_data, model_config
 from distill_utils.app.quickstart import make_shortcuts
-from distill_utils.retrieval import split_benchmarks
-from distill_utils.runlog import setup_logging
+from distill_utils.students.retrieval import split_benchmarks
+from distill_utils.runtime.runlog import setup_logging
 
 from .common import write_json
 

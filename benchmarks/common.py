@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from distill_utils.atomic import atomic_write_text
+from distill_utils.runtime.atomic import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

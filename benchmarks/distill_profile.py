@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill_utils.app.cli import positive
-from distill_utils.speed import enable_fast_math
+from distill_utils.runtime.speed import enable_fast_math
 
 from .common import device_name, synchronize, table, write_json
 from .distill_step import CONFIGS, add_ours_args, make_inputs, ours, result_name

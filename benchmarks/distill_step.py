@@ -26,12 +26,13 @@ from typing import List
 
 import torch
 
-from distill_utils import MultilabelContrastiveLoss, trajectories
+from distill_utils import MultilabelContrastiveLoss
+from distill_utils.experts import trajectories
 from distill_utils.app.cli import count_or
-from distill_utils.matching import AUTO, MatchResult, MiniBatchSampler, TrajectoryMatcher
-from distill_utils.snapshot_cache import SnapshotCache
-from distill_utils.speed import enable_fast_math
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils.distillation.matching import AUTO, MatchResult, MiniBatchSampler, TrajectoryMatcher
+from distill_utils.experts.snapshot_cache import SnapshotCache
+from distill_utils.runtime.speed import enable_fast_math
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
 from .authors_step import authors_step, prepare_rebuild

@@ -19,8 +19,8 @@ from typing import Dict, List
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.experts import ExpertOptim, make_optimizer, train_one_epoch
-from distill_utils.speed import SpeedOptions
+from distill_utils.experts.training import ExpertOptim, make_optimizer, train_one_epoch
+from distill_utils.runtime.speed import SpeedOptions
 from networks import DualEncoderConfig
 
 from .common import device_name, summary, synchronize, table, write_json

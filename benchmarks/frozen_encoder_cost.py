@@ -16,9 +16,9 @@ import torch
 from distill_utils.app import ablation, distill
 from distill_utils.app.context import load_data, model_config
 from distill_utils.app.quickstart import STAMPS
-from distill_utils.full_data import FullDataSettings, Recipe, pair_source, train_on_all
-from distill_utils.retrieval import split_benchmarks
-from distill_utils.runlog import setup_logging
+from distill_utils.students.full_data import FullDataSettings, Recipe, pair_source, train_on_all
+from distill_utils.students.retrieval import split_benchmarks
+from distill_utils.runtime.runlog import setup_logging
 
 from .common import write_json
 

@@ -14,8 +14,8 @@ import platform
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils.distillation.matching import MiniBatchSampler, TrajectoryMatcher
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
 from .common import alternating_seconds, device_name, paired_ratio, summary, write_json

@@ -24,11 +24,12 @@ from typing import List, Optional
 import torch
 import torch.multiprocessing as mp
 
-from distill_utils import MultilabelContrastiveLoss, trajectories
-from distill_utils.distributed import Ranks, share_of
-from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher
-from distill_utils.segments import Segment, draw_seeds, match_segments
-from distill_utils.speed import enable_fast_math
+from distill_utils import MultilabelContrastiveLoss
+from distill_utils.experts import trajectories
+from distill_utils.runtime.distributed import Ranks, share_of
+from distill_utils.distillation.matching import MiniBatchSampler, TrajectoryMatcher
+from distill_utils.distillation.segments import Segment, draw_seeds, match_segments
+from distill_utils.runtime.speed import enable_fast_math
 from networks import SIDES
 
 from .common import device_name, median_seconds, summary, write_json

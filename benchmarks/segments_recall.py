@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from distill_utils.runlog import git_sha
+from distill_utils.runtime.runlog import git_sha
 
 from .common import write_json
 

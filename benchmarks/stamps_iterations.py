@@ -21,13 +21,13 @@ from typing import Dict, List
 
 import torch
 
-from distill_utils import checkpoint
+from distill_utils.runtime import checkpoint
 from distill_utils.app import ablation
 from distill_utils.app.context import load_data, model_config
 from distill_utils.app.quickstart import make_shortcuts
-from distill_utils.errors import UsageError
-from distill_utils.retrieval import split_benchmarks
-from distill_utils.runlog import setup_logging
+from distill_utils.runtime.errors import UsageError
+from distill_utils.students.retrieval import split_benchmarks
+from distill_utils.runtime.runlog import setup_logging
 
 from .common import RESULTS, write_json
 

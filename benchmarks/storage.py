@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import convexify
 from networks import SIDES, DualEncoderConfig
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import convexify
-from distill_utils.snapshot_cache import GIB, SnapshotCache
+from distill_utils.experts.snapshot_cache import GIB, SnapshotCache
 from networks import SIDES, DualEncoderConfig
 
 from .common import median_seconds, summary, table, write_json

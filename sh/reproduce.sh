@@ -32,7 +32,7 @@ if [[ -z "${SKIP_DATA:-}" ]]; then
   bash sh/prepare_data.sh "$DATASET"
 fi
 
-HAVE="$(${PYTHON:-python} -c "import sys; from pathlib import Path; from distill_utils.trajectories import twin_indices
+HAVE="$(${PYTHON:-python} -c "import sys; from pathlib import Path; from distill_utils.experts.trajectories import twin_indices
 p = Path(sys.argv[1]); print(len(twin_indices(p)) if p.is_dir() else 0)" "$(normal_dir_of "$DATASET")")"
 if (( HAVE < NUM_EXPERTS )); then
   stage "experts: $HAVE of $NUM_EXPERTS in $(normal_dir_of "$DATASET"), training $((NUM_EXPERTS - HAVE))"
@@ -45,7 +45,7 @@ stage "shortcut trajectories"
 bash sh/convexify.sh "$DATASET" "${CONVEXIFY_EXTRA[@]}"
 
 RUN="$LOGGED_DIR/$DATASET/$RECIPE"
-FINISHED="$(${PYTHON:-python} -c "import sys; from distill_utils.runs import RunFolder
+FINISHED="$(${PYTHON:-python} -c "import sys; from distill_utils.runtime.runs import RunFolder
 print(int(RunFolder(sys.argv[1]).finished()))" "$RUN")"
 if [[ -f "$RUN/latest.pt" ]]; then
   # a finished run returns at once; one made with other flags is refused by the distiller, never reused

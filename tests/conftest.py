@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill_utils import trajectories  # noqa: E402
+from distill_utils.experts import trajectories  # noqa: E402
 from distill_utils.app import buffer, convexify
 from distill_utils.data import shapes  # noqa: E402
 from tests.helpers import shapes_args  # noqa: E402
@@ -54,7 +54,7 @@ def _steady_clock(monkeypatch):
     on a loaded machine could choose differently and differ in the last bits. In this process every
     timed interval lasts one tick: the trials tie and keep the first option (keeping graphs, segments
     one after another), as an idle CPU does. Tests of the choice itself pass their timings explicitly."""
-    from distill_utils import matching, segments
+    from distill_utils.distillation import matching, segments
     ticks = itertools.count()
     clock = lambda device: float(next(ticks))  # noqa: E731
     monkeypatch.setattr(matching, "synchronized_clock", clock)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import checkpoint
+from distill_utils.runtime import checkpoint
 from distill_utils.app import ablation
-from distill_utils.runs import RunFolder
+from distill_utils.runtime.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -61,7 +61,7 @@ def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_re
     assert {r["method"] for r in results["results"] if r["student"] == "convnet"} == \
         set(ROWS) - {"random, frozen encoder", "full training set"}
     assert not list((work / "reports").glob(".*partial"))
-    from distill_utils import export
+    from distill_utils.outputs import export
     assert sorted(p.name for p in (report.parent / "exports").iterdir()) == sorted(f"{m}_b4_s0" for m in METHODS)
     lors, _ = export.load_export(report.parent / "exports" / "lors_b4_s0")
     assert torch.equal(lors[0].images, ablation.load_final(run_of(work, "lors"))[0].images)
@@ -246,7 +246,7 @@ def test_lr_search_gives_every_method_the_same_configurations_and_runs_the_val_c
 
 def test_a_budget_larger_than_a_folder_datasets_training_split_stops_before_any_expert(tmp_path):
     from tests.test_folder_data import make_folder
-    from distill_utils.errors import UsageError
+    from distill_utils.runtime.errors import UsageError
     images = make_folder(tmp_path / "images", n=12)  # 12 - 2 val - 3 test = 7 training pairs
     with pytest.raises(UsageError, match="--budgets 50 exceeds the 7 training pairs of folder"):
         ablation.main(["--workdir", str(tmp_path / "work"), "--preset", "smoke", "--budgets", "4", "50",

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from distill_utils import atomic
-from distill_utils.atomic import atomic_save, atomic_write_bytes_with, atomic_write_text, text_writer, write_all
+from distill_utils.runtime import atomic
+from distill_utils.runtime.atomic import atomic_save, atomic_write_bytes_with, atomic_write_text, text_writer, write_all
 
 WRITERS = {
     "text": lambda path: atomic_write_text(path, "x"),

@@ -6,9 +6,10 @@ import torch
 from benchmarks import distill_step
 from benchmarks.authors_step import authors_step, flat, prepare_rebuild
 from benchmarks.common import allocation_peak_bytes
-from distill_utils import MultilabelContrastiveLoss, trajectories
-from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils import MultilabelContrastiveLoss
+from distill_utils.experts import trajectories
+from distill_utils.distillation.matching import MiniBatchSampler, TrajectoryMatcher
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES
 
 CPU = torch.device("cpu")

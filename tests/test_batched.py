@@ -49,8 +49,8 @@ def test_batched_second_derivatives_through_the_head_match_autograd_per_paramete
 
 def test_bf16_autocast_of_the_student_steps_is_near_float32_and_batches_alike():
     from distill_utils import MultilabelContrastiveLoss
-    from distill_utils.matching import TrajectoryMatcher
-    from distill_utils.segments import match_segments
+    from distill_utils.distillation.matching import TrajectoryMatcher
+    from distill_utils.distillation.segments import match_segments
     from tests.test_segments import STEPS, problem
     grads = {}
     for autocast in (None, torch.bfloat16):

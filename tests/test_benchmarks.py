@@ -232,7 +232,7 @@ def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_p
 
 def test_the_recall_study_refuses_runs_another_code_version_made(tmp_path, monkeypatch):
     from benchmarks import segments_recall
-    from distill_utils.runlog import git_sha
+    from distill_utils.runtime.runlog import git_sha
     run = tmp_path / "shapes" / "k2_it200_seed0"
     assert segments_recall.made_by_other_code(run) is None  # nothing there yet
     run.mkdir(parents=True)

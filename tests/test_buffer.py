@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer
 from distill_utils.data import DataError
-from distill_utils.trajectories import TrajectoryBuffer, TrajectoryError
+from distill_utils.experts.trajectories import TrajectoryBuffer, TrajectoryError
 from tests.helpers import fake_trajectory, shapes_args
 
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import convexify
-from distill_utils.shortcut import convexify_trajectory
-from distill_utils.trajectories import TrajectoryBuffer
+from distill_utils.experts.shortcut import convexify_trajectory
+from distill_utils.experts.trajectories import TrajectoryBuffer
 from tests.helpers import fake_trajectory
 
 SHAPES = [(3, 4), (4,), (2, 2)]

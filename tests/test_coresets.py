@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_utils import coresets, trajectories
+from distill_utils.students import coresets
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer, evaluate
-from distill_utils.errors import UsageError
+from distill_utils.runtime.errors import UsageError
 
 from .helpers import shapes_args
 from .test_evaluation import saved_checkpoint

@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
-from distill_utils import checkpoint, trajectories
+from distill_utils.runtime import checkpoint
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer, distill
 from distill_utils.app.cli import run_script
-from distill_utils.matching import MatchResult, TrajectoryMatcher
+from distill_utils.distillation.matching import MatchResult, TrajectoryMatcher
 from tests.helpers import shapes_args
 
 

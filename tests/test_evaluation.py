@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill_utils import checkpoint
+from distill_utils.runtime import checkpoint
 from distill_utils.app import evaluate
-from distill_utils.evaluation import (EvalSettings, StudentRun, measurement_epochs, summarise, train_student)
-from distill_utils.synthetic import FrozenSubset, SyntheticSet, make_similarity
+from distill_utils.students.evaluation import EvalSettings, StudentRun, measurement_epochs, summarise, train_student
+from distill_utils.distillation.synthetic import FrozenSubset, SyntheticSet, make_similarity
 from networks import DualEncoderConfig
 from tests.helpers import shapes_args
 
@@ -151,7 +151,7 @@ def test_a_students_result_does_not_depend_on_what_was_evaluated_before(shapes_r
     global generator (it shifted the dropout masks of the first student a process evaluated)."""
     args = evaluate.build_parser().parse_args(shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt"))
     from distill_utils.app.context import load_data
-    from distill_utils.retrieval import split_benchmarks
+    from distill_utils.students.retrieval import split_benchmarks
     data = load_data(args, torch.device("cpu"), augment=False, need_val=True)
     config = DualEncoderConfig("convnet_tiny", text_dim=data.text_dim, image_trainable=True)
     settings = EvalSettings(epochs=4, num_eval=1, protocol="val")
@@ -180,9 +180,9 @@ class SnapshotBenchmark:
 def hand_trained(subsets, schedule, epochs, batch, seed, phase_lr="current", momentum=0.9, weight_decay=5e-4):
     """The student schedules written out: SGD with momentum and weight decay by hand, the x0.1 decay
     by hand, the subsets (or their union) in the order the schedule says; the parameters after every epoch."""
-    from distill_utils.evaluation import student_seed
-    from distill_utils.losses import MultilabelContrastiveLoss
-    from distill_utils.runlog import seeded
+    from distill_utils.students.evaluation import student_seed
+    from distill_utils.distillation.losses import MultilabelContrastiveLoss
+    from distill_utils.runtime.runlog import seeded
     seed = student_seed(seed, 0)
     if schedule == "union":
         n = sum(len(s) for s in subsets)
@@ -254,7 +254,7 @@ def test_union_with_own_step_sizes_is_refused(shapes_root, tmp_path):
 
 
 def test_union_similarity_is_block_diagonal():
-    from distill_utils.evaluation import union_of
+    from distill_utils.students.evaluation import union_of
     a, b = subset(2, 0.1, 0.2, 0), subset(3, 0.3, 0.4, 1)
     a.similarity[0, 1] = 0.7
     joined = union_of([a, b])

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import checkpoint, export
+from distill_utils.runtime import checkpoint
+from distill_utils.outputs import export
 from distill_utils.app import evaluate, quickstart
-from distill_utils.runs import RunFolder
+from distill_utils.runtime.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ["--num_eval", "1", "--epoch_eval_train", "2", "--baseline", "random", "--num_workers", "0"]

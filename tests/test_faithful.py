@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill_utils import full_data
+from distill_utils.students import full_data
 from networks import DualEncoderConfig
 from distill_utils.app import ablation, distill, evaluate
 from distill_utils.app.context import load_data, model_config
-from distill_utils.retrieval import split_benchmarks
+from distill_utils.students.retrieval import split_benchmarks
 
 from .helpers import shapes_args
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer
-from distill_utils.atomic import write_all, torch_writer
+from distill_utils.runtime.atomic import write_all, torch_writer
 from distill_utils.app.cli import run_script
-from distill_utils.trajectories import TrajectoryBuffer
+from distill_utils.experts.trajectories import TrajectoryBuffer
 from tests.helpers import shapes_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ import os, signal, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {root!r})
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 point = {point!r}
 real_replace = os.replace
 calls = []
@@ -228,7 +228,7 @@ def test_two_calls_on_one_workdir_train_the_shared_encoder_and_experts_once(tmp_
     import os
     import subprocess
     import sys
-    from distill_utils import trajectories
+    from distill_utils.experts import trajectories
     from distill_utils.app import quickstart
     script = tmp_path / "race.py"
     script.write_text(RACE_TOP_UP)
@@ -269,8 +269,8 @@ def test_the_digest_of_a_large_trajectory_file_sees_a_change_in_its_middle(tmp_p
 
 def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_path, monkeypatch):
     from distill_utils.app import ablation
-    from distill_utils.errors import UsageError
-    from distill_utils.runs import RunFolder
+    from distill_utils.runtime.errors import UsageError
+    from distill_utils.runtime.runs import RunFolder
     experts = tmp_path / "experts"
     write_marked_experts(experts, [1.0, 2.0])
     run = RunFolder(tmp_path / "logged" / "lors_b10_s0_abc")
@@ -310,7 +310,7 @@ def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_
 
 def test_a_resume_names_the_experts_rewritten_since_the_run_started(tmp_path, caplog):
     from distill_utils.app import distill
-    from distill_utils.runs import RunFolder
+    from distill_utils.runtime.runs import RunFolder
     experts = tmp_path / "experts"
     write_marked_experts(experts, [1.0, 2.0])
     run = RunFolder(tmp_path / "run")
@@ -328,7 +328,7 @@ def test_a_resume_names_the_experts_rewritten_since_the_run_started(tmp_path, ca
 
 def test_the_ablation_gives_a_run_for_changed_experts_a_folder_of_its_own(tmp_path):
     from distill_utils.app import ablation
-    from distill_utils.runs import RunFolder
+    from distill_utils.runtime.runs import RunFolder
     experts = tmp_path / "experts"
     write_marked_experts(experts, [1.0, 2.0])
     made = RunFolder(tmp_path / "logged" / "mttvl_b10_s0_abc")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.matching import TrajectoryMatcher
+from distill_utils.distillation.matching import TrajectoryMatcher
 from tests.test_matching import build
 
 
@@ -36,7 +36,7 @@ def test_cuda_gradients_match_cpu(sim_type):
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep_graphs", [0, 1, "auto"])
 def test_dropout_masks_are_replayed_on_cuda(keep_graphs):
-    from distill_utils.matching import unrolled_autograd_loss
+    from distill_utils.distillation.matching import unrolled_autograd_loss
     model, synthetic, start, target = build(False, "full")
     device = torch.device("cuda")
     model, synthetic = model.to(device), synthetic.to(device)
@@ -56,7 +56,7 @@ def test_dropout_masks_are_replayed_on_cuda(keep_graphs):
 
 @pytest.mark.gpu
 def test_the_cuda_gauge_sees_an_allocation_and_auto_measures_a_graph():
-    from distill_utils.matching import CudaMemory
+    from distill_utils.distillation.matching import CudaMemory
     device = torch.device("cuda")
     memory = CudaMemory(device)
     before_available, before_allocated = memory.available(), memory.allocated()
@@ -78,7 +78,7 @@ def test_the_cuda_gauge_sees_an_allocation_and_auto_measures_a_graph():
 
 @pytest.mark.gpu
 def test_cuda_speed_switches_only_reorder_float32_arithmetic():
-    from distill_utils.speed import SpeedOptions
+    from distill_utils.runtime.speed import SpeedOptions
     from tests.test_speed import train_a_little
     device = torch.device("cuda")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

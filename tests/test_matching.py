@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.matching import (MEMORY_MARGIN, MiniBatchSampler, TrajectoryMatcher, room_for_another_graph,
-                                     unrolled_autograd_loss)
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils.distillation.matching import (MEMORY_MARGIN, MiniBatchSampler, TrajectoryMatcher,
+                                                 room_for_another_graph, unrolled_autograd_loss)
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
 

@@ -7,11 +7,11 @@ import torch
 from distill_utils import MultilabelContrastiveLoss
 from distill_utils.app import distill
 from distill_utils.app.methods import METHODS
-from distill_utils.evaluation import StudentRun, both_protocols, select_on
-from distill_utils.matching import MiniBatchSampler, TrajectoryMatcher, draw_blend, unrolled_autograd_loss
-from distill_utils.prototypes import joint_features, kmeans, nearest_distinct, prototype_pairs
-from distill_utils.starts import StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
-from distill_utils.synthetic import SyntheticRates, SyntheticSet, make_similarity
+from distill_utils.students.evaluation import StudentRun, both_protocols, select_on
+from distill_utils.distillation.matching import MiniBatchSampler, TrajectoryMatcher, draw_blend, unrolled_autograd_loss
+from distill_utils.distillation.prototypes import joint_features, kmeans, nearest_distinct, prototype_pairs
+from distill_utils.distillation.starts import StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
+from distill_utils.distillation.synthetic import SyntheticRates, SyntheticSet, make_similarity
 from networks import SIDES, Blend
 
 from .test_matching import build, grads_of

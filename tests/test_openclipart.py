@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, PngImagePlugin
 
 from distill_utils.data import openclipart as oc
 from distill_utils.data.folder import FolderSplit, draw_split, scan
-from distill_utils.errors import UsageError
+from distill_utils.runtime.errors import UsageError
 
 from .helpers import path_without_apt
 

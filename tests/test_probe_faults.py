@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_utils import text_cache, trajectories
+from distill_utils.data import text_cache
+from distill_utils.experts import trajectories
 from distill_utils.app import ablation, buffer, convexify, distill, evaluate
 from distill_utils.data import DataError, shapes
 from distill_utils.data.datasets import load_image
-from distill_utils.evaluation import student_seed
+from distill_utils.students.evaluation import student_seed
 from tests.helpers import shapes_args
 from tests.test_user_errors import distill_argv, script_error, write_pair
 

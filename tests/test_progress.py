@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from distill_utils import progress
+from distill_utils.runtime import progress
 from distill_utils.app import buffer
 from tests.helpers import shapes_args
 

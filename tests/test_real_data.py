@@ -206,7 +206,7 @@ def test_a_failed_stamp_write_names_the_file_instead_of_skipping_it(tmp_path, mo
     import errno
     from PIL import Image
     from distill_utils.data import stamps
-    from distill_utils.errors import UsageError
+    from distill_utils.runtime.errors import UsageError
     source = fake_stamps(tmp_path / "stamps")
     out = tmp_path / "out" / "images"
     real_save = Image.Image.save

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from distill_utils import checkpoint
+from distill_utils.runtime import checkpoint
 from distill_utils.app import distill
-from distill_utils.matching import TrajectoryMatcher
+from distill_utils.distillation.matching import TrajectoryMatcher
 from tests.test_distill import distill_argv
 
 
@@ -122,7 +122,7 @@ def test_moving_a_damaged_expert_out_and_resuming_goes_on_with_the_others(shapes
 def test_segment_batching_auto_resumes_with_the_choice_it_made(shapes_root, expert_dirs, tmp_path, monkeypatch):
     """Batched and one-after-another differ in the last bits, so a resume that timed them afresh would
     leave the uninterrupted run: the choice travels in the state. Batching is made to win its trials."""
-    from distill_utils import segments
+    from distill_utils.distillation import segments
     real_observe = segments.BatchingChoice.observe
     monkeypatch.setattr(segments.BatchingChoice, "observe", lambda self, b, s: real_observe(self, 0.0, 1.0))
     _, normal, shortcut, _ = expert_dirs

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from distill_utils import atomic, runs
-from distill_utils.runs import RunFolder, RunFolderError
+from distill_utils.runtime import atomic, runs
+from distill_utils.runtime.runs import RunFolder, RunFolderError
 
 
 def test_a_run_is_read_with_the_flags_of_its_latest_start(tmp_path):

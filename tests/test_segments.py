@@ -4,13 +4,13 @@ import torch
 import torch.multiprocessing as mp
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.distributed import Ranks, share_of
-from distill_utils.batched import supports_batching
-from distill_utils.matching import (KEEP, RECOMPUTE, KeepChoice, MiniBatchSampler, SegmentNoise, TrajectoryMatcher,
-                                   unrolled_autograd_loss)
-from distill_utils import segments as segments_module
-from distill_utils.segments import (BATCHED, SEQUENTIAL, BatchingChoice, Segment, draw_seeds, match_segments,
-                                   seeded_generators)
+from distill_utils.runtime.distributed import Ranks, share_of
+from distill_utils.distillation.batched import supports_batching
+from distill_utils.distillation.matching import (KEEP, RECOMPUTE, KeepChoice, MiniBatchSampler, SegmentNoise,
+                                                 TrajectoryMatcher, unrolled_autograd_loss)
+from distill_utils.distillation import segments as segments_module
+from distill_utils.distillation.segments import (BATCHED, SEQUENTIAL, BatchingChoice, Segment, draw_seeds,
+                                                 match_segments, seeded_generators)
 from networks import SIDES
 from tests.test_matching import build, grads_of
 
@@ -79,7 +79,8 @@ def test_an_encoder_that_draws_its_own_dropout_is_never_batched(monkeypatch):
     model.image_encoder.extra = torch.nn.Dropout(0.2)  # a draw batching could not give as an input
     matcher = TrajectoryMatcher(model, MultilabelContrastiveLoss("WBCE"), STEPS)
     assert not supports_batching(matcher)
-    monkeypatch.setattr("distill_utils.segments.match_batched", lambda *a: pytest.fail("batched a drawing encoder"))
+    monkeypatch.setattr("distill_utils.distillation.segments.match_batched",
+                        lambda *a: pytest.fail("batched a drawing encoder"))
     match_segments(matcher, synthetic, segments, 2, batches, batching=True)
 
 

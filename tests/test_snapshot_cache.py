@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from distill_utils import snapshot_cache, trajectories
-from distill_utils.snapshot_cache import GIB, SnapshotCache, auto_budget_bytes
+from distill_utils.experts import snapshot_cache, trajectories
+from distill_utils.experts.snapshot_cache import GIB, SnapshotCache, auto_budget_bytes
 
 SIZES = {"image": [(5, 7), (4,)], "text": [(4,)]}  # 35 + 4 image values, 4 text values per snapshot
 

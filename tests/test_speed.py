@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.experts import ExpertOptim, make_optimizer, train_one_epoch
-from distill_utils.speed import SpeedOptions
+from distill_utils.experts.training import ExpertOptim, make_optimizer, train_one_epoch
+from distill_utils.runtime.speed import SpeedOptions
 from networks import DualEncoderConfig
 
 

@@ -11,9 +11,9 @@ from torch.func import functional_call
 
 from distill_utils import MultilabelContrastiveLoss
 from distill_utils.app import study
-from distill_utils.runs import RunFolder
-from distill_utils.matching import TrajectoryMatcher
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils.runtime.runs import RunFolder
+from distill_utils.distillation.matching import TrajectoryMatcher
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_bad_study_flags_name_the_flag(argv, message, tmp_path):
 
 
 def test_a_budget_larger_than_a_folder_datasets_training_split_stops_the_study_before_any_expert(tmp_path):
-    from distill_utils.errors import UsageError
+    from distill_utils.runtime.errors import UsageError
     from tests.test_folder_data import make_folder
     images = make_folder(tmp_path / "images", n=12)  # 7 training pairs
     with pytest.raises(UsageError, match="--budgets 40 exceeds the 7 training pairs of folder"):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_utils import text_cache
+from distill_utils.data import text_cache
 
 
 class CountingEncoder(torch.nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import trajectories
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer, distill
 from tests.helpers import shapes_args
 from tests.test_distill import distill_argv

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill_utils import checkpoint, trajectories
+from distill_utils.runtime import checkpoint
+from distill_utils.experts import trajectories
 from distill_utils.app import buffer, convexify, distill, evaluate
 from distill_utils.app import shapes as shapes_app
 from distill_utils.app.cli import run_script
@@ -94,7 +95,7 @@ def test_eval_refuses_phases_out_of_order_or_twice(shapes_root, tmp_path, capsys
 
 
 def _as_set(frozen):
-    from distill_utils.synthetic import SyntheticSet, make_similarity
+    from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
     return SyntheticSet(frozen.images, frozen.texts, make_similarity("full", len(frozen.images)), 0.1, 0.1)
 
 
@@ -103,7 +104,7 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from distill_utils.claims import folder_lock, this_process
+from distill_utils.runtime.claims import folder_lock, this_process
 folder = Path({folder!r})
 folder.mkdir(parents=True, exist_ok=True)
 with folder_lock(folder, wait=False, owner=this_process()):
@@ -402,13 +403,13 @@ def test_a_full_disk_names_the_file_and_the_flag_not_a_temporary(shapes_root, tm
     ("/w/plain/file.json", "/w/plain/file.json"),
 ])
 def test_temporary_names_become_the_files_they_turn_into(written, expected):
-    from distill_utils.errors import final_path
+    from distill_utils.runtime.errors import final_path
     assert final_path(written) == expected
 
 
 def test_the_flag_named_is_the_deepest_output_folder_holding_the_file():
     from distill_utils.app.cli import output_flags
-    from distill_utils.errors import flag_holding
+    from distill_utils.runtime.errors import flag_holding
     flags = output_flags(["--workdir", "/w", "--image_root=/data/img", "--logged_dir", "/w/runs", "--seed", "3"],
                          {"--workdir": "./ablation"})
     assert flags == {"--workdir": "/w", "--image_root": "/data/img", "--logged_dir": "/w/runs"}

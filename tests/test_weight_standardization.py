@@ -10,8 +10,9 @@ from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame
 
 import networks
 from distill_utils import MultilabelContrastiveLoss
-from distill_utils.matching import MiniBatchSampler, StudentParameters, TrajectoryMatcher, unrolled_autograd_loss
-from distill_utils.synthetic import SyntheticSet, make_similarity
+from distill_utils.distillation.matching import (MiniBatchSampler, StudentParameters, TrajectoryMatcher,
+                                                 unrolled_autograd_loss)
+from distill_utils.distillation.synthetic import SyntheticSet, make_similarity
 from networks import SIDES, DualEncoderConfig
 from networks.weight_standardization import (FactoredStandardization, scaled_std_convs, standardization_jvp,
                                              standardize)

@@ -45,23 +45,25 @@ import torch
 
 from networks.image_encoders import is_known_image_encoder, unknown_image_encoder_message
 
-from .. import checkpoint, export, trajectories
+from ..runtime import checkpoint
+from ..outputs import export
+from ..experts import trajectories
 from ..data import build_datasets
-from ..errors import UsageError
-from ..runs import RunFolder, find_matching_run
-from ..atomic import atomic_write_text
-from ..errors import writable_folder
-from ..evaluation import EvalSettings, both_protocols, train_student
-from ..full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
-from ..progress import progress
-from ..retrieval import split_benchmarks
-from ..runlog import resolve_device, setup_logging
+from ..runtime.errors import UsageError
+from ..runtime.runs import RunFolder, find_matching_run
+from ..runtime.atomic import atomic_write_text
+from ..runtime.errors import writable_folder
+from ..students.evaluation import EvalSettings, both_protocols, train_student
+from ..students.full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
+from ..runtime.progress import progress
+from ..students.retrieval import split_benchmarks
+from ..runtime.runlog import resolve_device, setup_logging
 
 from . import buffer, distill
 from .cli import run_script
 from .context import folder_split, load_data, model_config
-from ..coresets import CORESETS
-from ..plots import grouped_bars, lines_with_error_bars
+from ..students.coresets import CORESETS
+from ..outputs.plots import grouped_bars, lines_with_error_bars
 from .evaluate import CoresetSelector, random_generator, random_subsets
 from .methods import METHODS
 from .quickstart import (OPENCLIPART, PRESETS as QUICKSTART, STAMPS, Settings, common_flags, generate_data,

@@ -16,15 +16,15 @@ from torch.utils.data import DataLoader
 
 from networks import DualEncoder
 
-from .. import trajectories
-from ..coresets import ForgettingTracker, pairs_digest
-from ..errors import writable_folder
-from ..experts import ExpertOptim, make_optimizer, side_snapshot, train_one_epoch
-from ..losses import LOSSES, MultilabelContrastiveLoss
-from ..retrieval import RetrievalBenchmark
-from ..runs import EXPERT_NEUTRAL_FLAGS, describe_differences, differing_flags
-from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, seeded, setup_logging
-from ..speed import SpeedOptions, enable_fast_math
+from ..experts import trajectories
+from ..students.coresets import ForgettingTracker, pairs_digest
+from ..runtime.errors import writable_folder
+from ..experts.training import ExpertOptim, make_optimizer, side_snapshot, train_one_epoch
+from ..distillation.losses import LOSSES, MultilabelContrastiveLoss
+from ..students.retrieval import RetrievalBenchmark
+from ..runtime.runs import EXPERT_NEUTRAL_FLAGS, describe_differences, differing_flags
+from ..runtime.runlog import MetricsLogger, format_recall, git_sha, resolve_device, seeded, setup_logging
+from ..runtime.speed import SpeedOptions, enable_fast_math
 
 from .cli import add_bool_flag, non_negative, positive, script_parser
 from .context import load_data, model_config

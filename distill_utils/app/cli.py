@@ -12,9 +12,9 @@ from typing import Dict, Optional, Sequence
 
 from networks import EncoderError
 
-from ..errors import UsageError, describe_os_error
-from ..evaluation import SCHEDULES, EvalSettings, schedule_problem
-from ..losses import LOSSES
+from ..runtime.errors import UsageError, describe_os_error
+from ..students.evaluation import SCHEDULES, EvalSettings, schedule_problem
+from ..distillation.losses import LOSSES
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}

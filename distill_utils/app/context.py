@@ -10,7 +10,7 @@ import torch
 
 from networks import DualEncoderConfig, create_text_encoder
 
-from .. import text_cache
+from ..data import text_cache
 from ..data import FolderSplit, RetrievalEvalDataset, RetrievalTrainDataset, build_datasets, resolve_roots
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 
-from .. import claims, trajectories
-from ..atomic import atomic_write_text
-from ..errors import writable_folder
-from ..progress import progress
-from ..runlog import setup_logging
-from ..shortcut_files import DTYPES, convexify_compact, convexify_full, full_encoding_bytes, output_folder
+from ..runtime import claims
+from ..experts import trajectories
+from ..runtime.atomic import atomic_write_text
+from ..runtime.errors import writable_folder
+from ..runtime.progress import progress
+from ..runtime.runlog import setup_logging
+from ..experts.shortcut_files import DTYPES, convexify_compact, convexify_full, full_encoding_bytes, output_folder
 
 from .cli import add_bool_flag, non_negative
 

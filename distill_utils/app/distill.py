@@ -21,27 +21,29 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import checkpoint, trajectories
-from ..claims import FolderBusy, folder_lock, this_process
+from ..runtime import checkpoint
+from ..experts import trajectories
+from ..runtime.claims import FolderBusy, folder_lock, this_process
 from ..data import DataError
-from ..distributed import (SINGLE, Ranks, ranks_from_environment, share_from_rank0, share_of, start_group,
-                           stop_group, sum_across, wait_for_all)
-from ..errors import UsageError, writable_folder
-from ..evaluation import EvalSettings, evaluate_subsets
-from ..losses import MultilabelContrastiveLoss
-from ..matching import AUTO, NORMALIZATIONS, KeepChoice, MiniBatchSampler, TrajectoryMatcher
-from ..prototypes import prototype_pairs
-from ..progress import progress
-from ..retrieval import RetrievalBenchmark, split_benchmarks
-from ..runs import RunFolder, comparable, describe_differences, differing_flags
-from ..runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
-from ..batched import supports_batching
-from ..segments import BATCHED, SEQUENTIAL, BatchingChoice, Segment, draw_seeds, match_segments
-from ..snapshot_cache import GIB, SnapshotCache
-from ..speed import enable_fast_math
-from ..starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
-from ..synthetic import ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet, make_similarity
-from ..visualize import nearest_captions, save_grid, write_captions
+from ..runtime.distributed import (SINGLE, Ranks, ranks_from_environment, share_from_rank0, share_of, start_group,
+                                   stop_group, sum_across, wait_for_all)
+from ..runtime.errors import UsageError, writable_folder
+from ..students.evaluation import EvalSettings, evaluate_subsets
+from ..distillation.losses import MultilabelContrastiveLoss
+from ..distillation.matching import AUTO, NORMALIZATIONS, KeepChoice, MiniBatchSampler, TrajectoryMatcher
+from ..distillation.prototypes import prototype_pairs
+from ..runtime.progress import progress
+from ..students.retrieval import RetrievalBenchmark, split_benchmarks
+from ..runtime.runs import RunFolder, comparable, describe_differences, differing_flags
+from ..runtime.runlog import MetricsLogger, format_recall, git_sha, resolve_device, setup_logging
+from ..distillation.batched import supports_batching
+from ..distillation.segments import BATCHED, SEQUENTIAL, BatchingChoice, Segment, draw_seeds, match_segments
+from ..experts.snapshot_cache import GIB, SnapshotCache
+from ..runtime.speed import enable_fast_math
+from ..distillation.starts import ASYNC_MODES, StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
+from ..distillation.synthetic import (ExponentialMovingAverage, FrozenSubset, SyntheticRates, SyntheticSet,
+                                      make_similarity)
+from ..outputs.visualize import nearest_captions, save_grid, write_captions
 
 from .cli import (add_bool_flag, check_eval_args, check_per_phase_lists, count_or, eval_settings, finite_float,
                   non_negative, positive, script_parser, user_message)

@@ -23,19 +23,20 @@ import torch
 
 from networks import DualEncoderConfig
 
-from .. import checkpoint, export
-from ..atomic import text_writer, write_all
-from .. import trajectories
-from ..coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
+from ..runtime import checkpoint
+from ..outputs import export
+from ..runtime.atomic import text_writer, write_all
+from ..experts import trajectories
+from ..students.coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
 from ..data import DataError
-from ..errors import UsageError, writable_folder
-from ..evaluation import evaluate_subsets, format_table, union_of
-from ..full_data import FullDataSettings, full_data_protocols
-from ..retrieval import RetrievalBenchmark, split_benchmarks
-from ..runs import RunFolder
-from ..runlog import resolve_device, setup_logging
-from ..speed import enable_fast_math
-from ..synthetic import FrozenSubset
+from ..runtime.errors import UsageError, writable_folder
+from ..students.evaluation import evaluate_subsets, format_table, union_of
+from ..students.full_data import FullDataSettings, full_data_protocols
+from ..students.retrieval import RetrievalBenchmark, split_benchmarks
+from ..runtime.runs import RunFolder
+from ..runtime.runlog import resolve_device, setup_logging
+from ..runtime.speed import enable_fast_math
+from ..distillation.synthetic import FrozenSubset
 
 from .cli import add_bool_flag, check_eval_args, eval_settings, positive, script_parser
 from .context import DataContext, load_data, model_config

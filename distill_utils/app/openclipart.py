@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data.openclipart import convert
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .cli import positive, run_script
 
 DEFAULT_WORDS = Path("/usr/share/dict/american-english")

@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .. import claims, runs, trajectories
-from ..atomic import atomic_save, atomic_write_text
+from ..runtime import claims, runs
+from ..experts import trajectories
+from ..runtime.atomic import atomic_save, atomic_write_text
 from ..data import shapes
-from ..errors import writable_folder
-from ..evaluation import format_table
-from ..runlog import setup_logging
+from ..runtime.errors import writable_folder
+from ..students.evaluation import format_table
+from ..runtime.runlog import setup_logging
 
 from . import buffer, convexify, distill, evaluate
 from .cli import run_script

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data.shapes import ShapesConfig, generate
-from ..errors import writable_folder
+from ..runtime.errors import writable_folder
 from .cli import positive, run_script
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data.stamps import convert
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .cli import positive, run_script
 
 

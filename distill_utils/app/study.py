@@ -42,17 +42,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import trajectories
-from ..atomic import atomic_write_text
-from ..errors import writable_folder
-from ..evaluation import EvalSettings
-from ..losses import MultilabelContrastiveLoss
-from ..matching import MiniBatchSampler, TrajectoryMatcher
-from ..plots import grouped_bars, heatmaps, lines_with_error_bars
-from ..progress import progress
-from ..retrieval import split_benchmarks
-from ..runlog import resolve_device, seeded, setup_logging
-from ..runs import RunFolder
+from ..experts import trajectories
+from ..runtime.atomic import atomic_write_text
+from ..runtime.errors import writable_folder
+from ..students.evaluation import EvalSettings
+from ..distillation.losses import MultilabelContrastiveLoss
+from ..distillation.matching import MiniBatchSampler, TrajectoryMatcher
+from ..outputs.plots import grouped_bars, heatmaps, lines_with_error_bars
+from ..runtime.progress import progress
+from ..students.retrieval import split_benchmarks
+from ..runtime.runlog import resolve_device, seeded, setup_logging
+from ..runtime.runs import RunFolder
 
 from . import convexify, distill
 from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, FULL_DATA, OWNED, RANDOM_SPLIT, TEN_EPOCH_SHAPES, Phases,

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .captions import pre_caption
 from .folder import SPLIT_FILES, FolderError, FolderSplit, check_unchanged, ensure_split
 from .transforms import test_transform, train_transform

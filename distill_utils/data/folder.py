@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import text_writer, write_all
+from ..runtime.atomic import text_writer, write_all
 from .captions import decode_caption_file, pre_caption
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

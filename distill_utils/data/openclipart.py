@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from PIL import Image, ImageChops
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .captions import pre_caption
 from .stamps import MARKER, save_pair, shrink
 

@@ -21,8 +21,8 @@ from typing import List, Sequence
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..atomic import atomic_write_text
-from ..progress import progress as progress_bar
+from ..runtime.atomic import atomic_write_text
+from ..runtime.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

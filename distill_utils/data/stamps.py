@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image
 
-from ..errors import UsageError
+from ..runtime.errors import UsageError
 from .captions import decode_caption_file, pre_caption
 from .folder import PREPARED_RECORD
 

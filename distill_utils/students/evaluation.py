@@ -27,12 +27,12 @@ import torch
 
 from networks import DualEncoderConfig
 
-from .errors import UsageError
-from .losses import MultilabelContrastiveLoss
-from .progress import progress
+from ..runtime.errors import UsageError
+from ..distillation.losses import MultilabelContrastiveLoss
+from ..runtime.progress import progress
 from .retrieval import RetrievalBenchmark
-from .runlog import seeded
-from .synthetic import FrozenSubset
+from ..runtime.runlog import seeded
+from ..distillation.synthetic import FrozenSubset
 
 log = logging.getLogger("ptmst.eval")
 METRIC_KEYS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")

@@ -28,9 +28,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from .data.transforms import CLIP_MEAN, CLIP_STD
-from .errors import UsageError
-from .synthetic import FrozenSubset
+from ..data.transforms import CLIP_MEAN, CLIP_STD
+from ..runtime.errors import UsageError
+from ..distillation.synthetic import FrozenSubset
 
 FORMAT = 1
 SPLIT = "train"

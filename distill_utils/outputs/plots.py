@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
-from .atomic import atomic_write_bytes_with
+from ..runtime.atomic import atomic_write_bytes_with
 
 Point = Tuple[float, float]  # (mean, std)
 

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from networks import DualEncoder
 
-from .progress import progress as progress_bar
-from .speed import SpeedOptions
+from ..runtime.progress import progress as progress_bar
+from ..runtime.speed import SpeedOptions
 
 
 def side_snapshot(model: DualEncoder) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:

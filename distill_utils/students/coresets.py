@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import trajectories
+from ..experts import trajectories
 
 CORESETS = ("herding", "kcenter", "forgetting")
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from .data import denormalize
-from .atomic import atomic_write_text
+from ..data import denormalize
+from ..runtime.atomic import atomic_write_text
 
 
 def save_grid(images: torch.Tensor, path: Path, max_images: int = 100, min_side: int = 64) -> None:

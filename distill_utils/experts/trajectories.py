@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import claims
-from .atomic import atomic_save, atomic_write_text, temporaries_of, text_writer, torch_writer, write_all
-from .errors import UsageError
+from ..runtime import claims
+from ..runtime.atomic import atomic_save, atomic_write_text, temporaries_of, text_writer, torch_writer, write_all
+from ..runtime.errors import UsageError
 from .shortcut import shortcut_snapshot
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from networks import DualEncoder
 
-from .data import RetrievalEvalDataset
+from ..data import RetrievalEvalDataset
 from .metrics import itm_eval
 
 _PRELOAD_LIMIT = 2 << 30  # keep decoded split images in memory below 2 GiB

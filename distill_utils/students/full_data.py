@@ -26,10 +26,10 @@ from networks import DualEncoderConfig
 
 from .evaluation import (StudentRun, both_protocols, decay_factor, fresh_student, measurement_epochs, select_on,
                          student_seed)
-from .losses import MultilabelContrastiveLoss
-from .progress import progress
+from ..distillation.losses import MultilabelContrastiveLoss
+from ..runtime.progress import progress
 from .retrieval import RetrievalBenchmark
-from .runlog import seeded
+from ..runtime.runlog import seeded
 
 log = logging.getLogger("ptmst.eval")
 SEARCH_SEED = 1000  # the grid's students never share a seed with a reported one

@@ -28,7 +28,7 @@ import torch
 
 from networks import SIDES
 
-from .distributed import SINGLE, Ranks, sum_across
+from ..runtime.distributed import SINGLE, Ranks, sum_across
 from .batched import match_batched, supports_batching
 from .matching import MatchResult, TimedChoice, TrajectoryMatcher, synchronized_clock
 from .synthetic import SyntheticSet

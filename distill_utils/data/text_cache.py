@@ -14,8 +14,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write_bytes_with
-from .errors import describe_os_error
+from ..runtime.atomic import atomic_write_bytes_with
+from ..runtime.errors import describe_os_error
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Tuple
 
 import torch
 
-from .synthetic import FrozenSubset, SyntheticSet
+from ..distillation.synthetic import FrozenSubset, SyntheticSet
 from .atomic import atomic_save
 from .errors import UsageError
 

@@ -1,0 +1,1 @@
+"""What a run leaves for people: the released-set export, plots, image grids and decoded captions."""
