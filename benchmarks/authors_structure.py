@@ -22,9 +22,12 @@ import torch
 
 from distill_utils.app import ablation
 from distill_utils.app.context import load_data, model_config
-from distill_utils.app.quickstart import make_shortcuts
+from distill_utils.pipeline.stages import make_shortcuts
 from distill_utils.students.retrieval import split_benchmarks
 from distill_utils.runtime.runlog import setup_logging
+from distill_utils.app.cli import scripts
+from distill_utils.pipeline import sweep
+from distill_utils.pipeline.stages import Workdir
 
 from .common import write_json
 
@@ -54,11 +57,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
-    work = Path(args.workdir)
+    work = Workdir(Path(args.workdir), scripts())
     base = ablation.parse_args(["--workdir", str(work), "--dataset", "stamps", "--budgets", str(args.budget)]).plan
     model = ablation.model_namespace(base, work, ["--dataset", "stamps"])
     normal = ablation.train_expert_set(base, work, model, [], frozen=False)
-    folders = {"normal": normal, "shortcuts": make_shortcuts(base.quickstart, normal)}
+    folders = {"normal": normal, "shortcuts": make_shortcuts(base.quickstart, work, normal)}
     device = torch.device("cpu")
     data = load_data(model, device, augment=False, need_val=True)
     test, val = split_benchmarks(data, device, 128, 0)
@@ -69,17 +72,17 @@ def main(argv=None) -> dict:
         extra = [item for pair in flags.items() for item in pair]
         values, seconds = [], 0.0
         for seed in args.seeds:
-            run, run_flags = ablation.run_for(plan, work, method, args.budget, seed, folders,
+            run, run_flags = sweep.run_for(plan, work, method, args.budget, seed, folders,
                                               work / "structure_runs", model.dataset, extra)
-            seconds += ablation.ensure_run(run, run_flags, f"step {number}/{len(STEPS)} seed {seed}: {label}")
+            seconds += sweep.ensure_run(work, run, run_flags, f"step {number}/{len(STEPS)} seed {seed}: {label}")
             began = time.perf_counter()
-            found = ablation.students(ablation.load_final(run.path), config,
-                                      ablation.eval_settings_of(plan, model, seed), test, val, device)
+            found = sweep.students(sweep.load_final(run.path), config,
+                                      sweep.eval_settings_of(plan, model, seed), test, val, device)
             seconds += time.perf_counter() - began
             values.append(found["val"]["selected"]["mean"]["r_mean"])
         rows.append({"label": label, "method": method, "plan": changes, "flags": flags, "seeds": values,
-                     "sizes": ablation.phase_sizes(plan, method, args.budget),
-                     "iterations": ablation.phase_iterations(plan, method, args.budget),
+                     "sizes": sweep.phase_sizes(plan, method, args.budget),
+                     "iterations": sweep.phase_iterations(plan, method, args.budget),
                      "mean": statistics.fmean(values), "std": statistics.pstdev(values), "seconds": seconds})
         print(f"{label}: {rows[-1]['mean']:.2f} ± {rows[-1]['std']:.2f} ({seconds:.0f} s)", flush=True)
     out = {"budget": args.budget, "seeds": args.seeds, "rows": rows}

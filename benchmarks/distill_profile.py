@@ -56,7 +56,7 @@ def count_operations(function) -> dict:
 
 
 # Dense TF32 tensor-core peaks (TFLOP/s) from the vendors' data sheets: the matching runs in float32
-# with TF32 matmuls and convolutions on CUDA (distill_utils.speed.enable_fast_math).
+# with TF32 matmuls and convolutions on CUDA (distill_utils.runtime.speed.enable_fast_math).
 TF32_PEAK_TFLOPS = {"H200": 494.7, "H100 80GB HBM3": 494.7, "H100 NVL": 417.5, "H100 PCIe": 378.0, "A100": 156.0}
 
 

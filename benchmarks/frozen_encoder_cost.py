@@ -1,5 +1,5 @@
 """What freezing the image encoder costs in recall on the stamps: full-data students (the student recipe,
-30 epochs, batch 32: distill_utils.full_data) with EfficientNet-Lite0 frozen and two projection heads (the stamps recipes), against
+30 epochs, batch 32: distill_utils.students.full_data) with EfficientNet-Lite0 frozen and two projection heads (the stamps recipes), against
 the whole encoder trained, at two image-side learning rates; one student per seed, seeds 0 1 2.
 
     python -m benchmarks.frozen_encoder_cost        # needs bash sh/prepare_data.sh stamps
@@ -15,19 +15,22 @@ import torch
 
 from distill_utils.app import ablation, distill
 from distill_utils.app.context import load_data, model_config
-from distill_utils.app.quickstart import STAMPS
+from distill_utils.pipeline.settings import STAMPS
 from distill_utils.students.full_data import FullDataSettings, Recipe, pair_source, train_on_all
 from distill_utils.students.retrieval import split_benchmarks
 from distill_utils.runtime.runlog import setup_logging
+from distill_utils.app.cli import scripts
+from distill_utils.pipeline import sweep
+from distill_utils.pipeline.stages import Workdir
 
 from .common import write_json
 
 SETTINGS = ((False, 0.02), (True, 0.02), (True, 0.002))  # (image encoder trained, its learning rate)
 
 
-def full_data_recall(trainable: bool, lr_img: float, work: Path, seeds=(0, 1, 2)) -> dict:
+def full_data_recall(trainable: bool, lr_img: float, work: Workdir, seeds=(0, 1, 2)) -> dict:
     plan = replace(ablation.REAL_PRESETS["default"], quickstart=replace(STAMPS, image_trainable=trainable))
-    flags = ablation.distill_flags(plan, work, "lors", 20, 0, {"normal": "unused"}, work, "unused")
+    flags = sweep.distill_flags(plan, work, "lors", 20, 0, {"normal": "unused"}, work, "unused")
     args = distill.parse_args(flags + ["--lr_teacher_img", str(lr_img)])
     device = torch.device("cpu")
     data = load_data(args, device, augment=False, need_val=True)
@@ -44,7 +47,8 @@ def full_data_recall(trainable: bool, lr_img: float, work: Path, seeds=(0, 1, 2)
 
 def main() -> list:
     setup_logging()
-    rows = [full_data_recall(t, lr, Path("./benchmarks/results/frozen_encoder_cost")) for t, lr in SETTINGS]
+    work = Workdir(Path("./benchmarks/results/frozen_encoder_cost"), scripts())
+    rows = [full_data_recall(t, lr, work) for t, lr in SETTINGS]
     for row in rows:
         print(f"encoder {'trained' if row['trainable'] else 'frozen '} lr_img {row['lr_img']}: "
               f"R@mean {row['mean']:.2f} ± {row['std']:.2f} ({row['seconds']:.0f} s)")

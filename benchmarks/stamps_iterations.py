@@ -24,10 +24,13 @@ import torch
 from distill_utils.runtime import checkpoint
 from distill_utils.app import ablation
 from distill_utils.app.context import load_data, model_config
-from distill_utils.app.quickstart import make_shortcuts
+from distill_utils.pipeline.stages import make_shortcuts
 from distill_utils.runtime.errors import UsageError
 from distill_utils.students.retrieval import split_benchmarks
 from distill_utils.runtime.runlog import setup_logging
+from distill_utils.app.cli import scripts
+from distill_utils.pipeline import sweep
+from distill_utils.pipeline.stages import Workdir
 
 from .common import RESULTS, write_json
 
@@ -61,41 +64,41 @@ def pixel_change(start: torch.Tensor, now: torch.Tensor) -> Dict[str, float]:
 def main(argv=None) -> dict:
     setup_logging()
     args = parse_args(argv)
-    work = Path(args.workdir)
+    work = Workdir(Path(args.workdir), scripts())
     ablation_args = ablation.parse_args(["--workdir", str(work), "--preset", "quick", "--dataset", "stamps",
                                          "--methods", *args.methods, "--budgets", str(args.budget),
                                          "--seeds", str(args.seed)])
     plan = ablation_args.plan
     model = ablation.model_namespace(plan, work, ablation_args.distill_flags)
     normal = ablation.train_expert_set(plan, work, model, ablation_args.buffer_flags, frozen=False)
-    folders = {"normal": normal, "frozen": normal, "shortcuts": make_shortcuts(plan.quickstart, normal)}
+    folders = {"normal": normal, "frozen": normal, "shortcuts": make_shortcuts(plan.quickstart, work, normal)}
     device = torch.device("cpu")
     data = load_data(model, device, augment=False, need_val=True)
     test, val = split_benchmarks(data, device, 128, 0)
     config = model_config(model, data.text_dim)
-    settings = ablation.eval_settings_of(plan, model, args.seed)
+    settings = sweep.eval_settings_of(plan, model, args.seed)
     settings = type(settings)(**{**settings.__dict__, "num_eval": args.students})
     extra = ["--Iteration", str(args.iterations), "--eval_it", "10", "--eval_init", "true", "--num_eval", "1"]
     out: Dict[str, dict] = {"budget": args.budget, "seed": args.seed, "iterations": args.iterations,
                             "students": args.students, "methods": {}}
     for number, method in enumerate(args.methods, 1):
-        run, flags = ablation.run_for(plan, work, method, args.budget, args.seed, folders,
+        run, flags = sweep.run_for(plan, work, method, args.budget, args.seed, folders,
                                       work / "iteration_runs", model.dataset, extra)
         clamp = None
         try:
-            seconds = ablation.ensure_run(run, flags, f"method {number}/{len(args.methods)}: {method}")
+            seconds = sweep.ensure_run(work, run, flags, f"method {number}/{len(args.methods)}: {method}")
         except UsageError as error:  # a learned step size went negative: again with a floor under them
             clamp = {"clamp_lr": FLOOR, "why": str(error).split(" [")[0]}
             print(f"{method}: {clamp['why']}; again with --clamp_lr {FLOOR}", flush=True)
-            run, flags = ablation.run_for(plan, work, method, args.budget, args.seed, folders,
+            run, flags = sweep.run_for(plan, work, method, args.budget, args.seed, folders,
                                           work / "iteration_runs", model.dataset, extra + ["--clamp_lr", str(FLOOR)])
-            seconds = ablation.ensure_run(run, flags, f"method {number}/{len(args.methods)}: {method}, clamped")
+            seconds = sweep.ensure_run(work, run, flags, f"method {number}/{len(args.methods)}: {method}, clamped")
         start = checkpoint.load_distilled(run.path / "distilled_0_0.pt")[0]
         points: List[dict] = []
         for it in args.at:
             subset = checkpoint.load_distilled(run.path / f"distilled_0_{it}.pt")[0]
             began = time.perf_counter()
-            found = ablation.students([subset], config, settings, test, val, device)
+            found = sweep.students([subset], config, settings, test, val, device)
             points.append({"iteration": it, **pixel_change(start.images, subset.images),
                            "val_r_mean": found["val"]["selected_val_r_mean"],
                            "test_r_mean": found["val"]["selected"]["mean"]["r_mean"],

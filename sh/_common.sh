@@ -10,7 +10,7 @@ LOGGED_DIR="${LOGGED_DIR:-./logged_files}"      # distillation runs
 RECIPES=(flickr500 flickr200 flickr100 coco500 coco200 coco100 cc3m500 cc3m200 cc3m100 stamps20 stamps50 stamps100)
 STAMPS_DIR="${STAMPS_DIR:-./data/stamps}"       # sh/prepare_data.sh stamps: images in $STAMPS_DIR/images, split files beside
 # The stamps recipes' model and expert settings, shared by buffer.sh, distill.sh and eval.sh (the values
-# of the ablation's stamps settings, distill_utils/app/quickstart.py STAMPS; docs/real_data.md says why):
+# of the ablation's stamps settings, distill_utils/pipeline/settings.py STAMPS; docs/real_data.md says why):
 # ImageNet EfficientNet-Lite0, frozen, at 96 px, MiniLM text features, projection heads 256 wide.
 STAMPS_MODEL=(--image_size 96 --image_encoder efficientnet_lite0 --text_encoder minilm --image_pretrained true
               --image_trainable false --out_embedding 256 --num_workers 0)

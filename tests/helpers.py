@@ -27,3 +27,10 @@ def path_without_apt(folder: Path) -> str:
         if found:
             (folder / tool).symlink_to(found)
     return str(folder)
+
+
+def workdir(path):
+    """A pipeline workdir at ``path`` run by the real scripts (what the quick start and the ablation build)."""
+    from distill_utils.app.cli import scripts
+    from distill_utils.pipeline.stages import Workdir
+    return Workdir(Path(path), scripts())

@@ -11,6 +11,8 @@ import torch
 from distill_utils.runtime import checkpoint
 from distill_utils.app import ablation
 from distill_utils.runtime.runs import RunFolder
+from distill_utils.pipeline import sweep
+from distill_utils.pipeline import reports
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mttvl", "lors", "ptmst", "amd", "repblend")
@@ -64,7 +66,7 @@ def test_the_report_holds_every_method_both_protocols_a_plot_and_images(smoke_re
     from distill_utils.outputs import export
     assert sorted(p.name for p in (report.parent / "exports").iterdir()) == sorted(f"{m}_b4_s0" for m in METHODS)
     lors, _ = export.load_export(report.parent / "exports" / "lors_b4_s0")
-    assert torch.equal(lors[0].images, ablation.load_final(run_of(work, "lors"))[0].images)
+    assert torch.equal(lors[0].images, sweep.load_final(run_of(work, "lors"))[0].images)
     card = (report.parent / "exports" / "lors_b4_s0" / "README.md").read_text()
     val = next(r for r in results["results"] if r["method"] == "lors" and r["student"] is None)["val"]
     assert f"{val['selected']['mean']['r_mean']:.2f} ± " in card and "val protocol" in card
@@ -187,12 +189,12 @@ def test_plots_are_matplotlib_pngs_of_every_row(tmp_path, monkeypatch):
     rows = ["lors", "random", "herding"]
     results = fake_results(rows, plan.budgets, plan.seeds, plan.students)
     drawn = {}
-    original = ablation.lines_with_error_bars
+    original = reports.lines_with_error_bars
 
     def spy(path, xs, series, *rest):
         drawn.update(series)
         original(path, xs, series, *rest)
-    monkeypatch.setattr(ablation, "lines_with_error_bars", spy)
+    monkeypatch.setattr(reports, "lines_with_error_bars", spy)
     names = ablation.draw_plots(plan, results, tmp_path, rows)
     assert names == ["recall_vs_budget.png", "cross_architecture.png"]
     # lors at budget 8: (0 + 8 + 0, 0 + 8 + 1) over seeds -> mean 8.5, std 0.5
@@ -209,13 +211,13 @@ def test_plots_are_matplotlib_pngs_of_every_row(tmp_path, monkeypatch):
 
 def test_search_configurations_are_fixed_and_start_at_the_presets_rates():
     s = ablation.PRESETS["default"].quickstart
-    configs = ablation.search_configs(s, 5)
-    assert configs == ablation.search_configs(s, 5) and len({tuple(c.values()) for c in configs}) == 5
+    configs = sweep.search_configs(s, 5)
+    assert configs == sweep.search_configs(s, 5) and len({tuple(c.values()) for c in configs}) == 5
     assert configs[0] == {"lr_img": s.lr_img, "lr_txt": s.lr_txt, "lr_lr": s.lr_lr}
     for c in configs[1:]:
         assert s.lr_img / 4 <= c["lr_img"] <= s.lr_img * 4 and s.lr_txt / 4 <= c["lr_txt"] <= s.lr_txt * 4
         assert s.lr_lr / 10 <= c["lr_lr"] <= s.lr_lr * 10
-    assert ablation.search_configs(s, 2) == configs[:2]
+    assert sweep.search_configs(s, 2) == configs[:2]
 
 
 @pytest.mark.slow

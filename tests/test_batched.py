@@ -1,4 +1,4 @@
-"""The projection head under torch.func's batched second derivatives (what distill_utils.batched runs)."""
+"""The projection head under torch.func's batched second derivatives (what distill_utils.distillation.batched runs)."""
 import torch
 from torch.func import functional_call, grad, vmap
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_utils.students import coresets
+from distill_utils.students import baselines, coresets
 from distill_utils.experts import trajectories
 from distill_utils.app import buffer, evaluate
 from distill_utils.runtime.errors import UsageError
@@ -156,12 +156,12 @@ def eval_base(shapes_root, tmp_path, normal):
 def test_eval_coreset_rows_select_the_pairs_their_ranking_names(expert_dirs, shapes_root, tmp_path, monkeypatch):
     _, normal, _, _ = expert_dirs
     picked = {}
-    original = evaluate.real_subsets
+    original = baselines.real_subsets
 
     def spy(data, chunks, lr_img, lr_txt):
         picked.setdefault(len(picked), [list(c) for c in chunks])
         return original(data, chunks, lr_img, lr_txt)
-    monkeypatch.setattr(evaluate, "real_subsets", spy)
+    monkeypatch.setattr(baselines, "real_subsets", spy)
     rows = evaluate.main(eval_base(shapes_root, tmp_path, normal) + [
         "--baseline", "forgetting", "kcenter", "random", "herding"])
     assert list(rows) == ["PTM-ST (4 pairs)", "random real subset (4 pairs)", "herding coreset (4 pairs)",

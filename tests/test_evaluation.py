@@ -6,6 +6,7 @@ import torch
 
 from distill_utils.runtime import checkpoint
 from distill_utils.app import evaluate
+from distill_utils.students.baselines import random_subsets
 from distill_utils.students.evaluation import EvalSettings, StudentRun, measurement_epochs, summarise, train_student
 from distill_utils.distillation.synthetic import FrozenSubset, SyntheticSet, make_similarity
 from networks import DualEncoderConfig
@@ -95,7 +96,7 @@ def test_random_baseline_draws_distinct_pairs_of_the_right_sizes(shapes_root, tm
     args = evaluate.build_parser().parse_args(shapes_args(shapes_root, tmp_path, "--ckpt_path", "x.pt"))
     from distill_utils.app.context import load_data
     data = load_data(args, torch.device("cpu"), augment=False)
-    reals = evaluate.random_subsets(data, [7, 5], 0.1, 0.2, torch.Generator().manual_seed(0))
+    reals = random_subsets(data, [7, 5], 0.1, 0.2, torch.Generator().manual_seed(0))
     assert [len(s) for s in reals] == [7, 5]
     keys = {tuple(t.tolist()) for s in reals for t in s.texts}
     assert len(keys) <= 12

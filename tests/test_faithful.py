@@ -11,19 +11,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distill_utils.students import full_data
+from distill_utils.students import baselines, full_data
 from networks import DualEncoderConfig
 from distill_utils.app import ablation, distill, evaluate
 from distill_utils.app.context import load_data, model_config
 from distill_utils.students.retrieval import split_benchmarks
+from distill_utils.pipeline import sweep
+from distill_utils.distillation import phases
 
-from .helpers import shapes_args
+from .helpers import shapes_args, workdir
 
 
 @pytest.mark.parametrize("budget, sizes", [(20, [20]), (100, [100]), (101, [50, 51]), (200, [100, 100]),
                                            (499, [249, 250]), (500, [200, 300]), (1000, [400, 600])])
 def test_published_sizes_follow_the_authors_recipes(budget, sizes):
-    assert ablation.published_sizes(budget) == sizes and sum(sizes) == budget
+    assert sweep.published_sizes(budget) == sizes and sum(sizes) == budget
 
 
 def plan_of(**changes) -> ablation.Plan:
@@ -33,32 +35,32 @@ def plan_of(**changes) -> ablation.Plan:
 def test_each_phase_runs_as_many_iterations_as_a_one_phase_method():
     plan = plan_of()
     one = sum(plan.quickstart.iterations)
-    assert ablation.phase_iterations(plan, "lors", 200) == [one]
-    assert ablation.phase_iterations(plan, "ptmst", 200) == [one, one]
-    assert ablation.phase_iterations(plan, "ptmst", 50) == [one]  # one phase at 100 pairs or fewer
+    assert sweep.phase_iterations(plan, "lors", 200) == [one]
+    assert sweep.phase_iterations(plan, "ptmst", 200) == [one, one]
+    assert sweep.phase_iterations(plan, "ptmst", 50) == [one]  # one phase at 100 pairs or fewer
     split = plan_of(ptmst_iterations="split")
-    assert sum(ablation.phase_iterations(split, "ptmst", 200)) == one
+    assert sum(sweep.phase_iterations(split, "ptmst", 200)) == one
     even = plan_of(ptmst_layout="even", ptmst_iterations="split")
-    assert ablation.phase_sizes(even, "ptmst", 50) == [25, 25]
-    assert ablation.phase_iterations(even, "ptmst", 50) == list(even.quickstart.iterations)
+    assert sweep.phase_sizes(even, "ptmst", 50) == [25, 25]
+    assert sweep.phase_iterations(even, "ptmst", 50) == list(even.quickstart.iterations)
 
 
 def test_the_one_phase_layout_is_the_first_phase_alone_at_every_budget(tmp_path):
     one = plan_of(ptmst_layout="one")
     total = sum(one.quickstart.iterations)
-    assert ablation.phase_sizes(one, "ptmst", 500) == [500]
-    assert ablation.phase_iterations(one, "ptmst", 500) == [total]
+    assert sweep.phase_sizes(one, "ptmst", 500) == [500]
+    assert sweep.phase_iterations(one, "ptmst", 500) == [total]
     flags = flags_of(one, "ptmst", 500, tmp_path)
     assert [Path(p).name for p in flags.buffer_path] == ["convexified_0_6"] and flags.ema_decay[-1] == 0.99
     # at 100 pairs or fewer it is exactly the published run (the same flags: one folder for both rows)
-    assert ablation.distill_flags(one, tmp_path, "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x") == \
-        ablation.distill_flags(plan_of(), tmp_path, "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x")
+    assert sweep.distill_flags(one, workdir(tmp_path), "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x") == \
+        sweep.distill_flags(plan_of(), workdir(tmp_path), "ptmst", 100, 0, {"shortcuts": ["a", "b"]}, tmp_path, "x")
 
 
 def test_iterations_and_the_dataset_reach_the_plan_of_real_images():
     plan = ablation.parse_args(["--dataset", "openclipart", "--iterations", "300"]).plan
     assert plan.quickstart.dataset == "openclipart" and plan.quickstart.expert_batch == 256
-    assert sum(plan.quickstart.iterations) == 300 and ablation.phase_iterations(plan, "ptmst", 200) == [300, 300]
+    assert sum(plan.quickstart.iterations) == 300 and sweep.phase_iterations(plan, "ptmst", 200) == [300, 300]
     assert ablation.parse_args(["--dataset", "stamps"]).plan.quickstart == ablation.STAMPS
     with pytest.raises(SystemExit):
         ablation.parse_args(["--iterations", "1"])
@@ -67,7 +69,7 @@ def test_iterations_and_the_dataset_reach_the_plan_of_real_images():
 def flags_of(plan: ablation.Plan, method: str, budget: int, tmp_path: Path) -> argparse.Namespace:
     folders = {"normal": tmp_path / "normal", "frozen": tmp_path / "frozen",
                "shortcuts": [tmp_path / "convexified_0_6", tmp_path / "convexified_0_8"]}
-    flags = ablation.distill_flags(plan, tmp_path, method, budget, 0, folders, tmp_path / "runs", "x")
+    flags = sweep.distill_flags(plan, workdir(tmp_path), method, budget, 0, folders, tmp_path / "runs", "x")
     parser = argparse.ArgumentParser()
     for name in ("--buffer_path", "--min_start_epoch", "--max_start_epoch", "--num_queries", "--Iteration"):
         parser.add_argument(name, nargs="+")
@@ -114,7 +116,7 @@ def picks_of(args: argparse.Namespace, available: int):
     for k, size in enumerate(args.num_queries):
         spec = SimpleNamespace(index=k, num_queries=size)
         generator = torch.Generator().manual_seed(args.seed * 1000 + k)
-        picks.append(distill.initial_pairs(spec, args, data, generator, None).tolist())
+        picks.append(phases.initial_pairs(spec, args, data, generator, None).tolist())
     return picks
 
 
@@ -158,28 +160,26 @@ def fake_data(n: int = 30, dim: int = 4):
 
 def test_split_random_row_holds_the_random_rows_pairs_cut_into_the_phases():
     data = fake_data()
-    args = argparse.Namespace(lr_teacher_img=0.1, lr_teacher_txt=0.2, seed=3)
-    whole = evaluate.baseline_subsets("random", data, [7, 5], args, None)
-    split = evaluate.baseline_subsets("random_split", data, [7, 5], args, None)
+    whole = baselines.baseline_subsets("random", data, [7, 5], 0.1, 0.2, 3, None)
+    split = baselines.baseline_subsets("random_split", data, [7, 5], 0.1, 0.2, 3, None)
     assert [len(s.texts) for s in whole] == [12] and [len(s.texts) for s in split] == [7, 5]
     assert torch.equal(whole[0].texts, torch.cat([s.texts for s in split]))
     assert torch.equal(split[1].similarity, torch.eye(5)) and split[1].lr_txt == 0.2
-    assert evaluate.baseline_label("random_split", [7, 5]) == "random real subset, split 7 + 5"
+    assert baselines.baseline_label("random_split", [7, 5]) == "random real subset, split 7 + 5"
 
 
 def test_the_random_row_of_a_set_larger_than_the_data_draws_each_phase_and_trains_them_at_once():
     data = fake_data(n=10)
-    args = argparse.Namespace(lr_teacher_img=0.1, lr_teacher_txt=0.1, seed=0)
-    (whole,) = evaluate.baseline_subsets("random", data, [7, 6], args, None)
-    split = evaluate.baseline_subsets("random_split", data, [7, 6], args, None)
+    (whole,) = baselines.baseline_subsets("random", data, [7, 6], 0.1, 0.1, 0, None)
+    split = baselines.baseline_subsets("random_split", data, [7, 6], 0.1, 0.1, 0, None)
     assert torch.equal(whole.texts, torch.cat([s.texts for s in split])) and torch.equal(whole.similarity, torch.eye(13))
 
 
 def test_ablation_split_row_uses_ptmst_sizes():
     data = fake_data()
     model = argparse.Namespace(lr_teacher_img=0.1, lr_teacher_txt=0.1)
-    split = ablation.reference_subsets(ablation.RANDOM_SPLIT, data, [6, 4], 0, None, model)
-    whole = ablation.reference_subsets("random", data, [6, 4], 0, None, model)
+    split = sweep.reference_subsets(sweep.RANDOM_SPLIT, data, [6, 4], 0, None, model)
+    whole = sweep.reference_subsets("random", data, [6, 4], 0, None, model)
     assert [len(s.texts) for s in split] == [6, 4] and [len(s.texts) for s in whole] == [10]
     assert torch.equal(whole[0].images, torch.cat([s.images for s in split]))
 

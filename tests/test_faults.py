@@ -20,7 +20,8 @@ from distill_utils.app import buffer
 from distill_utils.runtime.atomic import write_all, torch_writer
 from distill_utils.app.cli import run_script
 from distill_utils.experts.trajectories import TrajectoryBuffer
-from tests.helpers import shapes_args
+from distill_utils.pipeline import sweep
+from tests.helpers import shapes_args, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,12 +214,14 @@ def test_temporaries_no_writer_holds_are_named_by_readers_and_removed_by_the_nex
 RACE_TOP_UP = """
 import sys
 from pathlib import Path
-from distill_utils.app import quickstart
-s = quickstart.PRESETS["smoke"]
-work = Path(sys.argv[1])
-quickstart.generate_data(s, work)
-quickstart.pretrain_encoder(s, work)
-print(quickstart.top_up_experts(s, work))
+from distill_utils.app.cli import scripts
+from distill_utils.pipeline import stages
+from distill_utils.pipeline.settings import QUICKSTART
+s = QUICKSTART["smoke"]
+work = stages.Workdir(Path(sys.argv[1]), scripts())
+stages.generate_data(s, work)
+stages.pretrain_encoder(s, work)
+print(stages.top_up_experts(s, work))
 """
 
 
@@ -279,9 +282,10 @@ def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_
     run.checkpoint(0, 3).write_bytes(b"a finished run")
     run.record_experts(trajectories.experts_identity([experts]))
     distilled = []
-    monkeypatch.setattr(ablation, "distill_run", lambda folder, flags: (distilled.append(folder),
-                                                                        folder.path.mkdir(parents=True)))
-    ablation.ensure_run(run, [], "run 1/1")  # the same experts: reused
+    work = workdir(tmp_path)
+    monkeypatch.setattr(sweep, "distill_run", lambda work, folder, flags: (distilled.append(folder),
+                                                                           folder.path.mkdir(parents=True)))
+    sweep.ensure_run(work, run, [], "run 1/1")  # the same experts: reused
     assert distilled == []
 
     for change, named in [("rewritten", "img_replay_buffer_1.pt"), ("new", "img_replay_buffer_2.pt"),
@@ -294,17 +298,17 @@ def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_
             for side in ("image", "text"):
                 trajectories.twin_path(experts, side, 0).unlink()
         with pytest.raises(UsageError) as refused:
-            ablation.ensure_run(run, [], "run 1/1")
+            sweep.ensure_run(work, run, [], "run 1/1")
         message = str(refused.value)
         assert f"{change}: {named}" in message and str(run.path) in message and distilled == []
         run.record_experts(trajectories.experts_identity([experts]))  # accept this state for the next case
 
     trajectories.write_expert(experts, 1, marked_trajectory(9.0), marked_trajectory(-9.0))
     with pytest.raises(UsageError, match="Move that run folder away and run the same command again"):
-        ablation.ensure_run(run, [], "run 1/1")
+        sweep.ensure_run(work, run, [], "run 1/1")
     run.path.rename(tmp_path / "kept_aside")  # the advice, followed literally
-    monkeypatch.setattr(ablation, "recorded_seconds", lambda path: 0.0)
-    ablation.ensure_run(RunFolder(run.path), [], "run 1/1")
+    monkeypatch.setattr(sweep, "recorded_seconds", lambda path: 0.0)
+    sweep.ensure_run(work, RunFolder(run.path), [], "run 1/1")
     assert [folder.path for folder in distilled] == [run.path]  # distilled afresh from the experts there now
 
 
@@ -335,15 +339,15 @@ def test_the_ablation_gives_a_run_for_changed_experts_a_folder_of_its_own(tmp_pa
     made.path.mkdir(parents=True)
     (made.path / "args.json").write_text(json.dumps({"Iteration": [3]}))
     made.record_experts(trajectories.experts_identity([experts]))
-    assert ablation.for_the_experts_there(made, [str(experts)]).path == made.path
+    assert sweep.for_the_experts_there(made, [str(experts)]).path == made.path
     write_marked_experts(experts, [1.0, 2.0, 3.0])  # topped up with a third expert since
-    other = ablation.for_the_experts_there(made, [str(experts)])
+    other = sweep.for_the_experts_there(made, [str(experts)])
     assert other.path != made.path and other.path.parent == made.path.parent
     assert other.name.startswith(made.name + "_e") and not other.holds_run()
     other.path.mkdir()  # once distilled there, the same experts find it again, and the first run is kept
     (other.path / "args.json").write_text(json.dumps({"Iteration": [3]}))
     other.record_experts(trajectories.experts_identity([experts]))
-    assert ablation.for_the_experts_there(made, [str(experts)]).path == other.path
+    assert sweep.for_the_experts_there(made, [str(experts)]).path == other.path
     assert made.experts_record.is_file()
 
 

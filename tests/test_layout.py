@@ -1,9 +1,11 @@
 """The package's layout: old flat module paths still work (warned), and no code of ours uses them."""
+import ast
 import importlib
 import pkgutil
 import subprocess
 import sys
-import warnings
+from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -45,3 +47,47 @@ def test_no_module_of_ours_imports_an_old_path():
                            *every_module(), "buffer", "eval", "convexify"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert every_module(), "walked no modules"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PARSER_HELPERS = {"cli", "context"}
+
+
+def imported_modules(path: Path) -> List[str]:
+    """Every module a file imports (absolute names; relative imports resolved, lazy ones included)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    return found
+
+
+def test_a_script_imports_no_other_script_and_the_library_no_script():
+    """The pipeline's stages live in the library: a script module imports only the shared parser helpers of
+    the app, and nothing outside distill_utils/app imports from it."""
+    offending = []
+    for path in sorted((ROOT / "distill_utils").rglob("*.py")):
+        in_app = path.parent.name == "app"
+        for name in imported_modules(path):
+            if not name.startswith("distill_utils.app.") or name == "distill_utils.app.":
+                continue
+            leaf = name.split(".")[2]
+            if not in_app or (leaf not in SHARED_PARSER_HELPERS and path.stem not in SHARED_PARSER_HELPERS):
+                offending.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offending == []
+
+
+def test_the_issues_grep_finds_nothing_outside_the_shared_parser_helpers():
+    pattern = r"from \.\(quickstart\|ablation\|study\|distill\|evaluate\|buffer\|convexify\) import\|from \.\.app"
+    files = sorted(str(p.relative_to(ROOT)) for p in [*(ROOT / "distill_utils" / "app").glob("*.py"),
+                                                      *(ROOT / "distill_utils").glob("*.py")])
+    done = subprocess.run(["grep", "-l", pattern, *files], cwd=ROOT, capture_output=True, text=True)
+    found = [line for line in done.stdout.split() if Path(line).stem not in SHARED_PARSER_HELPERS]
+    assert done.returncode in (0, 1) and found == []

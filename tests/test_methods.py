@@ -6,13 +6,14 @@ import torch
 
 from distill_utils import MultilabelContrastiveLoss
 from distill_utils.app import distill
-from distill_utils.app.methods import METHODS
+from distill_utils.distillation.methods import METHODS
 from distill_utils.students.evaluation import StudentRun, both_protocols, select_on
 from distill_utils.distillation.matching import MiniBatchSampler, TrajectoryMatcher, draw_blend, unrolled_autograd_loss
 from distill_utils.distillation.prototypes import joint_features, kmeans, nearest_distinct, prototype_pairs
 from distill_utils.distillation.starts import StartRanges, StartSampler, dynamic_ranges, mean_change_per_epoch
 from distill_utils.distillation.synthetic import SyntheticRates, SyntheticSet, make_similarity
 from networks import SIDES, Blend
+from distill_utils.distillation import phases
 
 from .test_matching import build, grads_of
 
@@ -238,12 +239,12 @@ def test_both_protocols_select_by_val_and_by_test_from_one_history():
 def test_the_distiller_starts_from_the_prototypes_when_asked():
     from types import SimpleNamespace
     generator = torch.Generator().manual_seed(0)
-    joint = distill.JointFeatures(torch.randn(40, 6, generator=generator), torch.randn(40, 5, generator=generator))
+    joint = phases.JointFeatures(torch.randn(40, 6, generator=generator), torch.randn(40, 5, generator=generator))
     spec = distill.PhaseSpec(0, "b", 0, 2, 5, 10, 2)
     data = SimpleNamespace(train=[None] * 40)
-    picks = distill.initial_pairs(spec, SimpleNamespace(pair_init="prototype"), data, torch.Generator().manual_seed(3),
+    picks = phases.initial_pairs(spec, SimpleNamespace(pair_init="prototype"), data, torch.Generator().manual_seed(3),
                                   joint)
     assert torch.equal(picks, prototype_pairs(joint.image, joint.text, 5, torch.Generator().manual_seed(3)))
-    random = distill.initial_pairs(spec, SimpleNamespace(pair_init="random", phase_init="disjoint"), data,
+    random = phases.initial_pairs(spec, SimpleNamespace(pair_init="random", phase_init="disjoint"), data,
                                    torch.Generator().manual_seed(3), joint)
     assert torch.equal(random, torch.randperm(40, generator=torch.Generator().manual_seed(3))[:5])

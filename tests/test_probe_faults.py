@@ -16,7 +16,11 @@ from distill_utils.app import ablation, buffer, convexify, distill, evaluate
 from distill_utils.data import DataError, shapes
 from distill_utils.data.datasets import load_image
 from distill_utils.students.evaluation import student_seed
-from tests.helpers import shapes_args
+from distill_utils.pipeline import stages, sweep
+from distill_utils.pipeline.settings import QUICKSTART
+from distill_utils.runtime.errors import UsageError
+from distill_utils.runtime.runs import RunFolder
+from tests.helpers import shapes_args, workdir
 from tests.test_user_errors import distill_argv, script_error, write_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +247,8 @@ def test_a_run_that_stops_inside_the_ablation_gets_the_ablations_advice(monkeypa
         raise FloatingPointError("phase 0, iteration 3: NaN. Lower --lr_img, then rerun with --resume --name x.")
 
     monkeypatch.setattr(distill, "main", stops)
-    with pytest.raises(ablation.UsageError) as error:
-        ablation.distill_run(ablation.RunFolder(tmp_path / "lors_b4_s0_abc"), ["--lr_img", "1"])
+    with pytest.raises(UsageError) as error:
+        sweep.distill_run(workdir(tmp_path), RunFolder(tmp_path / "lors_b4_s0_abc"), ["--lr_img", "1"])
     text = str(error.value)
     assert text.startswith(f"ablation run {tmp_path / 'lors_b4_s0_abc'} stopped: phase 0, iteration 3")
     assert "--resume and --name are set for you" in text and "run the same ablation command again" in text
@@ -253,10 +257,9 @@ def test_a_run_that_stops_inside_the_ablation_gets_the_ablations_advice(monkeypa
 # --------------------------------------------------------------------------- 1: the quick start's stages
 def test_the_quick_starts_stages_are_keyed_by_what_decides_them(tmp_path):
     from dataclasses import replace
-    from distill_utils.app import quickstart
-    s = quickstart.PRESETS["smoke"]
-    assert quickstart.encoder_folder(s, tmp_path) != quickstart.encoder_folder(replace(s, seed=1), tmp_path)
-    assert quickstart.encoder_folder(s, tmp_path) != quickstart.encoder_folder(replace(s, pretrain_epochs=2), tmp_path)
-    assert quickstart.data_folder(s, tmp_path) != quickstart.data_folder(replace(s, num_train=30), tmp_path)
-    assert quickstart.data_folder(s, tmp_path) == quickstart.data_folder(replace(s, seed=1), tmp_path)  # fixed data
+    s, work = QUICKSTART["smoke"], workdir(tmp_path)
+    assert stages.encoder_folder(s, work) != stages.encoder_folder(replace(s, seed=1), work)
+    assert stages.encoder_folder(s, work) != stages.encoder_folder(replace(s, pretrain_epochs=2), work)
+    assert stages.data_folder(s, work) != stages.data_folder(replace(s, num_train=30), work)
+    assert stages.data_folder(s, work) == stages.data_folder(replace(s, seed=1), work)  # fixed data
     assert not any(tmp_path.iterdir())  # naming a folder makes nothing

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from distill_utils.app import ablation, buffer, distill
-from distill_utils.app.quickstart import STAMPS
+from distill_utils.pipeline.settings import STAMPS
 from distill_utils.data import build_datasets, load_image, transforms
 from networks import efficientnet_lite as lite
+from distill_utils.pipeline import sweep
 from tests.helpers import path_without_apt
 from tests.test_recipes import recorded_argv
 
@@ -98,8 +99,8 @@ def test_stamps_recipes_use_the_frozen_pretrained_encoder_and_pass_flags_through
             s.image_size, s.syn_steps, s.mini_batch_size, s.lr_img, s.lr_txt, s.lr_lr, s.lr_teacher,
             s.out_embedding, s.epoch_eval_train, plan.ptmst_ema)
         assert args.clamp_lr == s.clamp_lr == 0.002
-        assert args.Iteration == ablation.phase_iterations(plan, "ptmst", size)
-        assert ablation.phase_sizes(plan, "ptmst", size) == [size]
+        assert args.Iteration == sweep.phase_iterations(plan, "ptmst", size)
+        assert sweep.phase_sizes(plan, "ptmst", size) == [size]
         assert [args.min_start_epoch, args.max_start_epoch] == [[s.phases[0][2]], [s.phases[0][3]]]
     done, calls = recorded_argv(tmp_path, "buffer.sh", "cpu", "stamps", "--num_experts", "2")
     assert done.returncode == 0, done.stderr

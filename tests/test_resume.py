@@ -8,6 +8,7 @@ import torch
 
 from distill_utils.runtime import checkpoint
 from distill_utils.app import distill
+from distill_utils.distillation import phases as phase_loop
 from distill_utils.distillation.matching import TrajectoryMatcher
 from tests.test_distill import distill_argv
 
@@ -34,9 +35,9 @@ CUTS = {
     # phase 0, iteration 3: the state of iteration 2 is on disk
     "mid-phase": lambda mp: cut_at(mp, TrajectoryMatcher, "match", lambda n, *a: n == 4),
     # phase 0 finished and saved, phase 1 not started: the global stream must come from the state
-    "between phases": lambda mp: cut_at(mp, distill, "start_phase", lambda n, run, spec, buffer: spec.index == 1),
+    "between phases": lambda mp: cut_at(mp, phase_loop, "start_phase", lambda n, run, spec, buffer: spec.index == 1),
     # evaluations run at (0, 0), (0, 2), (0, 4), (1, 0), (1, 2): cut inside phase 1's second one
-    "during evaluation": lambda mp: cut_at(mp, distill, "evaluate_subsets", lambda n, *a: n == 5),
+    "during evaluation": lambda mp: cut_at(mp, phase_loop, "evaluate_subsets", lambda n, *a: n == 5),
 }
 
 

@@ -1,4 +1,4 @@
-"""Argument-parsing helpers shared by every script.
+"""Argument-parsing helpers shared by every script, and the scripts' entry points for the pipeline.
 
 The authors' shell recipes pass boolean flags with values (``--disabled_wandb True``) while newer
 habits write them bare (``--no_aug``); :func:`add_bool_flag` accepts both, strictly.
@@ -6,15 +6,21 @@ habits write them bare (``--no_aug``); :func:`add_bool_flag` accepts both, stric
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
-from typing import Dict, Optional, Sequence
+from dataclasses import fields
+from typing import Dict, List, Optional, Sequence
 
 from networks import EncoderError
 
 from ..runtime.errors import UsageError, describe_os_error
 from ..students.evaluation import SCHEDULES, EvalSettings, schedule_problem
 from ..distillation.losses import LOSSES
+from ..distillation.methods import METHODS
+from ..distillation.phases import DistillSettings
+from ..pipeline.scripts import Script, Scripts
+from .context import folder_split, load_data, model_config
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -214,6 +220,14 @@ def eval_settings(args: argparse.Namespace) -> EvalSettings:
                         args.eval_protocol, args.phase_lr, args.seed, schedule=args.student_schedule)
 
 
+def distill_settings(args: argparse.Namespace) -> DistillSettings:
+    """The distiller's parsed flags as its phases read them (every flag kept as the run's record)."""
+    named = {f.name: getattr(args, f.name) for f in fields(DistillSettings)
+             if f.name not in ("num_queries", "students", "flags")}
+    return DistillSettings(**named, num_queries=tuple(args.num_queries), students=eval_settings(args),
+                           flags=dict(vars(args)))
+
+
 def check_eval_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse student-evaluation flags that cannot go together, before any work starts."""
     problem = schedule_problem(args.student_schedule, args.phase_lr)
@@ -247,6 +261,23 @@ def output_flags(argv: Sequence[str], defaults: Dict[str, str]) -> Dict[str, str
     return found
 
 
+def chosen_method(argv: Optional[Sequence[str]]) -> str:
+    """``--method`` alone, before the full parse (its preset sets the other flags' defaults)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default="ptmst", choices=sorted(METHODS))
+    known, _ = pre.parse_known_args(argv)
+    return known.method
+
+
+def apply_preset(parser: argparse.ArgumentParser, method: str) -> None:
+    parser.set_defaults(**METHODS[method])
+
+
+def given_flags(argv: Optional[Sequence[str]]) -> List[str]:
+    """The long flags named on the command line (``--flag`` or ``--flag=value``)."""
+    return [a.split("=", 1)[0][2:] for a in (argv or []) if a.startswith("--")]
+
+
 def run_script(main, interrupted: str = "interrupted: files already written are complete (written "
                                           "atomically); run the same command again to continue.",
                outputs: Optional[Dict[str, str]] = None) -> None:
@@ -264,3 +295,20 @@ def run_script(main, interrupted: str = "interrupted: files already written are 
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         raise SystemExit(130) from None
+
+
+SCRIPT_MODULES = {"buffer": "buffer", "convexify": "convexify", "distill": "distill", "evaluate": "evaluate"}
+
+
+def script(name: str) -> Script:
+    """The entry points of ``distill_utils.app.{name}``, imported when first asked for (each script imports
+    this module, so it cannot import them at its top)."""
+    return Script(importlib.import_module(f"{__package__}.{SCRIPT_MODULES[name]}"))
+
+
+def scripts() -> Scripts:
+    """What an orchestrating script hands to :mod:`distill_utils.pipeline`: the four scripts and how
+    parsed flags become data and a model."""
+    return Scripts(buffer=script("buffer"), convexify=script("convexify"), distill=script("distill"),
+                   evaluate=script("evaluate"), load_data=load_data, model_config=model_config,
+                   folder_split=folder_split)

@@ -3,29 +3,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from networks import DualEncoderConfig, create_text_encoder
 
-from ..data import text_cache
-from ..data import FolderSplit, RetrievalEvalDataset, RetrievalTrainDataset, build_datasets, resolve_roots
-
-
-@dataclass
-class DataContext:
-    train: RetrievalTrainDataset
-    val: RetrievalEvalDataset
-    test: RetrievalEvalDataset
-    train_text: torch.Tensor  # (train captions, text_dim)
-    test_text: torch.Tensor   # (test captions, text_dim)
-    val_text: Optional[torch.Tensor]
-
-    @property
-    def text_dim(self) -> int:
-        return self.train_text.shape[1]
+from ..data import FolderSplit, build_datasets, resolve_roots, text_cache
+from ..data.context import DataContext
 
 
 def load_data(args: argparse.Namespace, device: torch.device, augment: bool = True, need_val: bool = False,

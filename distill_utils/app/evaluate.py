@@ -3,10 +3,10 @@
 Rows of the table: the distilled phases (``--ckpt_path``, in phase order), then the ``--baseline`` rows:
 as many real training pairs as the distilled set holds, with identity similarity, trained at once as one
 subset (as the papers' reference rows are), chosen at random (``random``) or by a coreset selection
-(``herding``, ``kcenter``, ``forgetting``: see :mod:`distill_utils.coresets`); the same random pairs cut
+(``herding``, ``kcenter``, ``forgetting``: see :mod:`distill_utils.students.coresets`); the same random pairs cut
 into the phases' sizes and trained one after the other under the run's student schedule
 (``random_split``: what the schedule costs before any distillation); and the full training set (``full``,
-its students' epochs, learning rate and batch chosen on the val split: :mod:`distill_utils.full_data`).
+its students' epochs, learning rate and batch chosen on the val split: :mod:`distill_utils.students.full_data`).
 Every row is mean ± std over ``--num_eval`` students. ``--student_image_encoder`` trains every row's students with
 another image encoder than the distiller's (cross-architecture evaluation).
 """
@@ -27,19 +27,21 @@ from ..runtime import checkpoint
 from ..outputs import export
 from ..runtime.atomic import text_writer, write_all
 from ..experts import trajectories
-from ..students.coresets import CORESETS, expert_at_end, pair_embeddings, pairs_digest, rank_pairs, split_ranking
-from ..data import DataError
+from ..students.baselines import (LABELS, CoresetSelector, baseline_label, baseline_subsets,
+                                   check_baselines)
+from ..students.coresets import CORESETS
+from ..data.context import DataContext
 from ..runtime.errors import UsageError, writable_folder
-from ..students.evaluation import evaluate_subsets, format_table, union_of
+from ..students.evaluation import evaluate_subsets, format_table
 from ..students.full_data import FullDataSettings, full_data_protocols
-from ..students.retrieval import RetrievalBenchmark, split_benchmarks
+from ..students.retrieval import split_benchmarks
 from ..runtime.runs import RunFolder
 from ..runtime.runlog import resolve_device, setup_logging
 from ..runtime.speed import enable_fast_math
 from ..distillation.synthetic import FrozenSubset
 
 from .cli import add_bool_flag, check_eval_args, eval_settings, positive, script_parser
-from .context import DataContext, load_data, model_config
+from .context import load_data, model_config
 
 log = logging.getLogger("ptmst.eval")
 MODEL_KEYS = ("image_encoder", "text_encoder", "image_trainable", "image_size", "out_embedding")
@@ -227,132 +229,6 @@ def load_checkpoints(paths: Sequence[str], args: argparse.Namespace, text_dim: i
     return subsets, LABELS.get(method, method)
 
 
-LABELS = {"ptmst": "PTM-ST", "mttvl": "MTT-VL", "lors": "LoRS", "amd": "AMD", "repblend": "RepBlend"}
-BASELINE_LABELS = {"random": "random real subset", "random_split": "random real subset, split like the phases",
-                   "herding": "herding coreset", "kcenter": "k-center coreset", "forgetting": "forgetting coreset"}
-RANDOM_DRAW = 12345  # the random rows draw from seed + this, so the whole and the split rows share their pairs
-
-
-def random_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed + RANDOM_DRAW)
-
-
-def real_subsets(data: DataContext, chunks: Sequence[Sequence[int]], lr_img: float,
-                 lr_txt: float) -> List[FrozenSubset]:
-    """Training pairs ``chunks`` (one list of pair indices per phase), test-time transform, identity similarity."""
-    subsets = []
-    for chunk in chunks:
-        chunk = [int(i) for i in chunk]
-        images = torch.stack([data.train[i][0] for i in chunk])
-        subsets.append(FrozenSubset(images, data.train_text[chunk].clone(), torch.eye(len(chunk)), lr_img, lr_txt))
-    return subsets
-
-
-def check_enough_pairs(baseline: str, needed: int, available: int, what: str = "training pairs") -> None:
-    if needed > available:
-        raise DataError(f"the {baseline} baseline needs {needed} {what} but the dataset has {available}: drop "
-                        f"--baseline {baseline} or use a larger training set")
-
-
-def random_subsets(data: DataContext, sizes: Sequence[int], lr_img: float, lr_txt: float,
-                   generator: torch.Generator) -> List[FrozenSubset]:
-    """Random real training pairs; distinct across phases when the training set holds enough pairs,
-    else distinct within each phase."""
-    available = len(data.train)
-    if sum(sizes) <= available:
-        chunks = torch.randperm(available, generator=generator)[:sum(sizes)].split(list(sizes))
-    else:
-        check_enough_pairs("random", max(sizes), available, "distinct training pairs for one phase")
-        log.warning("the training set has %d pairs, fewer than the %d the phases hold together: each phase's "
-                    "random subset is drawn on its own, so they may share pairs", available, sum(sizes))
-        chunks = [torch.randperm(available, generator=generator)[:size] for size in sizes]
-    return real_subsets(data, [c.tolist() for c in chunks], lr_img, lr_txt)
-
-
-class CoresetSelector:
-    """Herding, k-center and forgetting selections of one training set, made with the first expert of
-    ``expert_dir`` (a model of ``config``, the distiller's). The joint embeddings and the forgetting
-    record are read once, however many budgets and seeds select from them."""
-
-    def __init__(self, data: DataContext, expert_dir: Path, config, device: torch.device):
-        self.data, self.expert_dir, self.config, self.device = data, Path(expert_dir), config, device
-        self._embeddings = None
-        self._expert = None
-        self._forgetting: Optional[dict] = None
-
-    def expert(self):
-        if self._expert is None:
-            self._expert, _ = expert_at_end(self.config, self.expert_dir, self.device)
-        return self._expert
-
-    def embeddings(self):
-        if self._embeddings is None:
-            model = self.expert()
-            train = self.data.train
-            self._embeddings = pair_embeddings(model, lambda path: train.transform(train.folder(path)),
-                                               train.image_paths(), self.data.train_text, self.device)
-        return self._embeddings
-
-    def forgetting_record(self) -> dict:
-        if self._forgetting is None:
-            index = trajectories.TrajectoryBuffer(self.expert_dir).indices[0]
-            train = self.data.train
-            self._forgetting = trajectories.read_forgetting(self.expert_dir, index,
-                                                            pairs_digest(train.image_paths(), train.captions))
-        return self._forgetting
-
-    def check(self, kind: str) -> None:
-        """Read what ``kind`` selects with (the expert's folder and, for forgetting, its record) now, so a
-        missing or foreign file stops the command before any student trains."""
-        if kind == "forgetting":
-            self.forgetting_record()
-        else:
-            self.expert()
-
-    def subsets(self, kind: str, sizes: Sequence[int], lr_img: float, lr_txt: float, seed: int) -> List[FrozenSubset]:
-        """``seed`` orders the forgetting counts that tie; herding and k-center do not depend on it."""
-        check_enough_pairs(kind, sum(sizes), len(self.data.train))
-        if kind == "forgetting":
-            ranking = rank_pairs(kind, sum(sizes), forgetting=self.forgetting_record(), seed=seed)
-        else:
-            ranking = rank_pairs(kind, sum(sizes), embeddings=self.embeddings())
-        return real_subsets(self.data, split_ranking(ranking, sizes), lr_img, lr_txt)
-
-
-def check_baselines(baselines: Sequence[str], sizes: Sequence[int], available: int,
-                    selector: Optional["CoresetSelector"]) -> None:
-    """What every reference row needs, checked before any student trains: enough training pairs, and for
-    the coresets a readable expert (and its forgetting record)."""
-    for baseline in baselines:
-        if baseline in ("random", "random_split"):
-            check_enough_pairs(baseline, max(sizes), available, "distinct training pairs for one phase")
-        if baseline in CORESETS:
-            check_enough_pairs(baseline, sum(sizes), available)
-            selector.check(baseline)
-
-
-def baseline_subsets(baseline: str, data: DataContext, sizes: Sequence[int], args: argparse.Namespace,
-                     selector: Optional["CoresetSelector"]) -> List[FrozenSubset]:
-    """The real pairs of a reference row: one subset of ``sum(sizes)`` pairs, or for ``random_split`` the same
-    random pairs cut into ``sizes``."""
-    total = [sum(sizes)]
-    if baseline == "random" and sum(sizes) > len(data.train) >= max(sizes):
-        log.warning("the distilled set holds %d pairs, more than the %d training pairs: the random row draws each "
-                    "phase's share on its own (pairs may repeat) and trains them at once", sum(sizes), len(data.train))
-        return [union_of(random_subsets(data, sizes, args.lr_teacher_img, args.lr_teacher_txt,
-                                        random_generator(args.seed)))]
-    if baseline in ("random", "random_split"):
-        return random_subsets(data, sizes if baseline == "random_split" else total, args.lr_teacher_img,
-                              args.lr_teacher_txt, random_generator(args.seed))
-    return selector.subsets(baseline, total, args.lr_teacher_img, args.lr_teacher_txt, args.seed)
-
-
-def baseline_label(baseline: str, sizes: Sequence[int]) -> str:
-    if baseline == "random_split":
-        return f"random real subset, split {' + '.join(map(str, sizes))}"
-    return BASELINE_LABELS[baseline]
-
-
 def student_config(args: argparse.Namespace, text_dim: int) -> Tuple[DualEncoderConfig, str]:
     """The students' model and a label naming it ("" for the distiller's own model)."""
     config = model_config(args, text_dim)
@@ -440,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     rows = {f"{method} ({sum(sizes)} pairs){suffix}": evaluate_subsets(subsets, config, settings, test, val, device,
                                                                       "distilled set")["selected"]}
     for baseline in [b for b in BASELINES if b in args.baseline and b != "full"]:
-        reals = baseline_subsets(baseline, data, sizes, args, selector)
+        reals = baseline_subsets(baseline, data, sizes, args.lr_teacher_img, args.lr_teacher_txt, args.seed,
+                                 selector)
         rows[f"{baseline_label(baseline, sizes)} ({sum(sizes)} pairs){suffix}"] = evaluate_subsets(
             reals, config, settings, test, val, device, f"{baseline} subset")["selected"]
     if "full" in args.baseline:

@@ -48,22 +48,26 @@ from ..runtime.errors import writable_folder
 from ..students.evaluation import EvalSettings
 from ..distillation.losses import MultilabelContrastiveLoss
 from ..distillation.matching import MiniBatchSampler, TrajectoryMatcher
+from ..distillation.phases import PhaseSpec, initial_set
 from ..outputs.plots import grouped_bars, heatmaps, lines_with_error_bars
 from ..runtime.progress import progress
 from ..students.retrieval import split_benchmarks
 from ..runtime.runlog import resolve_device, seeded, setup_logging
 from ..runtime.runs import RunFolder
 
-from . import convexify, distill
-from .ablation import (BUFFER_FLAGS, DISTILL_FLAGS, FULL_DATA, OWNED, RANDOM_SPLIT, TEN_EPOCH_SHAPES, Phases,
-                       RunRecord, check_budgets_fit, distill_all, ensure_run, eval_settings_of, evaluate_all,
-                       even_split, flag_groups, flags_for, load_final, matching_run, paper_table, phase_flags,
-                       phase_sizes, publish, report_stamp, students, table, train_expert_set, Plan)
-from .cli import non_negative, positive, run_script
-from .context import load_data, model_config
-from .evaluate import random_subsets
-from .quickstart import PRESETS as QUICKSTART, STAMPS, Settings, generate_data, pretrain_encoder
+from ..pipeline.reports import paper_table, publish, report_stamp, table
+from ..pipeline.settings import QUICKSTART, STAMPS, TEN_EPOCH_SHAPES, Settings
+from ..pipeline.stages import Workdir, generate_data, pretrain_encoder
+from ..pipeline.sweep import (FULL_DATA, OWNED, RANDOM_SPLIT, Phases, Plan, RunRecord, check_budgets_fit, distill_all,
+                              ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups, flags_for,
+                              load_final, matching_run, phase_flags, phase_sizes, students, train_expert_set)
+from ..students.baselines import random_subsets
 
+from .cli import distill_settings, non_negative, positive, run_script, scripts
+
+SCRIPTS = scripts()
+DISTILL_FLAGS = SCRIPTS.distill.options()
+BUFFER_FLAGS = SCRIPTS.buffer.options()
 log = logging.getLogger("ptmst.study")
 REAL_DATASETS = ("stamps", "openclipart", "folder")
 STUDIES = ("teacher_stage", "gradients", "components", "schedule", "scale")
@@ -124,7 +128,7 @@ def quick_plan(study: str) -> StudyPlan:
 class Workspace:
     """What every study shares: the folders, the parsed model flags, the experts, data and benchmarks."""
     plan: StudyPlan
-    work: Path
+    work: Workdir
     extra: List[str]
     model: argparse.Namespace
     normal: Path
@@ -143,12 +147,13 @@ class Workspace:
         """The data and the test and val benchmarks (once)."""
         if self.data is None:
             self.device = resolve_device(self.model.device)
-            self.data = load_data(self.model, self.device, augment=False, need_val=True)
+            self.data = self.work.scripts.load_data(self.model, self.device, augment=False, need_val=True)
             self.test, self.val = split_benchmarks(self.data, self.device, self.model.batch_size_test,
                                                    self.model.num_workers)
 
     def shortcut(self, start: int, end: int) -> Path:
-        return convexify.main(["--normal_dir", str(self.normal), "--start", str(start), "--end", str(end)])
+        return self.work.scripts.convexify.main(["--normal_dir", str(self.normal), "--start", str(start),
+                                                 "--end", str(end)])
 
     def shortcuts(self) -> List[Path]:
         return [self.shortcut(start, end) for start, end, _, _ in self.settings.phases]
@@ -158,8 +163,8 @@ class Workspace:
         def flags(name: str) -> List[str]:
             return (phase_flags(self.settings, self.work, method, seed, phases, self.runs, name) + list(overrides)
                     + self.extra)
-        run, argv = matching_run(self.runs / self.model.dataset, base, flags)
-        seconds = ensure_run(run, argv, base)
+        run, argv = matching_run(self.work, self.runs / self.model.dataset, base, flags)
+        seconds = ensure_run(self.work, run, argv, base)
         self.records.append({"run": str(run.path), "seconds": seconds})
         return run
 
@@ -183,7 +188,8 @@ class Workspace:
         m = self.model
         settings = EvalSettings(m.epoch_eval_train, m.batch_train, self.settings.num_eval, m.loss_type, "val",
                                 phase_lr, seed, schedule=schedule)
-        return students(subsets, model_config(m, self.data.text_dim), settings, self.test, self.val, self.device)
+        config = self.work.scripts.model_config(m, self.data.text_dim)
+        return students(subsets, config, settings, self.test, self.val, self.device)
 
     def random(self, sizes: Sequence[int], seed: int):
         self.load()
@@ -191,15 +197,16 @@ class Workspace:
                               torch.Generator().manual_seed(seed + 12345))
 
 
-def prepare(plan: StudyPlan, work: Path, distill_extra: List[str], buffer_extra: List[str], builtin: bool) -> Workspace:
+def prepare(plan: StudyPlan, work: Workdir, distill_extra: List[str], buffer_extra: List[str],
+            builtin: bool) -> Workspace:
     if builtin:
         generate_data(plan.settings, work)
         pretrain_encoder(plan.settings, work)
     smallest = min(even_split(min(plan.budgets), len(plan.settings.phases)))  # so every run's mini-batch fits
-    model = distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(["unused"], [0], [1], [smallest], [1]),
-                                           work / "unused", "unused") + distill_extra)
+    model = work.scripts.distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(
+        ["unused"], [0], [1], [smallest], [1]), work / "unused", "unused") + distill_extra)
     if not builtin:  # the largest budget is the study's last run: known to fit before the first expert trains
-        check_budgets_fit(plan, model)
+        check_budgets_fit(plan, work, model)
     normal = train_expert_set(Plan(quickstart=plan.settings), work, model, buffer_extra, frozen=False)
     return Workspace(plan, work, distill_extra, model, normal, work / "study_runs")
 
@@ -228,7 +235,7 @@ def window_starts(plan: StudyPlan) -> List[int]:
 def expert_recall(ws: Workspace, epochs: Sequence[int]) -> Dict[int, Tuple[float, float]]:
     """Test recall (mean ± std over the experts) of the experts' snapshot at each epoch."""
     ws.load()
-    config = model_config(ws.model, ws.data.text_dim)
+    config = ws.work.scripts.model_config(ws.model, ws.data.text_dim)
     model = config.build(seed=0).to(ws.device).eval()
     buffer = trajectories.TrajectoryBuffer(ws.normal)
     out = {}
@@ -314,11 +321,11 @@ def gradient_directions(ws: Workspace, seed: int, budget: int, folders: Dict[str
     ws.load()
     m = ws.model
     epochs = m.expert_epochs
-    config = model_config(m, ws.data.text_dim)
+    config = ws.work.scripts.model_config(m, ws.data.text_dim)
     student = config.build(seed=seed).to(ws.device)
-    spec = distill.PhaseSpec(0, str(folders["normal"]), 0, 1, budget, 0, m.sim_rank[0])
+    spec = PhaseSpec(0, str(folders["normal"]), 0, 1, budget, 0, m.sim_rank[0])
     generator = torch.Generator().manual_seed(seed * 1000)
-    synthetic = distill.initial_set(spec, m, ws.data, generator).to(ws.device)
+    synthetic = initial_set(spec, distill_settings(m), ws.data, generator).to(ws.device)
     sampler = MiniBatchSampler(budget, min(m.mini_batch_size, budget), generator)
     batches = [sampler.next().to(ws.device) for _ in range(m.syn_steps)]
     matcher = TrajectoryMatcher(student, MultilabelContrastiveLoss(m.loss_type), m.syn_steps, m.syn_steps,
@@ -538,7 +545,7 @@ def cached_students(ws: Workspace, plan: Plan, record: RunRecord, subsets) -> Tu
     ws.load()
     recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
     settings = eval_settings_of(plan, recorded, record.seed)
-    config = model_config(recorded, ws.data.text_dim)
+    config = ws.work.scripts.model_config(recorded, ws.data.text_dim)
     key = json.dumps({"settings": asdict(settings), "model": asdict(config)}, sort_keys=True, default=str)
     cache = Path(record.folder) / f"study_students_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if cache.is_file():
@@ -784,7 +791,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     setup_logging()
     started = time.perf_counter()
-    work = writable_folder(Path(args.workdir), "--workdir")
+    work = Workdir(writable_folder(Path(args.workdir), "--workdir"), SCRIPTS)
     (work / "reports").mkdir(parents=True, exist_ok=True)
     report = Path(tempfile.mkdtemp(prefix=f".study_{args.study}_", suffix=".partial", dir=work / "reports"))
     ws = prepare(args.plan, work, args.distill_flags, args.buffer_flags, args.builtin_data)

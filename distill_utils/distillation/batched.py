@@ -6,9 +6,9 @@ vectorised over the K parameter vectors with ``torch.func.vmap``:
 
 * ``step_gradient(theta, images, texts, target, noise)``: g_i = grad_theta loss_i, by
   ``torch.func.grad`` of the closed-form step loss, with the step's dropout and blend given as inputs
-  (:class:`~distill_utils.matching.SegmentNoise`), never drawn inside;
+  (:class:`~distill_utils.distillation.matching.SegmentNoise`), never drawn inside;
 * pass 1 runs the K trajectories without any graph to the synthetic data and gives each segment's
-  G, residual and adjoint weight v (the closed form of :mod:`distill_utils.matching`);
+  G, residual and adjoint weight v (the closed form of :mod:`distill_utils.distillation.matching`);
 * pass 2 recomputes each step for all K with a graph to the batch's entries and back-propagates
   sum_k (2/D_k) v_k^T g_{k,i} into them in one backward.
 

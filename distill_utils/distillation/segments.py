@@ -6,7 +6,7 @@ iteration, in this order: for each segment j = 0..K-1 its expert (the phase's ex
 its start epoch(s); then the ``syn_steps`` mini-batches; then, when K > 1, one seed per segment
 (a single ``torch.randint`` of K values). With K = 1 the segment draws its dropout masks and blend
 weights from the global generators, exactly as a run always did; with K > 1 segment j draws them
-from a generator of its own seeded with its seed (:class:`~distill_utils.matching.SegmentNoise`),
+from a generator of its own seeded with its seed (:class:`~distill_utils.distillation.matching.SegmentNoise`),
 so its gradient does not depend on which process or device computes it, what ran before it there,
 or whether it ran batched with others.
 

@@ -1,5 +1,5 @@
 """Shortcut-trajectory files: one expert's snapshots ``[start:end]`` replaced by per-layer straight
-lines (see :mod:`distill_utils.shortcut`), written in the authors' twin format beside the input, or in
+lines (see :mod:`distill_utils.experts.shortcut`), written in the authors' twin format beside the input, or in
 the compact encoding (endpoints plus the pace table). ``convexify.py``
 (:mod:`distill_utils.app.convexify`) runs them over a folder.
 """

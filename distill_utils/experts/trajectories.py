@@ -209,7 +209,7 @@ def remove_stale_writes(folder: Path) -> List[int]:
 def claim_next_index(folder: Path) -> int:
     """Reserve the lowest index that no expert file and no claim uses. Several processes (torchrun
     ranks, machines on a shared disk, reruns) never get the same index, and an index whose files
-    exist is never claimed again (see :mod:`distill_utils.claims`). Stale claims of dead processes on
+    exist is never claimed again (see :mod:`distill_utils.runtime.claims`). Stale claims of dead processes on
     this host are cleaned first."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

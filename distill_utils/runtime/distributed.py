@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -120,3 +120,32 @@ def wait_for_all(ranks: Ranks, what: str, timeout_s: Optional[float] = None) -> 
         dist.barrier()
     except (RuntimeError, dist.DistError) as error:
         raise _lost(what, ranks, timeout_s, error) from None
+
+
+class Handshake:
+    """What rank 0 tells the other processes once it has prepared the run (or failed to): the run's
+    name, whether it resumed, whether it had already finished, or the error that stopped it, so that
+    no process waits on a rank 0 that quit. For one process it does nothing. ``describe`` turns that
+    error into the sentence the other ranks raise."""
+
+    def __init__(self, ranks: Ranks, timeout_s: float, describe: Callable[[BaseException], str] = str):
+        self.ranks, self.timeout_s, self.sent, self.describe = ranks, timeout_s, False, describe
+
+    def send(self, **news) -> None:
+        if not self.sent:
+            self.sent = True
+            share_from_rank0(news, self.ranks, self.timeout_s)
+
+    def receive(self) -> dict:
+        news = share_from_rank0(None, self.ranks, self.timeout_s)
+        if news.get("error"):
+            raise UsageError(f"rank {self.ranks.rank}: rank 0 stopped before the run began: {news['error']}")
+        return news
+
+    def __enter__(self) -> "Handshake":
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if error is not None and not self.sent:
+            self.send(error=self.describe(error) or type(error).__name__)
+        return False

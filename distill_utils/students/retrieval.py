@@ -85,7 +85,7 @@ def _image_head(model: DualEncoder, features: torch.Tensor) -> torch.Tensor:
 
 
 def split_benchmarks(data, device: torch.device, batch_size: int, num_workers: int):
-    """``(test, val)`` benchmarks of a :class:`~distill_utils.app.context.DataContext`; val is None when its
+    """``(test, val)`` benchmarks of a :class:`~distill_utils.data.context.DataContext`; val is None when its
     caption features were not loaded."""
     def build(split, features):
         return RetrievalBenchmark(split, features, device, batch_size, num_workers)

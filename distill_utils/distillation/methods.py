@@ -1,5 +1,7 @@
 """The methods of the field as presets of ``distill_ptm-st.py``'s flags (``--method NAME``).
 
+(:func:`distill_utils.app.cli.apply_preset` sets a preset as the parser's defaults.)
+
 A preset only changes defaults: a flag given on the command line wins. Every method runs through the
 same matcher, student evaluation and checkpoints; they differ only in the flags below.
 
@@ -21,9 +23,8 @@ The one-phase presets default to one phase as large as ``ptmst``'s two together 
 """
 from __future__ import annotations
 
-import argparse
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 log = logging.getLogger("ptmst.distill")
 
@@ -44,27 +45,11 @@ METHODS: Dict[str, dict] = {
 TRAJECTORIES = {"ptmst": "shortcut", "mttvl": "normal", "lors": "normal", "amd": "normal", "repblend": "normal"}
 
 
-def chosen_method(argv: Optional[Sequence[str]]) -> str:
-    """``--method`` alone, before the full parse (its preset sets the other flags' defaults)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default="ptmst", choices=sorted(METHODS))
-    known, _ = pre.parse_known_args(argv)
-    return known.method
-
-
-def apply_preset(parser: argparse.ArgumentParser, method: str) -> None:
-    parser.set_defaults(**METHODS[method])
-
-
-def given_flags(argv: Optional[Sequence[str]]) -> List[str]:
-    """The long flags named on the command line (``--flag`` or ``--flag=value``)."""
-    return [a.split("=", 1)[0][2:] for a in (argv or []) if a.startswith("--")]
-
-
-def check_method_fits(method: str, args: argparse.Namespace, trajectory_kinds: Sequence[Optional[str]],
+def check_method_fits(method: str, values: Mapping[str, object], trajectory_kinds: Sequence[Optional[str]],
                       given: Sequence[str]) -> None:
-    """Warn where explicit flags or the trajectory folders make a run differ from the method it names."""
-    overridden = sorted(k for k in METHODS[method] if k in given and getattr(args, k) != METHODS[method][k]
+    """Warn where explicit flags (``given``, with the run's ``values``) or the trajectory folders make a
+    run differ from the method it names."""
+    overridden = sorted(k for k in METHODS[method] if k in given and values[k] != METHODS[method][k]
                         and k not in ONE_PHASE)
     if overridden:
         log.warning("--method %s with %s changed by the command line: the run is a variant of %s, not %s itself",

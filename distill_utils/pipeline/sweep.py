@@ -1,0 +1,531 @@
+"""A sweep: methods x budgets x seeds distilled from one set of experts, and their sets' students.
+
+The ablation and the studies plan their runs here. Each run's flags come from the plan (the authors'
+structure for PTM-ST unless the plan says otherwise), and each run folder is found by the fingerprint of
+those flags and the experts it reads: a finished run is reused, a cut one resumes, a changed flag or a
+rewritten expert makes a new folder beside the old one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..data import build_datasets
+from ..experts import trajectories
+from ..outputs import export
+from ..runtime import checkpoint
+from ..runtime.atomic import atomic_write_text
+from ..runtime.errors import UsageError
+from ..runtime.progress import progress
+from ..runtime.runlog import resolve_device
+from ..runtime.runs import RunFolder, find_matching_run
+from ..students.baselines import CoresetSelector, random_generator, random_subsets
+from ..students.coresets import CORESETS
+from ..students.evaluation import EvalSettings, both_protocols, train_student
+from ..students.full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
+from ..students.retrieval import split_benchmarks
+from .settings import Settings
+from .stages import Workdir, common_flags, top_up_experts
+
+log = logging.getLogger("ptmst.sweep")
+
+
+ORDER = ("mttvl", "lors", "ptmst", "amd", "repblend")
+
+
+FROZEN_RANDOM = "random, frozen encoder"
+
+
+# what the ablation itself decides for every run (budgets, seeds, phases, folders, expert counts)
+OWNED = {"--seed", "--name", "--logged_dir", "--method", "--buffer_path", "--num_queries", "--Iteration",
+         "--subset_num", "--min_start_epoch", "--max_start_epoch", "--resume", "--num_experts", "--train_epochs",
+         "--help", "-h"}
+
+
+def flag_groups(extra: Sequence[str]) -> List[List[str]]:
+    """``--flag value ...`` groups of the pass-through arguments."""
+    groups: List[List[str]] = []
+    for token in extra:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
+
+
+def flags_for(known: set, groups: Sequence[List[str]]) -> List[str]:
+    """The pass-through groups a script's parser knows, flattened."""
+    return [token for group in groups if group[0].split("=", 1)[0] in known for token in group]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the ablation runs; the model, data and learning rates come from the quick start's settings."""
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    budgets: Tuple[int, ...] = (20, 40)
+    methods: Tuple[str, ...] = ORDER
+    quickstart: Settings = field(default_factory=Settings)
+    frozen_out_embedding: int = 256  # projection width of RepBlend's frozen-encoder model (2048 is NFNet-sized)
+    coresets: Tuple[str, ...] = CORESETS
+    students: Tuple[str, ...] = ()   # image encoders of the cross-architecture table
+    lr_search: int = 0               # configurations of the learning rates tried per method and budget (0: none)
+    # PTM-ST as its authors run it (published) or as this comparison first ran it (even, shared, split):
+    ptmst_layout: str = "published"  # published: one phase up to 100 pairs, two above; even: every phase, equal shares
+    ptmst_endpoints: str = "own"     # own: each phase its shortcut (settings.phases); shared: the first phase's
+    ptmst_iterations: str = "per_phase"  # per_phase: each phase as many as a one-phase method; split: shared out
+    ptmst_ema: float = 0.99          # the authors' EMA decay of PTM-ST's saved set
+    full_data: bool = True           # the full training set as a row (students' recipe chosen on val)
+    one_phase_ema: float = 0.0       # MTT-VL's and LoRS's authors keep no EMA: the last iterate is the set
+
+
+FULL_DATA = "full training set"
+
+
+RANDOM_SPLIT = "random, split like PTM-ST"
+
+
+def one_phase_window(s: Settings) -> Tuple[int, int]:
+    """The start range of the one-phase methods: the union of PTM-ST's phases' ranges."""
+    return min(p[2] for p in s.phases), max(p[3] for p in s.phases)
+
+
+def even_split(total: int, parts: int) -> List[int]:
+    """``total`` shared by ``parts`` as evenly as integers allow, the larger shares first."""
+    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
+
+
+PUBLISHED_ONE_PHASE = 100  # the authors' 100-pair recipes run one phase; their 200 and 500 run two
+
+
+def published_sizes(budget: int) -> List[int]:
+    """The authors' split of a budget: one phase up to 100 pairs; above, two phases, the first holding half
+    (two fifths from 500 pairs on, as their 200 + 299 of Flickr500)."""
+    if budget <= PUBLISHED_ONE_PHASE:
+        return [budget]
+    first = budget * 2 // 5 if budget >= 500 else budget // 2
+    return [first, budget - first]
+
+
+def one_phase_iterations(s: Settings) -> int:
+    """What a one-phase method runs: the settings' iterations, all together."""
+    return sum(s.iterations)
+
+
+def phase_sizes(plan: Plan, method: str, budget: int) -> List[int]:
+    if method != "ptmst":
+        return [budget]
+    if plan.ptmst_layout == "published":
+        return published_sizes(budget)
+    if plan.ptmst_layout == "one":
+        return [budget]
+    return even_split(budget, len(plan.quickstart.phases))
+
+
+def phase_iterations(plan: Plan, method: str, budget: int) -> List[int]:
+    s, phases = plan.quickstart, len(phase_sizes(plan, method, budget))
+    if method != "ptmst":
+        return [one_phase_iterations(s)]
+    if plan.ptmst_iterations == "per_phase":
+        return [one_phase_iterations(s)] * phases
+    return even_split(one_phase_iterations(s), phases) if plan.ptmst_layout != "even" else list(s.iterations)
+
+
+def ema_decay_of(plan: Plan, method: str) -> float:
+    return plan.ptmst_ema if method == "ptmst" else plan.one_phase_ema
+
+
+def ptmst_trajectories(plan: Plan, shortcuts: Sequence, phases: int) -> Tuple[List, List[int], List[int]]:
+    """The first ``phases`` phases' shortcut folders and start ranges; with shared endpoints, every phase
+    matches the first phase's shortcut."""
+    s = plan.quickstart
+    paths = [shortcuts[0] if plan.ptmst_endpoints == "shared" else shortcuts[k] for k in range(phases)]
+    return paths, [s.phases[k][2] for k in range(phases)], [s.phases[k][3] for k in range(phases)]
+
+
+def distill_flags(plan: Plan, work: Workdir, method: str, budget: int, seed: int, folders: Dict[str, object],
+                  logged: Path, name: str) -> List[str]:
+    s = plan.quickstart
+    sizes, iterations = phase_sizes(plan, method, budget), phase_iterations(plan, method, budget)
+    if method == "ptmst":
+        paths, lows, highs = ptmst_trajectories(plan, folders["shortcuts"], len(sizes))
+    else:
+        low, high = one_phase_window(s)
+        paths, lows, highs = [folders["frozen" if method == "repblend" else "normal"]], [low], [high]
+    flags = phase_flags(s, work, method, seed, Phases(paths, lows, highs, sizes, iterations), logged, name)
+    flags += ["--ema_decay", str(ema_decay_of(plan, method))]
+    if method == "repblend":
+        flags += ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)]
+    return flags
+
+
+@dataclass(frozen=True)
+class Phases:
+    """One value per phase: trajectory folder, start range [low, high), pairs, iterations."""
+    paths: Sequence
+    lows: Sequence[int]
+    highs: Sequence[int]
+    sizes: Sequence[int]
+    iterations: Sequence[int]
+
+
+def phase_flags(s: Settings, work: Workdir, method: str, seed: int, phases: Phases, logged: Path,
+                name: str) -> List[str]:
+    """The distiller's flags for ``phases`` under the settings' rates, model and evaluation."""
+    return common_flags(s, work) + [
+        "--method", method, "--seed", str(seed), "--buffer_path", *map(str, phases.paths),
+        "--subset_num", str(len(phases.sizes)),
+        "--min_start_epoch", *map(str, phases.lows), "--max_start_epoch", *map(str, phases.highs),
+        "--num_queries", *map(str, phases.sizes), "--Iteration", *map(str, phases.iterations),
+        "--eval_it", str(max(phases.iterations)), "--eval_init", "false", "--num_eval", "1",
+        "--syn_steps", str(s.syn_steps), "--mini_batch_size", str(min(s.mini_batch_size, min(phases.sizes))),
+        "--keep_graphs", str(s.syn_steps), "--lr_img", str(s.lr_img), "--lr_txt", str(s.lr_txt),
+        "--lr_sim", str(s.lr_sim), "--lr_lr", str(s.lr_lr), "--ema_decay", str(s.ema_decay), "--sim_type", s.sim_type,
+        "--epoch_eval_train", str(s.epoch_eval_train), "--loss_type", s.loss_type,
+        *(["--clamp_lr", str(s.clamp_lr)] if s.clamp_lr is not None else []),
+        "--logged_dir", str(logged), "--name", name]
+
+
+def train_expert_set(plan: Plan, work: Workdir, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
+    """The plan's experts (reused when made with the same flags): the quick start's recipe, or with the
+    image encoder frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
+    frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
+    return top_up_experts(plan.quickstart, work, ["--loss_type", model.loss_type, *frozen_flags, *extra],
+                          base="buffer_frozen_encoder" if frozen else "buffer")
+
+
+@dataclass
+class RunRecord:
+    method: str
+    budget: int
+    seed: int
+    folder: str
+    seconds: float  # distillation wall time, all of its calls together
+
+
+SECONDS_FILE = "ablation_seconds.json"  # in each run folder: the distillation's wall time, kept for reruns
+
+
+def recorded_seconds(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / SECONDS_FILE).read_text())["seconds"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def run_for(plan: Plan, work: Workdir, method: str, budget: int, seed: int, folders: Dict[str, object], logged: Path,
+            dataset: str, extra: Sequence[str]) -> Tuple[RunFolder, List[str]]:
+    """The run folder whose recorded flags are exactly this run's (``{method}_b{budget}_s{seed}_{digest}``)
+    and the distiller's flags for it (``extra`` after the plan's, so they win)."""
+    return matching_run(work, logged / dataset, f"{method}_b{budget}_s{seed}", lambda name: distill_flags(
+        plan, work, method, budget, seed, folders, logged, name) + list(extra))
+
+
+def matching_run(work: Workdir, parent: Path, base: str, flags_named) -> Tuple[RunFolder, List[str]]:
+    """``parent/{base}_{digest}`` for the flags ``flags_named(name)`` gives, and those flags."""
+    flags = vars(work.scripts.distill.parse_args(flags_named("unnamed")))
+    run = for_the_experts_there(find_matching_run(parent, base, flags), flags["buffer_path"][:flags["subset_num"]])
+    return run, flags_named(run.name)
+
+
+def experts_changes(run: RunFolder, identity: Optional[List[dict]] = None) -> List[str]:
+    """What changed in the experts since ``run`` recorded them ([] for a run without a record):
+    against ``identity`` when given, else against its recorded folders as they are now."""
+    recorded = run.recorded_experts() if run.holds_run() else None
+    if recorded is None:
+        return []
+    if identity is None:
+        identity = trajectories.experts_identity([Path(entry["folder"]) for entry in recorded])
+    return trajectories.identity_changes(recorded, identity)
+
+
+def for_the_experts_there(run: RunFolder, folders: Sequence[str],
+                          identity: Optional[List[dict]] = None) -> RunFolder:
+    """``run``, unless it was made from other experts than ``folders`` hold now (an expert rewritten,
+    added or gone): then a folder of its own for these experts, named by their digest, so neither run is
+    paired with experts it was not made from and neither is lost. ``identity``: the folders' experts,
+    when computed already."""
+    if not run.holds_run() or run.recorded_experts() is None:
+        return run
+    identity = identity or trajectories.experts_identity([Path(folder) for folder in folders])
+    changed = experts_changes(run, identity)
+    if not changed:
+        return run
+    digest = hashlib.sha256(json.dumps([entry["files"] for entry in identity], sort_keys=True).encode()).hexdigest()
+    other = RunFolder(run.path.with_name(f"{run.name}_e{digest[:8]}"))
+    log.info("%s was made from other experts (%s): this run goes to %s", run.name, " | ".join(changed), other.name)
+    return for_the_experts_there(other, folders, identity)
+
+
+def ensure_run(work: Workdir, run: RunFolder, flags: List[str], label: str) -> float:
+    """Distil ``run`` unless it finished earlier (a cut one resumes); its distillation seconds, all calls together."""
+    started = time.perf_counter()
+    refuse_other_experts(run)
+    finished = run.finished()
+    log.info("%s -> %s%s", label, run.name, " (finished earlier with the same flags: reused)" if finished else
+             " (cut earlier with the same flags: resumed)" if run.holds_run() else "")
+    if not finished:
+        distill_run(work, run, flags + (["--resume"] if run.holds_run() else []))
+        seconds = recorded_seconds(run.path) + time.perf_counter() - started  # a resumed run adds its parts
+        atomic_write_text(run.path / SECONDS_FILE, json.dumps({"seconds": seconds}))
+    return recorded_seconds(run.path)
+
+
+def refuse_other_experts(run: RunFolder) -> None:
+    """A run made from experts that have changed since (rewritten, gone or added) is neither reused nor
+    resumed: its result belongs to the experts it read."""
+    changed = experts_changes(run)
+    if changed:
+        raise UsageError(f"{run.path} was distilled from other experts than the ones there now "
+                         f"({' | '.join(changed)}), so its result does not belong to them. Move that run folder "
+                         f"away and run the same command again to distil it from the experts there now.")
+
+
+SEARCHED = ("lr_img", "lr_txt", "lr_lr")  # the synthetic data's and the step sizes' learning rates
+
+
+SEARCH_SEED = 1000  # the search distils and trains students at a seed of its own, never one the table reports
+
+
+def search_configs(s: Settings, count: int) -> List[Dict[str, float]]:
+    """The same ``count`` configurations for every method: the settings' own rates first, then rates
+    drawn log-uniformly from a fixed generator (images and texts within 4x either way, the step sizes'
+    rate within 10x; a rate of 0 stays 0)."""
+    generator = torch.Generator().manual_seed(0)
+    configs = [{name: getattr(s, name) for name in SEARCHED}]
+    for _ in range(count - 1):
+        u = (torch.rand(3, generator=generator, dtype=torch.float64) * 2 - 1).tolist()
+        configs.append({"lr_img": float(f"{s.lr_img * 4 ** u[0]:.4g}"), "lr_txt": float(f"{s.lr_txt * 4 ** u[1]:.4g}"),
+                        "lr_lr": float(f"{s.lr_lr * 10 ** u[2]:.4g}")})
+    return configs[:count]
+
+
+def rate_flags(config: Dict[str, float]) -> List[str]:
+    return [token for name in SEARCHED for token in (f"--{name}", str(config[name]))]
+
+
+def val_score(summary: Dict[str, dict]) -> float:
+    """What the search ranks by: the students' mean r_mean on the val split at the point the val
+    protocol selects (never test recall)."""
+    return summary["val"]["selected_val_r_mean"]
+
+
+def search_rates(plan: Plan, work: Workdir, folders: Dict[str, object], logged: Path, model: argparse.Namespace,
+                 extra: Sequence[str]) -> Dict[Tuple[str, int], dict]:
+    """For every method and budget: each configuration distilled at SEARCH_SEED and scored on the val split;
+    {(method, budget): {"configs": [...], "scores": [...], "chosen": index}}."""
+    configs = search_configs(plan.quickstart, plan.lr_search)
+    device = resolve_device(model.device)
+    data = work.scripts.load_data(model, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
+    outcome = {}
+    jobs = [(m, b) for b in plan.budgets for m in plan.methods]
+    for number, (method, budget) in enumerate(jobs, 1):
+        scores = []
+        for k, config in enumerate(configs):
+            run, flags = matching_run(work, logged / model.dataset, f"search{k}_{method}_b{budget}", lambda name: (
+                distill_flags(plan, work, method, budget, SEARCH_SEED, folders, logged, name) + rate_flags(config)
+                + list(extra)))
+            ensure_run(work, run, flags, f"search {number}/{len(jobs)}, configuration {k + 1}/{len(configs)}: "
+                                         f"{method}, {budget} pairs")
+            recorded = argparse.Namespace(**RunFolder(run.path).recorded_args())
+            settings = eval_settings_of(plan, recorded, SEARCH_SEED)
+            student = work.scripts.model_config(recorded, data.text_dim)
+            summary = students(load_final(run.path), student, settings, test, val, device)
+            scores.append(val_score(summary))
+        chosen = max(range(len(configs)), key=lambda k: (scores[k], -k))
+        log.info("search: %s at %d pairs -> configuration %d %s (val r_mean %.2f)", method, budget, chosen,
+                 configs[chosen], scores[chosen])
+        outcome[(method, budget)] = {"configs": configs, "scores": scores, "chosen": chosen}
+    return outcome
+
+
+def distill_all(plan: Plan, work: Workdir, folders: Dict[str, object], logged: Path, dataset: str,
+                extra: Sequence[str] = (), searched: Optional[Dict[Tuple[str, int], dict]] = None) -> List[RunRecord]:
+    """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win),
+    with the rates ``searched`` chose for its method and budget."""
+    records = []
+    jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
+    for number, (budget, method, seed) in enumerate(jobs, 1):  # a log line each: the runs draw their own bars
+        chosen = searched.get((method, budget)) if searched else None
+        rates = rate_flags(chosen["configs"][chosen["chosen"]]) if chosen else []
+        run, flags = run_for(plan, work, method, budget, seed, folders, logged, dataset, rates + list(extra))
+        seconds = ensure_run(work, run, flags, f"run {number}/{len(jobs)}: {method}, {budget} pairs, seed {seed}")
+        records.append(RunRecord(method, budget, seed, str(run.path), seconds))
+    return records
+
+
+def distill_run(work: Workdir, run: RunFolder, flags: List[str]) -> None:
+    """One distillation; its user errors name the run and the ablation's own way on (the distiller's
+    advice of --resume or --name does not apply: the ablation sets both)."""
+    try:
+        work.scripts.distill.main(flags)
+    except (UsageError, FloatingPointError, MemoryError) as error:
+        raise UsageError(
+            f"ablation run {run.path} stopped: {error} [Within the ablation, --resume and --name are set for you: "
+            f"run the same ablation command again to continue a cut run, or pass the changed distill_ptm-st.py "
+            f"flags (for example a lower --lr_img) after the ablation's own; runs with other flags go to new "
+            f"folders and the report is built from them.]") from None
+
+
+def export_runs(plan: Plan, work: Workdir, records: Sequence[RunRecord], results: Dict, model: argparse.Namespace,
+                folder: Path) -> List[str]:
+    """Every run's final set into ``folder/{method}_b{budget}_s{seed}`` (eval.py --export's layout), its card
+    carrying the val-protocol recall the report shows; returns the folder names."""
+    device = resolve_device(model.device)
+    data = work.scripts.load_data(model, device, augment=False)
+    names = []
+    for record in records:
+        recorded = RunFolder(Path(record.folder)).recorded_args()
+        subsets = load_final(Path(record.folder))
+        facts = export.CardFacts(method=record.method, dataset=model.dataset, image_encoder=recorded["image_encoder"],
+                                 text_encoder=recorded["text_encoder"], iterations=recorded["Iteration"],
+                                 flags={**recorded, "run_folder": record.folder},
+                                 recall=results[(record.method, record.budget, record.seed)]["val"]["selected"],
+                                 protocol="val", num_eval=plan.quickstart.num_eval)
+        texts = torch.cat([s.texts for s in subsets])
+        name = f"{record.method}_b{record.budget}_s{record.seed}"
+        export.write_export(folder / name, subsets, facts,
+                            export.nearest_captions(texts, data.train_text, data.train.captions))
+        names.append(name)
+    return names
+
+
+def load_final(folder: Path) -> List:
+    run = RunFolder(folder)
+    return [checkpoint.load_distilled(path)[0] for path in run.final_checkpoints()]
+
+
+def students(subsets, config, settings: EvalSettings, test, val, device) -> Dict[str, dict]:
+    runs = [train_student(subsets, config, settings, test, val, k, device) for k in range(settings.num_eval)]
+    return both_protocols(runs)
+
+
+def model_namespace(plan: Plan, work: Workdir, extra: Sequence[str]) -> argparse.Namespace:
+    """The data and model flags every run shares (a lors run's, with the pass-through flags)."""
+    return work.scripts.distill.parse_args(distill_flags(plan, work, "lors", plan.budgets[0], 0, {"normal": "unused"},
+                                            work / "unused", "unused") + list(extra))
+
+
+def evaluate_all(plan: Plan, work: Workdir, records: Sequence[RunRecord], model: argparse.Namespace,
+                 experts: Path) -> Tuple[Dict, Dict[str, float]]:
+    """{(row, budget, seed): {"val": summary, "paper": summary}} for every method's runs and the
+    reference rows (random subsets, coresets, full data), and the evaluation seconds per row; with
+    ``plan.students``, also {(row, budget, seed, student): ...}, the same sets trained by each student.
+    Each run's students are built from the flags it recorded."""
+    device = resolve_device(model.device)
+    data = work.scripts.load_data(model, device, augment=False, need_val=True)
+    test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
+    results, seconds = {}, {}
+
+    def score(key, subsets, config, settings):
+        started = time.perf_counter()
+        results[key] = students(subsets, config, settings, test, val, device)
+        seconds[key[0]] = seconds.get(key[0], 0.0) + time.perf_counter() - started
+
+    distiller = work.scripts.model_config(model, data.text_dim)
+    student_configs = {name: cross_student(distiller, name) for name in plan.students}
+    for record in progress(records, desc="evaluations", unit="set"):
+        recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
+        settings = eval_settings_of(plan, recorded, record.seed)
+        subsets = load_final(Path(record.folder))
+        config = work.scripts.model_config(recorded, data.text_dim)
+        score((record.method, record.budget, record.seed), subsets, config, settings)
+        for name, config in student_configs.items():
+            score((record.method, record.budget, record.seed, name), subsets, config, settings)
+    # the reference rows: real subsets, trained like every method's students (RepBlend's student
+    # has a frozen image encoder, a different model where the others train theirs: it gets its own row)
+    references = {"random": work.scripts.model_config(model, data.text_dim)}
+    frozen = [r for r in records if r.method == "repblend"]
+    if frozen and model.image_trainable:
+        recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
+        references[FROZEN_RANDOM] = work.scripts.model_config(recorded, data.text_dim)
+    selector = CoresetSelector(data, experts, references["random"], device)
+    split = [RANDOM_SPLIT] if "ptmst" in plan.methods else []
+    for row in [*references, *split, *available_coresets(plan, selector)]:
+        config = references.get(row, references["random"])
+        for budget in plan.budgets:
+            for seed in plan.seeds:
+                reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
+                settings = eval_settings_of(plan, model, seed)
+                score((row, budget, seed), reals, config, settings)
+                if row != FROZEN_RANDOM:
+                    for name, student in student_configs.items():
+                        score((row, budget, seed, name), reals, student, settings)
+    if plan.full_data:
+        full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
+    return results, seconds
+
+
+def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
+    return EvalSettings(flags.epoch_eval_train, flags.batch_train, plan.quickstart.num_eval, flags.loss_type, "val",
+                        flags.phase_lr, seed, schedule=getattr(flags, "student_schedule", "paper"))
+
+
+def cross_student(config, image_encoder: str):
+    """A student of another image encoder: random weights, trained (it has no pretrained start of its own)."""
+    return replace(config, image_encoder=image_encoder, image_trainable=True, image_pretrained=False)
+
+
+def reference_subsets(row: str, data, ptmst_sizes: Sequence[int], seed: int, selector: CoresetSelector,
+                      model: argparse.Namespace):
+    """A reference row's real pairs at the budget PTM-ST splits into ``ptmst_sizes``: one subset of them all,
+    or for the split row the same random pairs cut into PTM-ST's phases (trained one after the other)."""
+    budget = [sum(ptmst_sizes)]
+    if row in CORESETS:
+        return selector.subsets(row, budget, model.lr_teacher_img, model.lr_teacher_txt, seed)
+    return random_subsets(data, ptmst_sizes if row == RANDOM_SPLIT else budget, model.lr_teacher_img,
+                          model.lr_teacher_txt, random_generator(seed))
+
+
+def available_coresets(plan: Plan, selector: CoresetSelector) -> List[str]:
+    """The plan's coresets; forgetting is left out, with a warning, when the experts hold no record of it."""
+    kept = []
+    for kind in plan.coresets:
+        if kind == "forgetting":
+            try:
+                selector.forgetting_record()
+            except UsageError as error:
+                log.warning("no forgetting row: %s", error)
+                continue
+        kept.append(kind)
+    return kept
+
+
+def full_data_settings_of(plan: Plan, model: argparse.Namespace) -> FullDataSettings:
+    s = plan.quickstart
+    return FullDataSettings(epochs=s.full_epochs, lr_scales=s.full_lr_scales, batches=s.full_batches,
+                            lr_img=model.lr_teacher_img, lr_txt=model.lr_teacher_txt, num_eval=s.num_eval,
+                            loss_type=model.loss_type, num_workers=model.num_workers)
+
+
+def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, val, device, results: Dict,
+              seconds: Dict[str, float]) -> None:
+    """The whole training set, its students' epochs, learning rate and batch chosen once on the val split,
+    then trained at every seed: one value per seed, shown under every budget."""
+    started = time.perf_counter()
+    settings = full_data_settings_of(plan, model)
+    source = pair_source(data, settings, device)
+    chosen, scores = choose_recipe(source, config, settings, test, val, device)
+    recipe = recipe_of(settings, settings.grid()[chosen])
+    for seed in plan.seeds:
+        summary = recipe_students(source, config, recipe, replace(settings, seed=seed), test, val, device)
+        for budget in plan.budgets:
+            results[(FULL_DATA, budget, seed)] = {**summary, "search": scores, "chosen": chosen}
+    seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
+
+
+def check_budgets_fit(plan: Plan, work: Workdir, model: argparse.Namespace) -> None:
+    """Refuse, before any expert trains, a budget larger than the training split (known once the split is read)."""
+    train, _, _ = build_datasets(model.dataset, model.image_root, model.ann_root, model.image_size, augment=False,
+                                 split=work.scripts.folder_split(model))
+    if max(plan.budgets) > len(train):
+        raise UsageError(f"--budgets {max(plan.budgets)} exceeds the {len(train)} training pairs of {model.dataset}: "
+                         f"give budgets of at most {len(train)} pairs")
