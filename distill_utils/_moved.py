@@ -13,7 +13,7 @@ import importlib.machinery
 import sys
 import warnings
 
-MOVED = {  # old path -> new path; the shims and their test read this one table
+MOVED = {  # old path -> new path; the finder and its test read this one table
     "distill_utils.trajectories": "distill_utils.experts.trajectories",
     "distill_utils.shortcut": "distill_utils.experts.shortcut",
     "distill_utils.shortcut_files": "distill_utils.experts.shortcut_files",

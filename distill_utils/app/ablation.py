@@ -44,7 +44,7 @@ from ..pipeline.reports import (cross_rows, cross_table, draw_plots, paper_table
 from ..pipeline.settings import OPENCLIPART, QUICKSTART, STAMPS, TEN_EPOCH_SHAPES
 from ..pipeline.stages import Workdir, generate_data, make_shortcuts, pretrain_encoder
 from ..pipeline.sweep import (OWNED, SEARCH_SEED, SEARCHED, ORDER, Plan, RunRecord, check_budgets_fit,
-                              distill_all, evaluate_all, even_split, export_runs, flag_groups, flags_for,
+                              distill_all, evaluate_all, even_split, export_runs, flag_groups, flags_for, values_of,
                               model_namespace, one_phase_iterations, search_rates, train_expert_set)
 from ..runtime.atomic import atomic_write_text
 from ..runtime.errors import writable_folder
@@ -267,8 +267,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"flags are passed to the stages that take them; see their --help)")
     args.distill_flags = flags_for(DISTILL_FLAGS, groups)
     args.buffer_flags = flags_for(BUFFER_FLAGS, groups)
-    datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
-                if group[0].split("=", 1)[0] == "--dataset"]
+    datasets = values_of(groups, "--dataset")
     args.builtin_data = not datasets
     # real photographs get the pretrained-encoder settings; any other --dataset runs the shapes settings on it
     real = bool(datasets) and datasets[-1] in REAL_SETTINGS

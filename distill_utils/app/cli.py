@@ -297,13 +297,10 @@ def run_script(main, interrupted: str = "interrupted: files already written are 
         raise SystemExit(130) from None
 
 
-SCRIPT_MODULES = {"buffer": "buffer", "convexify": "convexify", "distill": "distill", "evaluate": "evaluate"}
-
-
 def script(name: str) -> Script:
     """The entry points of ``distill_utils.app.{name}``, imported when first asked for (each script imports
     this module, so it cannot import them at its top)."""
-    return Script(importlib.import_module(f"{__package__}.{SCRIPT_MODULES[name]}"))
+    return Script(importlib.import_module(f"{__package__}.{name}"))
 
 
 def scripts() -> Scripts:

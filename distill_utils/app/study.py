@@ -59,7 +59,7 @@ from ..pipeline.reports import paper_table, publish, report_stamp, table
 from ..pipeline.settings import QUICKSTART, STAMPS, TEN_EPOCH_SHAPES, Settings
 from ..pipeline.stages import Workdir, generate_data, pretrain_encoder
 from ..pipeline.sweep import (FULL_DATA, OWNED, RANDOM_SPLIT, Phases, Plan, RunRecord, check_budgets_fit, distill_all,
-                              ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups, flags_for,
+                              ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups, flags_for, values_of,
                               load_final, matching_run, phase_flags, phase_sizes, students, train_expert_set)
 from ..students.baselines import random_subsets
 
@@ -715,8 +715,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f"{flag} is neither a study flag nor a flag of distill_ptm-st.py or buffer.py (see "
                          f"`bash sh/study.sh {args.study} --help` and their --help)")
     args.distill_flags, args.buffer_flags = flags_for(DISTILL_FLAGS, groups), flags_for(BUFFER_FLAGS, groups)
-    datasets = [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
-                if group[0].split("=", 1)[0] == "--dataset"]
+    datasets = values_of(groups, "--dataset")
     args.builtin_data = not datasets
     real = bool(datasets) and datasets[-1] in REAL_DATASETS
     if args.study == "scale" and datasets:

@@ -66,6 +66,12 @@ def flags_for(known: set, groups: Sequence[List[str]]) -> List[str]:
     return [token for group in groups if group[0].split("=", 1)[0] in known for token in group]
 
 
+def values_of(groups: Sequence[List[str]], flag: str) -> List[str]:
+    """The values the pass-through groups give ``flag`` (``--flag value`` or ``--flag=value``), in order."""
+    return [group[1] if len(group) > 1 else group[0].split("=", 1)[-1] for group in groups
+            if group[0].split("=", 1)[0] == flag]
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the ablation runs; the model, data and learning rates come from the quick start's settings."""
