@@ -6,7 +6,10 @@
 # as reference rows, and with --students a cross-architecture table.
 # Usage: bash sh/ablation.sh [--workdir DIR] [--preset default|quick] [--seeds 0 1 2] [--budgets 20 40]
 #                            [--methods mttvl lors ptmst amd repblend] [--coresets herding kcenter forgetting]
-#                            [--students convnet ...] [any distill_ptm-st.py flag, e.g. --syn_steps 4]
+#                            [--students convnet ...] [--launcher local|slurm|submitit_local --slurm_partition P
+#                            --slurm_gpus N --slurm_time MIN --slurm_max_parallel N --slurm_param KEY=VALUE ...]
+#                            [any distill_ptm-st.py flag, e.g. --syn_steps 4]
+# --launcher slurm runs every distillation and every set's students as submitit job arrays (docs/usage.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"

@@ -8,7 +8,8 @@
 #   scale          MTT-VL, LoRS, PTM-ST (the authors' phases) and random pairs at 50-500 pairs of 10,000 shapes
 #                  pairs: where the phases pay off (--preset quick: seed 0, budgets 50 and 500)
 # Usage: bash sh/study.sh STUDY [--workdir DIR] [--seeds ...] [--budgets ...] [--iterations N] [study flags, see
-#                               --help] [any distill_ptm-st.py or buffer.py flag, e.g. --dataset stamps]
+#                               --help] [--launcher local|slurm|submitit_local, --slurm_* flags: docs/usage.md]
+#                               [any distill_ptm-st.py or buffer.py flag, e.g. --dataset stamps]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"

@@ -283,8 +283,10 @@ def test_a_run_made_from_other_experts_is_never_reused_and_the_advice_works(tmp_
     run.record_experts(trajectories.experts_identity([experts]))
     distilled = []
     work = workdir(tmp_path)
+    # the folder exists before the distiller starts: the sweep's lock of the run lies in it
     monkeypatch.setattr(sweep, "distill_run", lambda work, folder, flags: (distilled.append(folder),
-                                                                           folder.path.mkdir(parents=True)))
+                                                                           folder.path.mkdir(parents=True,
+                                                                                             exist_ok=True)))
     sweep.ensure_run(work, run, [], "run 1/1")  # the same experts: reused
     assert distilled == []
 

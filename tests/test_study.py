@@ -207,7 +207,7 @@ def test_scale_study_at_smoke_size_reports_phases_against_one_phase_and_resumes(
     # the payoff row is the per-seed difference of the two rows' recalls, as printed
     per = {(r["row"], r["budget"]): r["val"]["selected"]["mean"]["r_mean"] for r in payload["per_seed"]}
     assert f"| 110 | 55 + 55 | {per[('ptmst', 110)] - per[('ptmst, one phase', 110)]:.2f} ± 0.00 |" in text
-    assert len(list(runs.glob("*/study_students_*.json"))) == 7  # one per run folder: 8 rows, 7 runs
+    assert len(list(runs.glob("*/students_*.json"))) == 7  # one per run folder: 8 rows, 7 runs
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
     again_folder, again_text, again = run_study(tmp_path, "scale")
     assert again["table"] == payload["table"]  # nothing retrained: the same figures from the kept runs and students

@@ -20,6 +20,10 @@ Writes a report folder: README.md (tables laid out like the papers': budgets as 
 TR@1/5/10 and their mean; time per method; settings), results.json, matplotlib plots (PNG) of mean
 recall against budget and across students, and each method's synthetic images.
 
+``--launcher slurm`` (or ``submitit_local``: the same jobs as processes here) runs the experts as one job, then
+every distillation and every set's students as submitit job arrays, and builds the same report from the run
+folders (docs/usage.md, "Sweeps on a Slurm cluster").
+
 Reuse is by fingerprint: each run's folder is ``{method}_b{budget}_s{seed}_{digest}``, the digest taken
 over every flag that decides its result (the experts' folders are fingerprinted the same way, and
 their digests enter the runs' through --buffer_path). A finished run is reused and a cut run resumes
@@ -42,17 +46,17 @@ from ..distillation.methods import METHODS
 from ..pipeline.reports import (cross_rows, cross_table, draw_plots, paper_table, publish, report_rows, report_stamp,
                                 table)
 from ..pipeline.settings import OPENCLIPART, QUICKSTART, STAMPS, TEN_EPOCH_SHAPES
-from ..pipeline.stages import Workdir, generate_data, make_shortcuts, pretrain_encoder
+from ..pipeline.stages import Workdir, generate_data
 from ..pipeline.sweep import (OWNED, SEARCH_SEED, SEARCHED, ORDER, Plan, RunRecord, check_budgets_fit,
-                              distill_all, evaluate_all, even_split, export_runs, flag_groups, flags_for, values_of,
-                              model_namespace, one_phase_iterations, search_rates, train_expert_set)
+                              Experts, distill_all, evaluate_all, even_split, export_runs, flag_groups,
+                              flags_for, values_of, model_namespace, one_phase_iterations, search_rates)
 from ..runtime.atomic import atomic_write_text
 from ..runtime.errors import writable_folder
 from ..runtime.runlog import setup_logging
 from ..runtime.runs import RunFolder
 from ..students.coresets import CORESETS
 
-from .cli import run_script, scripts
+from .cli import add_launcher_flags, launcher_of, run_script, scripts
 
 SCRIPTS = scripts()
 DISTILL_FLAGS = SCRIPTS.distill.options()
@@ -246,6 +250,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                               "split: the one-phase methods' iterations shared out over the phases")
     authors.add_argument("--ptmst_ema", type=float, default=None, metavar="DECAY",
                          help="EMA decay of PTM-ST's saved set (default 0.99, the authors'; 0: none)")
+    add_launcher_flags(parser)
     parser.add_argument("--iterations", type=int, default=None, metavar="N",
                         help="distillation iterations of a one-phase method (PTM-ST: of each phase, as its authors "
                              "run it; default: the preset's, 400 on shapes, 1000 on real images)")
@@ -315,23 +320,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     setup_logging()
     plan, s = args.plan, args.plan.quickstart
-    work = Workdir(writable_folder(Path(args.workdir), "--workdir"), SCRIPTS)
+    folder = writable_folder(Path(args.workdir), "--workdir")
+    work = Workdir(folder, SCRIPTS, launcher_of(args, folder))
     (work / "reports").mkdir(parents=True, exist_ok=True)
     # written in a folder of its own and renamed when complete: a report folder is never half written
     report = Path(tempfile.mkdtemp(prefix=".ablation_", suffix=".partial", dir=work / "reports"))
     (report / "images").mkdir()
     if args.builtin_data:  # otherwise --dataset, --image_root, --ann_root and the weights' flags say where
         generate_data(s, work)
-        pretrain_encoder(s, work)
     model = model_namespace(plan, work, args.distill_flags)
     check_budgets_fit(plan, work, model)
-    normal = train_expert_set(plan, work, model, args.buffer_flags, frozen=False)
-    folders: Dict[str, object] = {"normal": normal}
-    if "ptmst" in plan.methods:
-        folders["shortcuts"] = make_shortcuts(s, work, normal)
-    if "repblend" in plan.methods:  # a frozen encoder's experts already are what RepBlend matches
-        folders["frozen"] = (train_expert_set(plan, work, model, args.buffer_flags, frozen=True)
-                             if s.image_trainable else normal)
+    # one job (the pretrained start, the experts, the shortcuts) that every distillation waits for
+    folders: Dict[str, object] = work.launcher.run("experts", [Experts(
+        plan, work.local(), model, args.buffer_flags, args.builtin_data)])[0]
+    normal = folders["normal"]
     logged = work / "ablation_runs"
     searched = search_rates(plan, work, folders, logged, model, args.distill_flags) if plan.lr_search else {}
     records = distill_all(plan, work, folders, logged, model.dataset, args.distill_flags, searched)

@@ -19,6 +19,7 @@ from ..students.evaluation import SCHEDULES, EvalSettings, schedule_problem
 from ..distillation.losses import LOSSES
 from ..distillation.methods import METHODS
 from ..distillation.phases import DistillSettings
+from ..pipeline.launch import LAUNCHERS, ClusterOptions, launcher_for, parameter_value
 from ..pipeline.scripts import Script, Scripts
 from .context import folder_split, load_data, model_config
 
@@ -212,6 +213,39 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_train", type=positive(), default=128, help="student batch size")
     group.add_argument("--batch_size_test", type=positive(), default=128, help="batch size when embedding test images")
     group.add_argument("--loss_type", default="WBCE", choices=sorted(LOSSES), help="loss of students and matching steps")
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the runs go: this process, a Slurm cluster, or submitit's local executor (docs/usage.md)."""
+    group = parser.add_argument_group(
+        "launcher", "where the jobs run: the experts as one job, then every distillation and every set's students "
+                    "as job arrays (submitit); the report is built here from the run folders once all have finished")
+    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                       help="local (default): one after the other in this process; slurm: submitit jobs on the "
+                            "cluster (the workdir on a shared filesystem with flock); submitit_local: each job a "
+                            "process of its own on this machine, as on a cluster")
+    group.add_argument("--slurm_partition", default=None, help="the Slurm partition of every job")
+    group.add_argument("--slurm_gpus", type=non_negative(int), default=None, metavar="N",
+                       help="GPUs per job (submitit's gpus_per_node)")
+    group.add_argument("--slurm_time", type=positive(int), default=24 * 60, metavar="MINUTES",
+                       help="time limit of each job (default 1440); a run cut by it is requeued and resumes")
+    group.add_argument("--slurm_max_parallel", type=positive(int), default=None, metavar="N",
+                       help="at most N jobs of an array at once (slurm_array_parallelism; submitit_local: waves of N)")
+    group.add_argument("--slurm_param", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="any other submitit parameter, e.g. slurm_mem=32G cpus_per_task=8 slurm_account=lab")
+
+
+def launcher_of(args: argparse.Namespace, workdir) -> object:
+    """The launcher ``--launcher`` and the ``--slurm_*`` flags ask for, jobs logged under ``workdir/jobs``."""
+    params = []
+    for item in args.slurm_param:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise UsageError(f"--slurm_param {item}: give KEY=VALUE (for example slurm_mem=32G)")
+        params.append((key, parameter_value(value)))
+    options = ClusterOptions(partition=args.slurm_partition, gpus=args.slurm_gpus, time_min=args.slurm_time,
+                             max_parallel=args.slurm_max_parallel, params=tuple(params))
+    return launcher_for(args.launcher, workdir, options)
 
 
 def eval_settings(args: argparse.Namespace) -> EvalSettings:

@@ -25,11 +25,12 @@ by fingerprint, every run and expert a previous call made with the same flags. F
 distill_ptm-st.py and buffer.py given after the study's own are passed to the runs (``--dataset stamps``
 switches to the real-photograph settings). The report folder (``WORKDIR/reports/study_NAME_STAMP``) holds
 README.md (tables, plots, the exact command, the runs), results.json and the PNG plots.
+``--launcher slurm`` (or ``submitit_local``) runs the experts and every distillation as submitit jobs; the
+scale study's runs and its sets' students go as job arrays (docs/usage.md, "Sweeps on a Slurm cluster").
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import statistics
@@ -57,13 +58,13 @@ from ..runtime.runs import RunFolder
 
 from ..pipeline.reports import paper_table, publish, report_stamp, table
 from ..pipeline.settings import QUICKSTART, STAMPS, TEN_EPOCH_SHAPES, Settings
-from ..pipeline.stages import Workdir, generate_data, pretrain_encoder
-from ..pipeline.sweep import (FULL_DATA, OWNED, RANDOM_SPLIT, Phases, Plan, RunRecord, check_budgets_fit, distill_all,
-                              ensure_run, eval_settings_of, evaluate_all, even_split, flag_groups, flags_for, values_of,
-                              load_final, matching_run, phase_flags, phase_sizes, students, train_expert_set)
+from ..pipeline.stages import Workdir, generate_data
+from ..pipeline.sweep import (FULL_DATA, OWNED, RANDOM_SPLIT, Distillation, Experts, Phases, Plan, RunRecord,
+                              SetStudents, check_budgets_fit, distill_all, evaluate_all, even_split, flag_groups,
+                              flags_for, values_of, load_final, matching_run, phase_flags, phase_sizes, students)
 from ..students.baselines import random_subsets
 
-from .cli import distill_settings, non_negative, positive, run_script, scripts
+from .cli import add_launcher_flags, distill_settings, launcher_of, non_negative, positive, run_script, scripts
 
 SCRIPTS = scripts()
 DISTILL_FLAGS = SCRIPTS.distill.options()
@@ -164,7 +165,7 @@ class Workspace:
             return (phase_flags(self.settings, self.work, method, seed, phases, self.runs, name) + list(overrides)
                     + self.extra)
         run, argv = matching_run(self.work, self.runs / self.model.dataset, base, flags)
-        seconds = ensure_run(self.work, run, argv, base)
+        seconds = self.work.launcher.run("distill", [Distillation(self.work.local(), str(run.path), argv, base)])[0]
         self.records.append({"run": str(run.path), "seconds": seconds})
         return run
 
@@ -201,13 +202,14 @@ def prepare(plan: StudyPlan, work: Workdir, distill_extra: List[str], buffer_ext
             builtin: bool) -> Workspace:
     if builtin:
         generate_data(plan.settings, work)
-        pretrain_encoder(plan.settings, work)
     smallest = min(even_split(min(plan.budgets), len(plan.settings.phases)))  # so every run's mini-batch fits
     model = work.scripts.distill.parse_args(phase_flags(plan.settings, work, "lors", 0, Phases(
         ["unused"], [0], [1], [smallest], [1]), work / "unused", "unused") + distill_extra)
     if not builtin:  # the largest budget is the study's last run: known to fit before the first expert trains
         check_budgets_fit(plan, work, model)
-    normal = train_expert_set(Plan(quickstart=plan.settings), work, model, buffer_extra, frozen=False)
+    # the pretrained start and the experts: one job that every run waits for
+    normal = work.launcher.run("experts", [Experts(Plan(quickstart=plan.settings, methods=("lors",)), work.local(),
+                                                   model, buffer_extra, builtin)])[0]["normal"]
     return Workspace(plan, work, distill_extra, model, normal, work / "study_runs")
 
 
@@ -539,28 +541,6 @@ def scale_records(ws: Workspace, plan: Plan) -> List[RunRecord]:
     return records
 
 
-def cached_students(ws: Workspace, plan: Plan, record: RunRecord, subsets) -> Tuple[dict, float]:
-    """Both protocols' summaries of a run's students, kept in the run folder so that a cut study does not
-    train them again; and the seconds they took when trained."""
-    ws.load()
-    recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
-    settings = eval_settings_of(plan, recorded, record.seed)
-    config = ws.work.scripts.model_config(recorded, ws.data.text_dim)
-    key = json.dumps({"settings": asdict(settings), "model": asdict(config)}, sort_keys=True, default=str)
-    cache = Path(record.folder) / f"study_students_{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
-    if cache.is_file():
-        try:
-            kept = json.loads(cache.read_text(encoding="utf-8"))
-            return kept["summary"], kept["seconds"]
-        except (OSError, ValueError, KeyError):
-            log.warning("%s cannot be read: training its students again", cache)
-    started = time.perf_counter()
-    summary = students(subsets, config, settings, ws.test, ws.val, ws.device)
-    seconds = time.perf_counter() - started
-    atomic_write_text(cache, json.dumps({"summary": summary, "seconds": seconds}, default=str))
-    return summary, seconds
-
-
 def scale_rows(results: Dict) -> List[str]:
     rows = [*SCALE_METHODS, ONE_PHASE_PTMST, "random", RANDOM_SPLIT, FULL_DATA]
     return [row for row in rows if any(key[0] == row for key in results)]
@@ -616,13 +596,15 @@ def scale(ws: Workspace, report: Path) -> Tuple[List[str], dict]:
     records = scale_records(ws, plan)
     results, eval_seconds, run_eval = {}, {}, {}
     step_sizes: Dict[Tuple[str, int], List[List[Tuple[float, float]]]] = {}
-    for record in progress(records, desc="evaluations", unit="set"):
+    evaluated = ws.work.launcher.run("students", [SetStudents(ws.work.local(), plan, ws.model, record)
+                                                  for record in records], bar=True)
+    for record, (found, took) in zip(records, evaluated):
         subsets = load_final(Path(record.folder))
         step_sizes.setdefault((record.method, record.budget), []).append(
             [(float(x.lr_img), float(x.lr_txt)) for x in subsets])
-        key = (record.method, record.budget, record.seed)
-        results[key], run_eval[record.folder] = cached_students(ws, plan, record, subsets)
-        eval_seconds[record.method] = eval_seconds.get(record.method, 0.0) + run_eval[record.folder]
+        results.update(found)
+        run_eval[record.folder] = took
+        eval_seconds[record.method] = eval_seconds.get(record.method, 0.0) + took
     references, reference_seconds = evaluate_all(plan, ws.work, [], ws.model, ws.normal)
     results.update(references)
     eval_seconds.update(reference_seconds)
@@ -704,6 +686,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--experts", type=positive(), default=None, help="gradients: experts averaged (default 5)")
     parser.add_argument("--schedules", nargs="+", default=None, choices=list(SCHEDULE_VARIANTS),
                         help="schedule: the student schedules compared (default: all four)")
+    add_launcher_flags(parser)
     args, extra = parser.parse_known_args(argv)
     groups = flag_groups(extra)
     for group in groups:
@@ -790,7 +773,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     setup_logging()
     started = time.perf_counter()
-    work = Workdir(writable_folder(Path(args.workdir), "--workdir"), SCRIPTS)
+    folder = writable_folder(Path(args.workdir), "--workdir")
+    work = Workdir(folder, SCRIPTS, launcher_of(args, folder))
     (work / "reports").mkdir(parents=True, exist_ok=True)
     report = Path(tempfile.mkdtemp(prefix=f".study_{args.study}_", suffix=".partial", dir=work / "reports"))
     ws = prepare(args.plan, work, args.distill_flags, args.buffer_flags, args.builtin_data)

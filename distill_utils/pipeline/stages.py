@@ -16,14 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 from ..data import shapes
 from ..experts import trajectories
 from ..runtime import claims, runs
 from ..runtime.atomic import atomic_save
+from .launch import LOCAL
 from .scripts import Scripts
 from .settings import Settings
 
@@ -32,10 +33,16 @@ log = logging.getLogger("ptmst.pipeline")
 
 @dataclass(frozen=True)
 class Workdir:
-    """A workdir (data, encoder, experts, runs and reports live under ``path``) and the scripts that fill
-    it. ``work / "name"`` is ``path / "name"``."""
+    """A workdir (data, encoder, experts, runs and reports live under ``path``), the scripts that fill
+    it, and where its jobs run (``pipeline.launch``: this process unless told). ``work / "name"`` is
+    ``path / "name"``."""
     path: Path
     scripts: Scripts
+    launcher: Any = LOCAL
+
+    def local(self) -> "Workdir":
+        """This workdir for the inside of a job: what a job runs, it runs itself."""
+        return replace(self, launcher=LOCAL)
 
     def __truediv__(self, name: Union[str, os.PathLike]) -> Path:
         return self.path / name
@@ -143,10 +150,7 @@ def top_up_experts(s: Settings, work: Workdir, flags: Sequence[str] = (), base: 
     that folder holds ``s.num_experts``. Return the folder of the experts."""
     def argv(root: Path, count: int) -> List[str]:
         return expert_flags(s, work, root, count, s.train_epochs, s.seed, pretrained=True) + list(flags)
-    parsed = work.scripts.buffer.parse_args(argv(work / "unused", s.num_experts))
-    root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS, create=True)
-    folder = trajectories.expert_folder(root, parsed.dataset, parsed.image_encoder, parsed.text_encoder,
-                                        parsed.loss_type, parsed.no_aug)
+    root, folder = experts_place(s, work, flags, base, create=True)
     # another call on this workdir (a second ablation, study or quick start) tops up the same folder: one at
     # a time, so the second finds the experts the first trained and never trains more than planned
     with claims.folder_lock(root, owner=claims.this_process(), name=TOP_UP_LOCK):
@@ -155,6 +159,26 @@ def top_up_experts(s: Settings, work: Workdir, flags: Sequence[str] = (), base: 
             log.info("experts: %d of %d in %s, training %d", have, s.num_experts, folder, s.num_experts - have)
             work.scripts.buffer.main(argv(root, s.num_experts - have))
     return folder
+
+
+def experts_place(s: Settings, work: Workdir, flags: Sequence[str] = (), base: str = "buffer",
+                  create: bool = False):
+    """``(work/base/{digest}, its expert folder)`` of the settings' experts with buffer.py's ``flags``."""
+    argv = expert_flags(s, work, work / "unused", s.num_experts, s.train_epochs, s.seed, pretrained=True) + list(flags)
+    parsed = work.scripts.buffer.parse_args(argv)
+    root = runs.keyed_folder(work / base, vars(parsed), runs.EXPERT_NEUTRAL_FLAGS, create=create)
+    return root, trajectories.expert_folder(root, parsed.dataset, parsed.image_encoder, parsed.text_encoder,
+                                            parsed.loss_type, parsed.no_aug)
+
+
+def experts_trained(s: Settings, work: Workdir, flags: Sequence[str] = (), base: str = "buffer") -> bool:
+    """Whether the experts :func:`top_up_experts` would train are all there already."""
+    _, folder = experts_place(s, work, flags, base)
+    return folder.is_dir() and len(trajectories.twin_indices(folder)) >= s.num_experts
+
+
+def encoder_pretrained(s: Settings, work: Workdir) -> bool:
+    return (encoder_folder(s, work) / f"{s.image_encoder}.pth").is_file()
 
 
 def train_experts(s: Settings, work: Workdir) -> Path:

@@ -8,11 +8,12 @@ rewritten expert makes a new folder beside the old one.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -22,18 +23,19 @@ from ..data import build_datasets
 from ..experts import trajectories
 from ..outputs import export
 from ..runtime import checkpoint
+from ..runtime import claims
 from ..runtime.atomic import atomic_write_text
 from ..runtime.errors import UsageError
-from ..runtime.progress import progress
-from ..runtime.runlog import resolve_device
-from ..runtime.runs import RunFolder, find_matching_run
+from ..runtime.runlog import resolve_device, setup_logging
+from ..runtime.runs import RunFolder, find_matching_run, result_flags
 from ..students.baselines import CoresetSelector, random_generator, random_subsets
 from ..students.coresets import CORESETS
 from ..students.evaluation import EvalSettings, both_protocols, train_student
 from ..students.full_data import FullDataSettings, choose_recipe, pair_source, recipe_of, recipe_students
 from ..students.retrieval import split_benchmarks
 from .settings import Settings
-from .stages import Workdir, common_flags, top_up_experts
+from .stages import (Workdir, common_flags, encoder_pretrained, experts_trained, make_shortcuts, pretrain_encoder,
+                     top_up_experts)
 
 log = logging.getLogger("ptmst.sweep")
 
@@ -202,9 +204,12 @@ def phase_flags(s: Settings, work: Workdir, method: str, seed: int, phases: Phas
 def train_expert_set(plan: Plan, work: Workdir, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Path:
     """The plan's experts (reused when made with the same flags): the quick start's recipe, or with the
     image encoder frozen for RepBlend, which matches projection heads. ``extra`` flags (buffer.py's) win."""
+    return top_up_experts(plan.quickstart, work, *expert_set_flags(plan, model, extra, frozen))
+
+
+def expert_set_flags(plan: Plan, model: argparse.Namespace, extra: Sequence[str], frozen: bool) -> Tuple[List, str]:
     frozen_flags = ["--image_trainable", "false", "--out_embedding", str(plan.frozen_out_embedding)] if frozen else []
-    return top_up_experts(plan.quickstart, work, ["--loss_type", model.loss_type, *frozen_flags, *extra],
-                          base="buffer_frozen_encoder" if frozen else "buffer")
+    return ["--loss_type", model.loss_type, *frozen_flags, *extra], "buffer_frozen_encoder" if frozen else "buffer"
 
 
 @dataclass
@@ -271,7 +276,20 @@ def for_the_experts_there(run: RunFolder, folders: Sequence[str],
 
 
 def ensure_run(work: Workdir, run: RunFolder, flags: List[str], label: str) -> float:
-    """Distil ``run`` unless it finished earlier (a cut one resumes); its distillation seconds, all calls together."""
+    """Distil ``run`` unless it finished earlier (a cut one resumes); its distillation seconds, all calls together.
+    Two callers of the same run (two sweeps at once, a job and its requeued twin) take turns: the second
+    waits for the first and then finds the run finished."""
+    if run.finished():  # nothing will be written: no one to wait for
+        return ensure_run_alone(work, run, flags, label)
+    run.path.mkdir(parents=True, exist_ok=True)
+    with claims.folder_lock(run.path, owner=claims.this_process(), name=SWEEP_LOCK):
+        return ensure_run_alone(work, run, flags, label)
+
+
+SWEEP_LOCK = ".sweep.lock"  # beside the distiller's own .lock, which it takes without waiting
+
+
+def ensure_run_alone(work: Workdir, run: RunFolder, flags: List[str], label: str) -> float:
     started = time.perf_counter()
     refuse_other_experts(run)
     finished = run.finished()
@@ -328,24 +346,23 @@ def search_rates(plan: Plan, work: Workdir, folders: Dict[str, object], logged: 
     """For every method and budget: each configuration distilled at SEARCH_SEED and scored on the val split;
     {(method, budget): {"configs": [...], "scores": [...], "chosen": index}}."""
     configs = search_configs(plan.quickstart, plan.lr_search)
-    device = resolve_device(model.device)
-    data = work.scripts.load_data(model, device, augment=False, need_val=True)
-    test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
-    outcome = {}
-    jobs = [(m, b) for b in plan.budgets for m in plan.methods]
-    for number, (method, budget) in enumerate(jobs, 1):
-        scores = []
+    pairs = [(m, b) for b in plan.budgets for m in plan.methods]
+    planned, jobs = [], []
+    for number, (method, budget) in enumerate(pairs, 1):
         for k, config in enumerate(configs):
             run, flags = matching_run(work, logged / model.dataset, f"search{k}_{method}_b{budget}", lambda name: (
                 distill_flags(plan, work, method, budget, SEARCH_SEED, folders, logged, name) + rate_flags(config)
                 + list(extra)))
-            ensure_run(work, run, flags, f"search {number}/{len(jobs)}, configuration {k + 1}/{len(configs)}: "
-                                         f"{method}, {budget} pairs")
-            recorded = argparse.Namespace(**RunFolder(run.path).recorded_args())
-            settings = eval_settings_of(plan, recorded, SEARCH_SEED)
-            student = work.scripts.model_config(recorded, data.text_dim)
-            summary = students(load_final(run.path), student, settings, test, val, device)
-            scores.append(val_score(summary))
+            planned.append(RunRecord(method, budget, SEARCH_SEED, str(run.path), 0.0))
+            jobs.append(Distillation(work.local(), str(run.path), flags, f"search {number}/{len(pairs)}, "
+                                     f"configuration {k + 1}/{len(configs)}: {method}, {budget} pairs"))
+    work.launcher.run("search", jobs)
+    scored = work.launcher.run("search_students", [SetStudents(work.local(), replace(plan, students=()), model,
+                                                               record) for record in planned], bar=True)
+    outcome = {}
+    for number, (method, budget) in enumerate(pairs):
+        scores = [val_score(found[(method, budget, SEARCH_SEED)])
+                  for found, _ in scored[number * len(configs):(number + 1) * len(configs)]]
         chosen = max(range(len(configs)), key=lambda k: (scores[k], -k))
         log.info("search: %s at %d pairs -> configuration %d %s (val r_mean %.2f)", method, budget, chosen,
                  configs[chosen], scores[chosen])
@@ -357,15 +374,38 @@ def distill_all(plan: Plan, work: Workdir, folders: Dict[str, object], logged: P
                 extra: Sequence[str] = (), searched: Optional[Dict[Tuple[str, int], dict]] = None) -> List[RunRecord]:
     """Every budget x method x seed; ``extra`` flags go to every run (after the plan's, so they win),
     with the rates ``searched`` chose for its method and budget."""
-    records = []
+    planned = []
     jobs = [(b, m, seed) for b in plan.budgets for m in plan.methods for seed in plan.seeds]
     for number, (budget, method, seed) in enumerate(jobs, 1):  # a log line each: the runs draw their own bars
         chosen = searched.get((method, budget)) if searched else None
         rates = rate_flags(chosen["configs"][chosen["chosen"]]) if chosen else []
         run, flags = run_for(plan, work, method, budget, seed, folders, logged, dataset, rates + list(extra))
-        seconds = ensure_run(work, run, flags, f"run {number}/{len(jobs)}: {method}, {budget} pairs, seed {seed}")
-        records.append(RunRecord(method, budget, seed, str(run.path), seconds))
-    return records
+        planned.append((RunRecord(method, budget, seed, str(run.path), 0.0), Distillation(
+            work.local(), str(run.path), flags, f"run {number}/{len(jobs)}: {method}, {budget} pairs, seed {seed}")))
+    seconds = work.launcher.run("distill", [job for _, job in planned])
+    return [replace(record, seconds=took) for (record, _), took in zip(planned, seconds)]
+
+
+@dataclass
+class Distillation:
+    """One distillation run as a job: reused when finished, resumed when cut. Pre-empted or out of time on
+    Slurm, submitit calls :meth:`checkpoint`, which requeues the same job: it resumes from the run's own
+    last checkpoint (``latest.pt``), never from anything the job holds."""
+    work: Workdir
+    run: str
+    flags: List[str]
+    label: str
+
+    def done(self) -> bool:
+        return RunFolder(Path(self.run)).finished()
+
+    def __call__(self) -> float:
+        setup_logging()
+        return ensure_run(self.work, RunFolder(Path(self.run)), self.flags, self.label)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self)
 
 
 def distill_run(work: Workdir, run: RunFolder, flags: List[str]) -> None:
@@ -425,49 +465,148 @@ def evaluate_all(plan: Plan, work: Workdir, records: Sequence[RunRecord], model:
     """{(row, budget, seed): {"val": summary, "paper": summary}} for every method's runs and the
     reference rows (random subsets, coresets, full data), and the evaluation seconds per row; with
     ``plan.students``, also {(row, budget, seed, student): ...}, the same sets trained by each student.
-    Each run's students are built from the flags it recorded."""
+    Each run's students are built from the flags it recorded and kept in its folder; each set is one job,
+    the reference rows one more."""
+    frozen = next((r.folder for r in records if r.method == "repblend"), None)
+    jobs = [SetStudents(work.local(), plan, model, record) for record in records]
+    outcomes = work.launcher.run("students", [*jobs, ReferenceRows(work.local(), plan, model, experts, frozen)],
+                                 bar=True)
+    _benchmarks.cache_clear()  # the data of this call: not kept after it
+    results, seconds = {}, {}
+    for record, (found, took) in zip(records, outcomes[:-1]):
+        results.update(found)
+        seconds[record.method] = seconds.get(record.method, 0.0) + took
+    results.update(outcomes[-1][0])
+    seconds.update(outcomes[-1][1])
+    return results, seconds
+
+
+@functools.lru_cache(maxsize=1)
+def _benchmarks(work: Workdir, flags: str):
+    model = argparse.Namespace(**json.loads(flags))
     device = resolve_device(model.device)
     data = work.scripts.load_data(model, device, augment=False, need_val=True)
     test, val = split_benchmarks(data, device, model.batch_size_test, model.num_workers)
-    results, seconds = {}, {}
+    return data, test, val, device
 
-    def score(key, subsets, config, settings):
+
+def benchmarks(work: Workdir, model: argparse.Namespace):
+    """The data, the test and val benchmarks and the device of ``model``'s flags: loaded once per process,
+    however many set evaluations it runs."""
+    return _benchmarks(work, json.dumps(vars(model), sort_keys=True, default=str))
+
+
+STUDENTS_FILE = "students_{digest}.json"  # in a run folder: its students' summaries under one protocol
+
+
+@dataclass
+class SetStudents:
+    """A run's final set trained by ``num_eval`` fresh students (the distiller's model, then each of
+    ``plan.students``), as one job; the summaries are kept in the run folder, so a rerun trains none again.
+    Returns ({key: summary}, seconds)."""
+    work: Workdir
+    plan: Plan
+    model: argparse.Namespace
+    record: RunRecord
+
+    @property
+    def label(self) -> str:
+        return f"students of {Path(self.record.folder).name}"
+
+    def recorded(self) -> argparse.Namespace:
+        return argparse.Namespace(**RunFolder(Path(self.record.folder)).recorded_args())
+
+    def cache(self) -> Path:
+        run = RunFolder(Path(self.record.folder))
+        recorded = self.recorded()
+        key = {"settings": asdict(eval_settings_of(self.plan, recorded, self.record.seed)),
+               "students": list(self.plan.students), "flags": result_flags(vars(recorded)),
+               "sets": [(path.name, path.stat().st_size) for path in run.final_checkpoints()]}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return run.path / STUDENTS_FILE.format(digest=digest)
+
+    def done(self) -> bool:
+        return self.kept() is not None
+
+    def key(self, student: Optional[str]) -> tuple:
+        r = self.record
+        return (r.method, r.budget, r.seed) + ((student,) if student else ())
+
+    def kept(self) -> Optional[Tuple[Dict, float]]:
+        try:
+            kept = json.loads(self.cache().read_text(encoding="utf-8"))
+            return {self.key(student): summary for student, summary in kept["summaries"]}, float(kept["seconds"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s cannot be read: training its students again", self.cache())
+            return None
+
+    def __call__(self) -> Tuple[Dict, float]:
+        kept = self.kept()
+        if kept is not None:
+            return kept
+        setup_logging()
         started = time.perf_counter()
-        results[key] = students(subsets, config, settings, test, val, device)
-        seconds[key[0]] = seconds.get(key[0], 0.0) + time.perf_counter() - started
+        data, test, val, device = benchmarks(self.work, self.model)
+        recorded = self.recorded()
+        settings = eval_settings_of(self.plan, recorded, self.record.seed)
+        subsets = load_final(Path(self.record.folder))
+        shared = self.work.scripts.model_config(self.model, data.text_dim)
+        configs = [(None, self.work.scripts.model_config(recorded, data.text_dim))] + [
+            (name, cross_student(shared, name)) for name in self.plan.students]
+        found = [(name, students(subsets, config, settings, test, val, device)) for name, config in configs]
+        seconds = time.perf_counter() - started
+        atomic_write_text(self.cache(), json.dumps({"summaries": found, "seconds": seconds}, default=str))
+        return {self.key(name): summary for name, summary in found}, seconds
 
-    distiller = work.scripts.model_config(model, data.text_dim)
-    student_configs = {name: cross_student(distiller, name) for name in plan.students}
-    for record in progress(records, desc="evaluations", unit="set"):
-        recorded = argparse.Namespace(**RunFolder(Path(record.folder)).recorded_args())
-        settings = eval_settings_of(plan, recorded, record.seed)
-        subsets = load_final(Path(record.folder))
-        config = work.scripts.model_config(recorded, data.text_dim)
-        score((record.method, record.budget, record.seed), subsets, config, settings)
-        for name, config in student_configs.items():
-            score((record.method, record.budget, record.seed, name), subsets, config, settings)
-    # the reference rows: real subsets, trained like every method's students (RepBlend's student
-    # has a frozen image encoder, a different model where the others train theirs: it gets its own row)
-    references = {"random": work.scripts.model_config(model, data.text_dim)}
-    frozen = [r for r in records if r.method == "repblend"]
-    if frozen and model.image_trainable:
-        recorded = argparse.Namespace(**RunFolder(Path(frozen[0].folder)).recorded_args())
-        references[FROZEN_RANDOM] = work.scripts.model_config(recorded, data.text_dim)
-    selector = CoresetSelector(data, experts, references["random"], device)
-    split = [RANDOM_SPLIT] if "ptmst" in plan.methods else []
-    for row in [*references, *split, *available_coresets(plan, selector)]:
-        config = references.get(row, references["random"])
-        for budget in plan.budgets:
-            for seed in plan.seeds:
-                reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
-                settings = eval_settings_of(plan, model, seed)
-                score((row, budget, seed), reals, config, settings)
-                if row != FROZEN_RANDOM:
-                    for name, student in student_configs.items():
-                        score((row, budget, seed, name), reals, student, settings)
-    if plan.full_data:
-        full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
-    return results, seconds
+
+@dataclass
+class ReferenceRows:
+    """The reference rows of every budget and seed as one job: random subsets (and, beside RepBlend, with its
+    frozen encoder: the run ``frozen`` recorded it), the random pairs split like PTM-ST, the coresets (selected
+    with ``experts``) and the full training set. Returns (results, seconds per row)."""
+    work: Workdir
+    plan: Plan
+    model: argparse.Namespace
+    experts: Path
+    frozen: Optional[str] = None
+    label: str = "reference rows"
+
+    def __call__(self) -> Tuple[Dict, Dict[str, float]]:
+        setup_logging()
+        plan, model = self.plan, self.model
+        data, test, val, device = benchmarks(self.work, model)
+        results, seconds = {}, {}
+
+        def score(key, subsets, config, settings):
+            started = time.perf_counter()
+            results[key] = students(subsets, config, settings, test, val, device)
+            seconds[key[0]] = seconds.get(key[0], 0.0) + time.perf_counter() - started
+
+        student_configs = {name: cross_student(self.work.scripts.model_config(model, data.text_dim), name)
+                           for name in plan.students}
+        # RepBlend's student has a frozen image encoder, a different model where the others train theirs: it gets
+        # its own row
+        references = {"random": self.work.scripts.model_config(model, data.text_dim)}
+        if self.frozen and model.image_trainable:
+            recorded = argparse.Namespace(**RunFolder(Path(self.frozen)).recorded_args())
+            references[FROZEN_RANDOM] = self.work.scripts.model_config(recorded, data.text_dim)
+        selector = CoresetSelector(data, self.experts, references["random"], device)
+        split = [RANDOM_SPLIT] if "ptmst" in plan.methods else []
+        for row in [*references, *split, *available_coresets(plan, selector)]:
+            config = references.get(row, references["random"])
+            for budget in plan.budgets:
+                for seed in plan.seeds:
+                    reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
+                    settings = eval_settings_of(plan, model, seed)
+                    score((row, budget, seed), reals, config, settings)
+                    if row != FROZEN_RANDOM:
+                        for name, student in student_configs.items():
+                            score((row, budget, seed, name), reals, student, settings)
+        if plan.full_data:
+            full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
+        return results, seconds
 
 
 def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
@@ -526,6 +665,45 @@ def full_rows(plan: Plan, model: argparse.Namespace, data, config, test, val, de
         for budget in plan.budgets:
             results[(FULL_DATA, budget, seed)] = {**summary, "search": scores, "chosen": chosen}
     seconds[FULL_DATA] = seconds.get(FULL_DATA, 0.0) + time.perf_counter() - started
+
+
+def expert_folders(plan: Plan, work: Workdir, model: argparse.Namespace, buffer_flags: Sequence[str],
+                   builtin: bool) -> Dict[str, object]:
+    """What the plan's methods match, trained (or reused): the pretrained start on built-in data, the experts,
+    PTM-ST's shortcuts, RepBlend's frozen-encoder experts. {"normal": folder, "shortcuts": [...], "frozen": folder}."""
+    s = plan.quickstart
+    if builtin:
+        pretrain_encoder(s, work)
+    normal = train_expert_set(plan, work, model, buffer_flags, frozen=False)
+    folders: Dict[str, object] = {"normal": normal}
+    if "ptmst" in plan.methods:
+        folders["shortcuts"] = make_shortcuts(s, work, normal)
+    if "repblend" in plan.methods:  # a frozen encoder's experts already are what RepBlend matches
+        folders["frozen"] = train_expert_set(plan, work, model, buffer_flags, frozen=True) if s.image_trainable \
+            else normal
+    return folders
+
+
+@dataclass
+class Experts:
+    """:func:`expert_folders` as one job; done (and then run here, quickly) when every expert is trained."""
+    plan: Plan
+    work: Workdir
+    model: argparse.Namespace
+    buffer_flags: List[str]
+    builtin: bool
+    label: str = "experts"
+
+    def done(self) -> bool:
+        plan, s = self.plan, self.plan.quickstart
+        sets = [False] + ([True] if "repblend" in plan.methods and s.image_trainable else [])
+        return ((not self.builtin or encoder_pretrained(s, self.work)) and all(
+            experts_trained(s, self.work, *expert_set_flags(plan, self.model, self.buffer_flags, frozen))
+            for frozen in sets))
+
+    def __call__(self) -> Dict[str, object]:
+        setup_logging()
+        return expert_folders(self.plan, self.work, self.model, self.buffer_flags, self.builtin)
 
 
 def check_budgets_fit(plan: Plan, work: Workdir, model: argparse.Namespace) -> None:
