@@ -234,3 +234,19 @@ def test_two_calls_at_once_never_distil_the_same_run_twice(tmp_path):
     assert all(f"RUN {folder} True" in o[0] for o in outputs)
     assert len(RunFolder(Path(folder)).history.read_text().splitlines()) == 1  # distilled once, never resumed
     assert sum("(finished earlier with the same flags: reused)" in o[0] + o[1] for o in outputs) == 1
+
+
+def study_payload(workdir: Path, *extra: str) -> dict:
+    done = subprocess.run(["bash", "sh/study.sh", "scale", "--workdir", str(workdir), "--preset", "smoke", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = [line.split("report: ", 1)[1] for line in done.stdout.splitlines() if line.startswith("report: ")]
+    return json.loads((Path(report).parent / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_scale_study_under_submitit_local_gives_the_local_table(tmp_path):
+    local = study_payload(tmp_path / "local")
+    jobs = study_payload(tmp_path / "jobs", "--launcher", "submitit_local")
+    assert jobs["table"] == local["table"] and jobs["per_seed"] == local["per_seed"]
+    assert len(list((tmp_path / "jobs" / "jobs" / "students").glob("*/*_log.err"))) >= 2
