@@ -99,7 +99,6 @@ class SubmititLauncher:
     cluster: str = "slurm"
     options: ClusterOptions = field(default_factory=ClusterOptions)
     poll_s: float = 2.0
-    failures: List[JobFailure] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -112,8 +111,8 @@ class SubmititLauncher:
         return executor
 
     def run(self, stage: str, jobs: Sequence[Any], bar: bool = False) -> List[Any]:
-        self.failures = []
         results: List[Any] = [None] * len(jobs)
+        failures: List[JobFailure] = []
         waiting = []
         for k, job in enumerate(jobs):
             if getattr(job, "done", lambda: False)():
@@ -123,12 +122,12 @@ class SubmititLauncher:
         if waiting:
             log.info("%s: submitting %d job%s (%d done earlier) as one %s array; logs in %s", stage, len(waiting),
                      "s" * (len(waiting) != 1), len(jobs) - len(waiting), self.name, self.root / stage)
-            for k, value in zip(waiting, self.submit_and_wait(stage, [jobs[k] for k in waiting])):
+            for k, value in zip(waiting, self.submit_and_wait(stage, [jobs[k] for k in waiting], failures)):
                 results[k] = value
-        self.stop_if_failed()
+        self.stop_if_failed(failures)
         return results
 
-    def submit_and_wait(self, stage: str, jobs: Sequence[Any]) -> List[Any]:
+    def submit_and_wait(self, stage: str, jobs: Sequence[Any], failures: List[JobFailure]) -> List[Any]:
         (self.root / stage).mkdir(parents=True, exist_ok=True)
         waves = [list(range(len(jobs)))]
         if self.cluster != "slurm" and self.options.max_parallel:  # the local executor has no array limit
@@ -141,16 +140,18 @@ class SubmititLauncher:
             with importable_here():
                 with executor.batch():
                     submitted = [executor.submit(jobs[k]) for k in wave]
-            finished = self.wait(stage, [(k, jobs[k], job) for k, job in zip(wave, submitted)], results, finished,
-                                 len(jobs))
+            finished = self.wait(stage, [(k, jobs[k], job) for k, job in zip(wave, submitted)], results, failures,
+                                 finished, len(jobs))
         try:
             (self.root / stage / "%j").rmdir()  # the folder pattern itself, made empty by submitit
         except OSError:
             pass
         return results
 
-    def wait(self, stage: str, submitted, results: List[Any], finished: int, total: int) -> int:
-        """Every job of ``submitted`` to its end (``finished`` of ``total`` before it); the count after."""
+    def wait(self, stage: str, submitted, results: List[Any], failures: List[JobFailure], finished: int,
+             total: int) -> int:
+        """Every job of ``submitted`` to its end (``finished`` of ``total`` before it), its result into
+        ``results`` or its failure into ``failures``; the count after."""
         started = time.perf_counter()
         pending = list(submitted)
         while pending:
@@ -166,7 +167,7 @@ class SubmititLauncher:
                     log.info("%s job %d/%d done (%s, job %s, %.0fs)", stage, finished, total, label_of(job),
                              handle.job_id, time.perf_counter() - started)
                 else:
-                    self.failures.append(JobFailure(stage, label_of(job), str(handle.job_id),
+                    failures.append(JobFailure(stage, label_of(job), str(handle.job_id),
                                                     str(handle.paths.stderr), last_line(error)))
                     log.error("%s job %d/%d FAILED (%s, job %s): %s; its stderr: %s", stage, finished, total,
                               label_of(job), handle.job_id, last_line(error), handle.paths.stderr)
@@ -175,23 +176,23 @@ class SubmititLauncher:
                 time.sleep(self.poll_s)
         return finished
 
-    def stop_if_failed(self) -> None:
+    def stop_if_failed(self, failures: List[JobFailure]) -> None:
         """Write what failed, then stop the call: the stages after it need every result of this one."""
         path = self.root / FAILED_FILE
-        if not self.failures:
+        if not failures:
             return
         lines = ["# Jobs that did not finish", "",
                  "Run the same command again: it submits these (a cut distillation resumes from its last checkpoint) "
                  "and reuses everything that finished.", "",
                  "| stage | job | job id | why | stderr |", "|---|---|---|---|---|",
                  *[f"| {f.stage} | {f.label} | {f.job_id} | {f.reason.replace('|', '/')} | `{f.stderr}` |"
-                   for f in self.failures], ""]
+                   for f in failures], ""]
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "\n".join(lines))
-        atomic_write_text(path.with_suffix(".json"), json.dumps([vars(f) for f in self.failures], indent=1))
-        named = "; ".join(f"{f.label} (job {f.job_id}: {f.reason}; stderr {f.stderr})" for f in self.failures[:5])
-        more = f"; and {len(self.failures) - 5} more" if len(self.failures) > 5 else ""
-        raise UsageError(f"{len(self.failures)} job{'s' * (len(self.failures) != 1)} did not finish: {named}{more}. "
+        atomic_write_text(path.with_suffix(".json"), json.dumps([vars(f) for f in failures], indent=1))
+        named = "; ".join(f"{f.label} (job {f.job_id}: {f.reason}; stderr {f.stderr})" for f in failures[:5])
+        more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
+        raise UsageError(f"{len(failures)} job{'s' * (len(failures) != 1)} did not finish: {named}{more}. "
                          f"They are listed in {path}. Everything that finished is kept: run the same command again "
                          f"to submit only these (a cut run resumes from its own checkpoint).")
 
