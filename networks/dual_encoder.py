@@ -45,6 +45,7 @@ class DualEncoderConfig:
     checkpoint_dir: Optional[str] = None
     init_seed: int = 0  # seeds the random weights of a frozen, non-pretrained image encoder
     input_size: Optional[int] = None  # resize images to this side first (a student of another architecture)
+    fold_frozen_norms: bool = True  # a frozen encoder's batch norms folded into its convolutions (only faster)
 
     def build(self, seed: Optional[int] = None) -> "DualEncoder":
         """A fresh model. ``seed`` draws the trainable parts; the image encoder's random start is
@@ -52,6 +53,8 @@ class DualEncoderConfig:
         encoder_seed = seed if (self.image_trainable and seed is not None) else self.init_seed
         image_encoder = create_image_encoder(self.image_encoder, self.image_pretrained,
                                              self.checkpoint_dir, init_seed=encoder_seed)
+        if self.fold_frozen_norms and not self.image_trainable and hasattr(image_encoder, "fold_frozen_norms"):
+            image_encoder.fold_frozen_norms()
         if self.input_size is not None:
             image_encoder = ResizedInput(image_encoder, self.input_size)
         with torch.random.fork_rng(devices=[]):

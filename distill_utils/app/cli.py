@@ -185,6 +185,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out_embedding", type=positive(), default=2048,
                        help="projection width when the image encoder is frozen")
     group.add_argument("--temperature", type=positive(float), default=0.07, help="fixed CLIP temperature")
+    group.add_argument("--frozen_norms", choices=("fold", "keep"), default="fold",
+                       help="a frozen image encoder's batch norms: fold (into its convolutions, the same function "
+                            "to float rounding, faster) or keep (as loaded; the figures before 2026-12-07)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -50,4 +50,5 @@ def model_config(args: argparse.Namespace, text_dim: int) -> DualEncoderConfig:
     return DualEncoderConfig(image_encoder=args.image_encoder, text_dim=text_dim,
                              image_trainable=args.image_trainable, out_embedding=args.out_embedding,
                              temperature=args.temperature, image_pretrained=args.image_pretrained,
-                             checkpoint_dir=args.checkpoint_dir)
+                             checkpoint_dir=args.checkpoint_dir,
+                             fold_frozen_norms=getattr(args, "frozen_norms", "fold") == "fold")

@@ -28,7 +28,7 @@ log = logging.getLogger("ptmst.runs")
 # Flags that change where files go, what is printed or how fast the work runs, never what it computes.
 NEUTRAL_FLAGS = frozenset({
     "name", "logged_dir", "resume", "device", "num_workers", "disabled_wandb", "wandb_project", "batch_size_test",
-    "expert_cache_gb", "git_sha"})
+    "expert_cache_gb", "git_sha", "frozen_norms"})
 # An expert folder's experts are decided by buffer.py's flags less these: where they go, how many, what is logged.
 EXPERT_NEUTRAL_FLAGS = NEUTRAL_FLAGS | {"buffer_path", "num_experts", "eval_freq", "skip_save", "cache_images"}
 
