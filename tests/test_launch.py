@@ -51,6 +51,17 @@ class AlreadyDone:
         return "read here", os.getpid()
 
 
+@dataclass
+class Sleeps:
+    seconds: float
+    label: str = "sleeps"
+
+    def __call__(self):
+        began = time.time()
+        time.sleep(self.seconds)
+        return began, time.time()
+
+
 def local_launcher(tmp_path, **options):
     return launch.launcher_for("submitit_local", tmp_path, launch.ClusterOptions(**options))
 
@@ -70,6 +81,22 @@ def test_waves_keep_at_most_max_parallel_local_jobs(tmp_path):
     launcher = local_launcher(tmp_path, max_parallel=1)
     assert [r[0] for r in launcher.run("stage", [Twice(k) for k in range(3)])] == [0, 2, 4]
     assert len(list((tmp_path / "jobs" / "stage").iterdir())) == 3  # three submissions of one job each
+
+
+def test_the_next_local_job_starts_when_one_ends_not_when_its_whole_wave_has(tmp_path):
+    launcher = local_launcher(tmp_path, max_parallel=2)
+    launcher.poll_s = 0.1
+    submissions = []  # (when, how many jobs)
+    submit = launcher.submit
+
+    def recorded(stage, batch):
+        submissions.append((time.time(), len(batch)))
+        return submit(stage, batch)
+    launcher.submit = recorded
+    (_, slow_end), (_, quick_end), _ = launcher.run("stage", [Sleeps(8.0), Sleeps(0.1), Sleeps(0.1)])
+    (_, first), (third_submitted, second) = submissions
+    assert (first, second) == (2, 1)  # two at once, never three
+    assert quick_end < third_submitted < slow_end  # it took the quick job's place while the slow one ran
 
 
 def test_a_failing_job_is_named_with_its_log_and_listed_for_the_next_call(tmp_path):

@@ -128,53 +128,58 @@ class SubmititLauncher:
         return results
 
     def submit_and_wait(self, stage: str, jobs: Sequence[Any], failures: List[JobFailure]) -> List[Any]:
+        """Slurm takes the whole array at once; the local executor, which has no array limit, keeps
+        ``max_parallel`` jobs running and starts the next as soon as one ends."""
         (self.root / stage).mkdir(parents=True, exist_ok=True)
-        waves = [list(range(len(jobs)))]
-        if self.cluster != "slurm" and self.options.max_parallel:  # the local executor has no array limit
-            size = self.options.max_parallel
-            waves = [waves[0][i:i + size] for i in range(0, len(jobs), size)]
+        slots = len(jobs)
+        if self.cluster != "slurm" and self.options.max_parallel:
+            slots = self.options.max_parallel
         results: List[Any] = [None] * len(jobs)
-        finished = 0
-        for wave in waves:
-            executor = self.executor(stage)
-            with importable_here():
-                with executor.batch():
-                    submitted = [executor.submit(jobs[k]) for k in wave]
-            finished = self.wait(stage, [(k, jobs[k], job) for k, job in zip(wave, submitted)], results, failures,
-                                 finished, len(jobs))
+        queue, running, finished = list(range(len(jobs))), [], 0
+        while queue or running:
+            free = slots - len(running)
+            if queue and free > 0:
+                batch, queue = queue[:free], queue[free:]
+                running += self.submit(stage, [(k, jobs[k]) for k in batch])
+            running, finished = self.collect(stage, running, results, failures, finished, len(jobs))
+            if running and (not queue or len(running) >= slots):
+                time.sleep(self.poll_s)
         try:
             (self.root / stage / "%j").rmdir()  # the folder pattern itself, made empty by submitit
         except OSError:
             pass
         return results
 
-    def wait(self, stage: str, submitted, results: List[Any], failures: List[JobFailure], finished: int,
-             total: int) -> int:
-        """Every job of ``submitted`` to its end (``finished`` of ``total`` before it), its result into
-        ``results`` or its failure into ``failures``; the count after."""
-        started = time.perf_counter()
-        pending = list(submitted)
-        while pending:
-            still = []
-            for k, job, handle in pending:
-                if not handle.done():
-                    still.append((k, job, handle))
-                    continue
-                finished += 1
-                error = handle.exception()
-                if error is None:
-                    results[k] = handle.result()
-                    log.info("%s job %d/%d done (%s, job %s, %.0fs)", stage, finished, total, label_of(job),
-                             handle.job_id, time.perf_counter() - started)
-                else:
-                    failures.append(JobFailure(stage, label_of(job), str(handle.job_id),
-                                                    str(handle.paths.stderr), last_line(error)))
-                    log.error("%s job %d/%d FAILED (%s, job %s): %s; its stderr: %s", stage, finished, total,
-                              label_of(job), handle.job_id, last_line(error), handle.paths.stderr)
-            pending = still
-            if pending:
-                time.sleep(self.poll_s)
-        return finished
+    def submit(self, stage: str, batch) -> list:
+        """``(k, job)`` pairs submitted as one array: ``(k, job, handle, submitted at)`` each."""
+        executor = self.executor(stage)
+        with importable_here():
+            with executor.batch():
+                handles = [executor.submit(job) for _, job in batch]
+        now = time.perf_counter()
+        return [(k, job, handle, now) for (k, job), handle in zip(batch, handles)]
+
+    def collect(self, stage: str, running, results: List[Any], failures: List[JobFailure], finished: int,
+                total: int):
+        """The jobs of ``running`` that ended: results into ``results``, failures into ``failures``, each
+        logged (``finished`` of ``total`` before). Returns the ones still running and the count after."""
+        still = []
+        for k, job, handle, submitted in running:
+            if not handle.done():
+                still.append((k, job, handle, submitted))
+                continue
+            finished += 1
+            error = handle.exception()
+            if error is None:
+                results[k] = handle.result()
+                log.info("%s job %d/%d done (%s, job %s, %.0fs)", stage, finished, total, label_of(job),
+                         handle.job_id, time.perf_counter() - submitted)
+            else:
+                failures.append(JobFailure(stage, label_of(job), str(handle.job_id),
+                                           str(handle.paths.stderr), last_line(error)))
+                log.error("%s job %d/%d FAILED (%s, job %s): %s; its stderr: %s", stage, finished, total,
+                          label_of(job), handle.job_id, last_line(error), handle.paths.stderr)
+        return still, finished
 
     def stop_if_failed(self, failures: List[JobFailure]) -> None:
         """Write what failed, then stop the call: the stages after it need every result of this one."""
