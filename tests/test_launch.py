@@ -62,6 +62,15 @@ class Sleeps:
         return began, time.time()
 
 
+@dataclass
+class Threads:
+    label: str = "threads"
+
+    def __call__(self):
+        import torch
+        return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+
 def local_launcher(tmp_path, **options):
     return launch.launcher_for("submitit_local", tmp_path, launch.ClusterOptions(**options))
 
@@ -97,6 +106,18 @@ def test_the_next_local_job_starts_when_one_ends_not_when_its_whole_wave_has(tmp
     (_, first), (third_submitted, second) = submissions
     assert (first, second) == (2, 1)  # two at once, never three
     assert quick_end < third_submitted < slow_end  # it took the quick job's place while the slow one ran
+
+
+def test_local_jobs_side_by_side_share_the_cores_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    share = launch.cpu_share(2)
+    assert share == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert local_launcher(tmp_path / "a", max_parallel=2).run("stage", [Threads()]) == [(str(share), share)]
+    assert "OMP_NUM_THREADS" not in os.environ  # this process is left as it was
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torch takes at most one thread per core
+    cores = len(os.sched_getaffinity(0))
+    assert local_launcher(tmp_path / "b", max_parallel=2).run("stage", [Threads()]) == [("2", min(2, cores))]
 
 
 def test_a_failing_job_is_named_with_its_log_and_listed_for_the_next_call(tmp_path):

@@ -153,7 +153,8 @@ class SubmititLauncher:
     def submit(self, stage: str, batch) -> list:
         """``(k, job)`` pairs submitted as one array: ``(k, job, handle, submitted at)`` each."""
         executor = self.executor(stage)
-        with importable_here():
+        shared = self.cluster != "slurm" and self.options.max_parallel
+        with job_environment(cpu_share(self.options.max_parallel) if shared else 0):
             with executor.batch():
                 handles = [executor.submit(job) for _, job in batch]
         now = time.perf_counter()
@@ -217,22 +218,41 @@ def last_line(error: BaseException) -> str:
     return (" ".join(lines) if lines else type(error).__name__)[:400]
 
 
-class importable_here:
-    """The job processes import this code the way this process does: the repository root on PYTHONPATH
-    (Slurm and the local executor pass the environment on)."""
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cpu_share(parallel: int) -> int:
+    """Threads per job when ``parallel`` jobs share this machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel)
+
+
+class job_environment:
+    """The job processes import this code the way this process does (the repository root on
+    PYTHONPATH; Slurm and the local executor pass the environment on), and ``threads`` > 0 caps each
+    one's threads where the caller has set neither variable: local jobs side by side would otherwise each
+    start a thread per core and slow one another down."""
+
+    def __init__(self, threads: int = 0):
+        self.threads = threads
 
     def __enter__(self):
         root = str(Path(__file__).resolve().parents[2])
-        self.before = os.environ.get("PYTHONPATH")
-        parts = [p for p in (self.before or "").split(os.pathsep) if p]
+        names = ("PYTHONPATH", *THREAD_VARIABLES)
+        self.before = {name: os.environ.get(name) for name in names}
+        parts = [p for p in (self.before["PYTHONPATH"] or "").split(os.pathsep) if p]
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in parts if p != root]])
+        if self.threads and all(self.before[name] is None for name in THREAD_VARIABLES):
+            for name in THREAD_VARIABLES:
+                os.environ[name] = str(self.threads)
         return self
 
     def __exit__(self, *exc):
-        if self.before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = self.before
+        for name, value in self.before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         return False
 
 
