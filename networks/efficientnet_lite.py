@@ -115,14 +115,16 @@ class EfficientNetLite0(nn.Module):
         self.net.to(memory_format=torch.channels_last)
         self.folded = True
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def own_input(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised images as these weights take them (channels-last once folded)."""
         images = self.rescale(images)
-        if self.folded:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net.forward_head(self.net.forward_features(images), pre_logits=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.folded else images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(self.own_input(images)), pre_logits=True)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.rescale(images))
+        return self.net(self.own_input(images))
 
     def load_timm_state(self, state: Dict[str, torch.Tensor]) -> None:
         if self.folded:

@@ -104,6 +104,11 @@ class SubmititLauncher:
     def name(self) -> str:
         return "slurm" if self.cluster == "slurm" else "submitit_local"
 
+    @property
+    def local_parallel(self) -> Optional[int]:
+        """How many local jobs run at once (None: no limit, or Slurm's own array limit)."""
+        return self.options.max_parallel if self.cluster != "slurm" else None
+
     def executor(self, stage: str):
         import submitit
         executor = submitit.AutoExecutor(folder=self.root / stage / "%j", cluster=self.cluster)
@@ -131,9 +136,7 @@ class SubmititLauncher:
         """Slurm takes the whole array at once; the local executor, which has no array limit, keeps
         ``max_parallel`` jobs running and starts the next as soon as one ends."""
         (self.root / stage).mkdir(parents=True, exist_ok=True)
-        slots = len(jobs)
-        if self.cluster != "slurm" and self.options.max_parallel:
-            slots = self.options.max_parallel
+        slots = self.local_parallel or len(jobs)
         results: List[Any] = [None] * len(jobs)
         queue, running, finished = list(range(len(jobs))), [], 0
         while queue or running:
@@ -153,8 +156,7 @@ class SubmititLauncher:
     def submit(self, stage: str, batch) -> list:
         """``(k, job)`` pairs submitted as one array: ``(k, job, handle, submitted at)`` each."""
         executor = self.executor(stage)
-        shared = self.cluster != "slurm" and self.options.max_parallel
-        with job_environment(cpu_share(self.options.max_parallel) if shared else 0):
+        with job_environment(cpu_share(self.local_parallel) if self.local_parallel else 0):
             with executor.batch():
                 handles = [executor.submit(job) for _, job in batch]
         now = time.perf_counter()
