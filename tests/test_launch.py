@@ -98,25 +98,29 @@ def test_the_next_local_job_starts_when_one_ends_not_when_its_whole_wave_has(tmp
     submissions = []  # (when, how many jobs)
     submit = launcher.submit
 
-    def recorded(stage, batch):
-        submissions.append((time.time(), len(batch)))
-        return submit(stage, batch)
+    def recorded(stage, batch, beside):
+        submissions.append((time.time(), len(batch), beside))
+        return submit(stage, batch, beside)
     launcher.submit = recorded
     (_, slow_end), (_, quick_end), _ = launcher.run("stage", [Sleeps(8.0), Sleeps(0.1), Sleeps(0.1)])
-    (_, first), (third_submitted, second) = submissions
+    (_, first, beside_first), (third_submitted, second, beside_third) = submissions
     assert (first, second) == (2, 1)  # two at once, never three
+    assert (beside_first, beside_third) == (0, 1)  # the third shares the cores with the slow one
     assert quick_end < third_submitted < slow_end  # it took the quick job's place while the slow one ran
 
 
 def test_local_jobs_side_by_side_share_the_cores_unless_told_otherwise(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
     share = launch.cpu_share(2)
-    assert share == max(1, len(os.sched_getaffinity(0)) // 2)
-    assert local_launcher(tmp_path / "a", max_parallel=2).run("stage", [Threads()]) == [(str(share), share)]
+    assert share == max(1, cores // 2)
+    assert local_launcher(tmp_path / "a", max_parallel=2).run("stage", [Threads(), Threads()]) == [
+        (str(share), share)] * 2
+    # a stage of one job (the experts) has no job beside it: it takes every core
+    assert local_launcher(tmp_path / "c", max_parallel=2).run("stage", [Threads()]) == [(str(cores), cores)]
     assert "OMP_NUM_THREADS" not in os.environ  # this process is left as it was
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # torch takes at most one thread per core
-    cores = len(os.sched_getaffinity(0))
     assert local_launcher(tmp_path / "b", max_parallel=2).run("stage", [Threads()]) == [("2", min(2, cores))]
 
 

@@ -143,7 +143,7 @@ class SubmititLauncher:
             free = slots - len(running)
             if queue and free > 0:
                 batch, queue = queue[:free], queue[free:]
-                running += self.submit(stage, [(k, jobs[k]) for k in batch])
+                running += self.submit(stage, [(k, jobs[k]) for k in batch], beside=len(running))
             running, finished = self.collect(stage, running, results, failures, finished, len(jobs))
             if running and (not queue or len(running) >= slots):
                 time.sleep(self.poll_s)
@@ -153,10 +153,13 @@ class SubmititLauncher:
             pass
         return results
 
-    def submit(self, stage: str, batch) -> list:
-        """``(k, job)`` pairs submitted as one array: ``(k, job, handle, submitted at)`` each."""
+    def submit(self, stage: str, batch, beside: int = 0) -> list:
+        """``(k, job)`` pairs submitted as one array: ``(k, job, handle, submitted at)`` each. Locally each
+        takes its share of the cores among the jobs that will run together (``beside`` already running): a
+        stage of one job gets them all."""
         executor = self.executor(stage)
-        with job_environment(cpu_share(self.local_parallel) if self.local_parallel else 0):
+        together = min(self.local_parallel, beside + len(batch)) if self.local_parallel else 0
+        with job_environment(cpu_share(together) if together else 0):
             with executor.batch():
                 handles = [executor.submit(job) for _, job in batch]
         now = time.perf_counter()
