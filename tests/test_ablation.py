@@ -94,13 +94,20 @@ def test_every_method_ran_with_its_flags_at_equal_budget_and_iterations(smoke_re
 
 
 @pytest.mark.slow
-def test_a_second_call_reuses_every_finished_run(smoke_report):
-    work, _ = smoke_report
+def test_a_second_call_reuses_every_finished_run(smoke_report, monkeypatch):
+    work, first = smoke_report
     histories = {p: p.read_text() for p in (work / "ablation_runs" / "shapes").glob("*/args_history.jsonl")}
+
+    def trains_again(*_):
+        raise AssertionError("a kept set or reference row trained again")
+    monkeypatch.setattr(sweep, "students", trains_again)
+    monkeypatch.setattr(sweep, "full_rows", trains_again)
     report = ablation.main(["--workdir", str(work), "--preset", "smoke", "--syn_steps", "1", "--students", "convnet"])
     assert report.is_file()
     assert {p: p.read_text() for p in histories} == histories  # no run started again
     assert sorted(report_runs(report)) == sorted(run_of(work, m) for m in METHODS)
+    again, before = (json.loads((r.parent / "results.json").read_text()) for r in (report, first))
+    assert again["results"] == before["results"] and again["eval_seconds"] == before["eval_seconds"]
 
 
 @pytest.mark.slow

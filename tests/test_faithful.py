@@ -184,6 +184,33 @@ def test_ablation_split_row_uses_ptmst_sizes():
     assert torch.equal(whole[0].images, torch.cat([s.images for s in split]))
 
 
+def test_reference_rows_are_kept_by_fingerprint_and_trained_again_when_it_changes(tmp_path, monkeypatch, caplog):
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    (experts / "img_replay_buffer_0.pt").write_bytes(b"one expert")
+    trained = []
+
+    def train(job):
+        trained.append(job.rows)
+        return {(job.rows[0], 4, 0): {"val": {"r_mean": 0.1 + 0.2}}}, {job.rows[0]: 1.0 / 3}
+    monkeypatch.setattr(sweep.ReferenceRows, "train", train)
+    model = argparse.Namespace(dataset="shapes", lr_img=0.1)
+
+    def job(row="random", plan=sweep.Plan(budgets=(4,), seeds=(0,))):
+        return sweep.ReferenceRows(tmp_path, plan, model, experts, None, (row,))
+    assert not job().done()
+    first = job()()
+    assert trained == [("random",)] and job().done()
+    assert job()() == first == ({("random", 4, 0): {"val": {"r_mean": 0.1 + 0.2}}}, {"random": 1.0 / 3})
+    assert trained == [("random",)]  # read back exactly, not trained again
+    assert not job(sweep.FULL_DATA).done() and not job(plan=sweep.Plan(budgets=(4,), seeds=(1,))).done()
+    (experts / "img_replay_buffer_1.pt").write_bytes(b"a second expert")  # the experts were topped up
+    assert not job().done()
+    job()()
+    job().cache().write_text("{cut")
+    assert job()() == first and "cannot be read" in caplog.text and len(trained) == 3
+
+
 def history(values):
     return full_data.StudentRun(selected={"r_mean": max(values)}, last={"r_mean": values[-1]},
                                 history=[{"epoch": k, "val": {"r_mean": v}, "test": {"r_mean": v}}

@@ -466,19 +466,29 @@ def evaluate_all(plan: Plan, work: Workdir, records: Sequence[RunRecord], model:
     reference rows (random subsets, coresets, full data), and the evaluation seconds per row; with
     ``plan.students``, also {(row, budget, seed, student): ...}, the same sets trained by each student.
     Each run's students are built from the flags it recorded and kept in its folder; each set is one job,
-    the reference rows one more."""
+    each reference row one more (kept in the workdir)."""
     frozen = next((r.folder for r in records if r.method == "repblend"), None)
     jobs = [SetStudents(work.local(), plan, model, record) for record in records]
-    outcomes = work.launcher.run("students", [*jobs, ReferenceRows(work.local(), plan, model, experts, frozen)],
-                                 bar=True)
+    references = [ReferenceRows(work.local(), plan, model, experts, frozen, (row,))
+                  for row in reference_row_names(plan, model, frozen)]
+    outcomes = work.launcher.run("students", [*jobs, *references], bar=True)
     _benchmarks.cache_clear()  # the data of this call: not kept after it
     results, seconds = {}, {}
-    for record, (found, took) in zip(records, outcomes[:-1]):
+    for record, (found, took) in zip(records, outcomes[:len(jobs)]):
         results.update(found)
         seconds[record.method] = seconds.get(record.method, 0.0) + took
-    results.update(outcomes[-1][0])
-    seconds.update(outcomes[-1][1])
+    for found, took in outcomes[len(jobs):]:
+        results.update(found)
+        seconds.update(took)
     return results, seconds
+
+
+def reference_row_names(plan: Plan, model: argparse.Namespace, frozen: Optional[str]) -> List[str]:
+    """The reference rows of ``plan`` in table order (the random row beside RepBlend's frozen encoder only
+    where the others train theirs; forgetting may still drop out, in its job, without a record)."""
+    return ["random", *([FROZEN_RANDOM] if frozen and model.image_trainable else []),
+            *([RANDOM_SPLIT] if "ptmst" in plan.methods else []), *plan.coresets,
+            *([FULL_DATA] if plan.full_data else [])]
 
 
 @functools.lru_cache(maxsize=1)
@@ -561,21 +571,65 @@ class SetStudents:
         return {self.key(name): summary for name, summary in found}, seconds
 
 
+REFERENCE_FOLDER = "reference_rows"  # in the workdir: each reference row's students, kept by fingerprint
+
+
 @dataclass
 class ReferenceRows:
-    """The reference rows of every budget and seed as one job: random subsets (and, beside RepBlend, with its
-    frozen encoder: the run ``frozen`` recorded it), the random pairs split like PTM-ST, the coresets (selected
-    with ``experts``) and the full training set. Returns (results, seconds per row)."""
+    """Reference rows of every budget and seed as one job (``rows``; empty: all of them): random subsets (and,
+    beside RepBlend, with its frozen encoder: the run ``frozen`` recorded it), the random pairs split like
+    PTM-ST, the coresets (selected with ``experts``) and the full training set. The results are kept in
+    ``{workdir}/reference_rows/`` under a digest of everything they depend on, so a second call trains none
+    again. Returns (results, seconds per row)."""
     work: Workdir
     plan: Plan
     model: argparse.Namespace
     experts: Path
     frozen: Optional[str] = None
-    label: str = "reference rows"
+    rows: Tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return "reference rows" + (f" ({', '.join(self.rows)})" if self.rows else "")
+
+    def cache(self) -> Path:
+        plan = self.plan
+        key = {"rows": list(self.rows), "budgets": list(plan.budgets), "seeds": list(plan.seeds),
+               "ptmst_sizes": [phase_sizes(plan, "ptmst", b) for b in plan.budgets], "coresets": list(plan.coresets),
+               "students": list(plan.students), "full_data": plan.full_data, "settings": asdict(plan.quickstart),
+               "flags": result_flags(vars(self.model)), "experts": expert_files(Path(self.experts)),
+               "frozen": Path(self.frozen).name if self.frozen else None}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        name = "_".join(row.replace(" ", "-").replace(",", "") for row in self.rows) or "all"
+        return Path(self.work) / REFERENCE_FOLDER / f"{name}_{digest}.json"
+
+    def done(self) -> bool:
+        return self.kept() is not None
+
+    def kept(self) -> Optional[Tuple[Dict, Dict[str, float]]]:
+        try:
+            kept = json.loads(self.cache().read_text(encoding="utf-8"))
+            return {tuple(key): summary for key, summary in kept["results"]}, dict(kept["seconds"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s cannot be read: training its students again", self.cache())
+            return None
 
     def __call__(self) -> Tuple[Dict, Dict[str, float]]:
+        kept = self.kept()
+        if kept is not None:
+            return kept
         setup_logging()
+        results, seconds = self.train()
+        self.cache().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.cache(), json.dumps({"results": [[list(key), summary] for key, summary in
+                                                                results.items()], "seconds": seconds}, default=str))
+        return results, seconds
+
+    def train(self) -> Tuple[Dict, Dict[str, float]]:
         plan, model = self.plan, self.model
+        wanted = set(self.rows or reference_row_names(plan, model, self.frozen))
         data, test, val, device = benchmarks(self.work, model)
         results, seconds = {}, {}
 
@@ -589,12 +643,14 @@ class ReferenceRows:
         # RepBlend's student has a frozen image encoder, a different model where the others train theirs: it gets
         # its own row
         references = {"random": self.work.scripts.model_config(model, data.text_dim)}
-        if self.frozen and model.image_trainable:
+        if FROZEN_RANDOM in wanted:
             recorded = argparse.Namespace(**RunFolder(Path(self.frozen)).recorded_args())
             references[FROZEN_RANDOM] = self.work.scripts.model_config(recorded, data.text_dim)
         selector = CoresetSelector(data, self.experts, references["random"], device)
-        split = [RANDOM_SPLIT] if "ptmst" in plan.methods else []
-        for row in [*references, *split, *available_coresets(plan, selector)]:
+        coresets = available_coresets(replace(plan, coresets=tuple(c for c in plan.coresets if c in wanted)),
+                                      selector)
+        rows = [row for row in ("random", FROZEN_RANDOM, RANDOM_SPLIT) if row in wanted] + coresets
+        for row in rows:
             config = references.get(row, references["random"])
             for budget in plan.budgets:
                 for seed in plan.seeds:
@@ -604,9 +660,17 @@ class ReferenceRows:
                     if row != FROZEN_RANDOM:
                         for name, student in student_configs.items():
                             score((row, budget, seed, name), reals, student, settings)
-        if plan.full_data:
+        if FULL_DATA in wanted:
             full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
         return results, seconds
+
+
+def expert_files(folder: Path) -> List[Tuple[str, int]]:
+    """The expert folder's files by name and size: a retrained or topped-up set is a different set."""
+    try:
+        return sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
