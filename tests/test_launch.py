@@ -206,7 +206,11 @@ def test_submitit_local_gives_the_local_cells_bit_for_bit(tmp_path):
     assert results_cells(jobs) == results_cells(local) and len(results_cells(local)) == 22
     # every distillation and every set's students ran as a job of its own
     assert len(list((tmp_path / "jobs" / "jobs" / "distill").glob("*/*_log.err"))) == 5
-    assert len(list((tmp_path / "jobs" / "jobs" / "students").glob("*/*_log.err"))) == 6  # 5 sets + references
+    # 5 sets, then one job per reference row: random, random beside RepBlend's frozen encoder, split, 3 coresets, full
+    assert len(list((tmp_path / "jobs" / "jobs" / "students").glob("*/*_log.err"))) == 5 + 7
+    kept = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "jobs" / "reference_rows").glob("*.json"))
+    assert kept == sorted(["random", "random-frozen-encoder", "random-split-like-PTM-ST", "herding", "kcenter",
+                           "forgetting", "full-training-set"])
 
 
 def kill_when_cut(runs: Path, pattern: str, killed: dict, deadline: float) -> None:
