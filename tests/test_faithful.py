@@ -191,18 +191,18 @@ def test_reference_rows_are_kept_by_fingerprint_and_trained_again_when_it_change
     trained = []
 
     def train(job):
-        trained.append(job.rows)
-        return {(job.rows[0], 4, 0): {"val": {"r_mean": 0.1 + 0.2}}}, {job.rows[0]: 1.0 / 3}
-    monkeypatch.setattr(sweep.ReferenceRows, "train", train)
+        trained.append(job.row)
+        return {(job.row, 4, 0): {"val": {"r_mean": 0.1 + 0.2}}}, {job.row: 1.0 / 3}
+    monkeypatch.setattr(sweep.ReferenceRow, "train", train)
     model = argparse.Namespace(dataset="shapes", lr_img=0.1)
 
     def job(row="random", plan=sweep.Plan(budgets=(4,), seeds=(0,))):
-        return sweep.ReferenceRows(tmp_path, plan, model, experts, None, (row,))
+        return sweep.ReferenceRow(tmp_path, plan, model, experts, row)
     assert not job().done()
     first = job()()
-    assert trained == [("random",)] and job().done()
+    assert trained == ["random"] and job().done()
     assert job()() == first == ({("random", 4, 0): {"val": {"r_mean": 0.1 + 0.2}}}, {"random": 1.0 / 3})
-    assert trained == [("random",)]  # read back exactly, not trained again
+    assert trained == ["random"]  # read back exactly, not trained again
     assert not job(sweep.FULL_DATA).done() and not job(plan=sweep.Plan(budgets=(4,), seeds=(1,))).done()
     (experts / "img_replay_buffer_1.pt").write_bytes(b"a second expert")  # the experts were topped up
     assert not job().done()

@@ -2,7 +2,7 @@
 cluster (or on this machine, each job a process of its own: submitit's local executor).
 
 A job is a picklable callable (``pipeline.sweep``'s ``Experts``, ``Distillation``, ``SetStudents``,
-``ReferenceRows``). A stage is a list of jobs that do not depend on each other, submitted as one job array
+``ReferenceRow``). A stage is a list of jobs that do not depend on each other, submitted as one job array
 and waited for before the next stage starts, so the jobs that need the experts start after the experts'
 job. What a job makes lives in the workdir (run folders, students' results beside them), and job ids
 decide nothing: a rerun asks each job whether its result is on disk already and submits only the ones

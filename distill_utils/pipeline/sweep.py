@@ -469,7 +469,7 @@ def evaluate_all(plan: Plan, work: Workdir, records: Sequence[RunRecord], model:
     each reference row one more (kept in the workdir)."""
     frozen = next((r.folder for r in records if r.method == "repblend"), None)
     jobs = [SetStudents(work.local(), plan, model, record) for record in records]
-    references = [ReferenceRows(work.local(), plan, model, experts, frozen, (row,))
+    references = [ReferenceRow(work.local(), plan, model, experts, row, frozen)
                   for row in reference_row_names(plan, model, frozen)]
     outcomes = work.launcher.run("students", [*jobs, *references], bar=True)
     _benchmarks.cache_clear()  # the data of this call: not kept after it
@@ -509,6 +509,18 @@ def benchmarks(work: Workdir, model: argparse.Namespace):
 STUDENTS_FILE = "students_{digest}.json"  # in a run folder: its students' summaries under one protocol
 
 
+def read_kept(path: Path, unpack):
+    """``unpack`` of the kept students' JSON at ``path``; None where there is none, or (warned) where it
+    cannot be read, so that they are trained again."""
+    try:
+        return unpack(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s cannot be read: training its students again", path)
+        return None
+
+
 @dataclass
 class SetStudents:
     """A run's final set trained by ``num_eval`` fresh students (the distiller's model, then each of
@@ -543,14 +555,8 @@ class SetStudents:
         return (r.method, r.budget, r.seed) + ((student,) if student else ())
 
     def kept(self) -> Optional[Tuple[Dict, float]]:
-        try:
-            kept = json.loads(self.cache().read_text(encoding="utf-8"))
-            return {self.key(student): summary for student, summary in kept["summaries"]}, float(kept["seconds"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s cannot be read: training its students again", self.cache())
-            return None
+        return read_kept(self.cache(), lambda kept: (
+            {self.key(student): summary for student, summary in kept["summaries"]}, float(kept["seconds"])))
 
     def __call__(self) -> Tuple[Dict, float]:
         kept = self.kept()
@@ -575,46 +581,40 @@ REFERENCE_FOLDER = "reference_rows"  # in the workdir: each reference row's stud
 
 
 @dataclass
-class ReferenceRows:
-    """Reference rows of every budget and seed as one job (``rows``; empty: all of them): random subsets (and,
-    beside RepBlend, with its frozen encoder: the run ``frozen`` recorded it), the random pairs split like
-    PTM-ST, the coresets (selected with ``experts``) and the full training set. The results are kept in
-    ``{workdir}/reference_rows/`` under a digest of everything they depend on, so a second call trains none
-    again. Returns (results, seconds per row)."""
+class ReferenceRow:
+    """One reference row (``row``) at every budget and seed, as one job: a random subset (or, beside RepBlend,
+    with its frozen encoder: the run ``frozen`` recorded it), the random pairs split like PTM-ST, a coreset
+    (selected with ``experts``) or the full training set. The results are kept in ``{workdir}/reference_rows/``
+    under a digest of everything they depend on, so a second call trains none again. Returns (results,
+    seconds per row)."""
     work: Workdir
     plan: Plan
     model: argparse.Namespace
     experts: Path
+    row: str
     frozen: Optional[str] = None
-    rows: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        return "reference rows" + (f" ({', '.join(self.rows)})" if self.rows else "")
+        return f"reference row ({self.row})"
 
     def cache(self) -> Path:
         plan = self.plan
-        key = {"rows": list(self.rows), "budgets": list(plan.budgets), "seeds": list(plan.seeds),
+        key = {"row": self.row, "budgets": list(plan.budgets), "seeds": list(plan.seeds),
                "ptmst_sizes": [phase_sizes(plan, "ptmst", b) for b in plan.budgets], "coresets": list(plan.coresets),
                "students": list(plan.students), "full_data": plan.full_data, "settings": asdict(plan.quickstart),
                "flags": result_flags(vars(self.model)), "experts": expert_files(Path(self.experts)),
                "frozen": Path(self.frozen).name if self.frozen else None}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        name = "_".join(row.replace(" ", "-").replace(",", "") for row in self.rows) or "all"
+        name = self.row.replace(" ", "-").replace(",", "")
         return Path(self.work) / REFERENCE_FOLDER / f"{name}_{digest}.json"
 
     def done(self) -> bool:
         return self.kept() is not None
 
     def kept(self) -> Optional[Tuple[Dict, Dict[str, float]]]:
-        try:
-            kept = json.loads(self.cache().read_text(encoding="utf-8"))
-            return {tuple(key): summary for key, summary in kept["results"]}, dict(kept["seconds"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s cannot be read: training its students again", self.cache())
-            return None
+        return read_kept(self.cache(), lambda kept: (
+            {tuple(key): summary for key, summary in kept["results"]}, dict(kept["seconds"])))
 
     def __call__(self) -> Tuple[Dict, Dict[str, float]]:
         kept = self.kept()
@@ -622,46 +622,42 @@ class ReferenceRows:
             return kept
         setup_logging()
         results, seconds = self.train()
-        self.cache().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.cache(), json.dumps({"results": [[list(key), summary] for key, summary in
-                                                                results.items()], "seconds": seconds}, default=str))
+        path = self.cache()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"results": [[list(key), summary] for key, summary in results.items()],
+                                            "seconds": seconds}, default=str))
         return results, seconds
 
     def train(self) -> Tuple[Dict, Dict[str, float]]:
-        plan, model = self.plan, self.model
-        wanted = set(self.rows or reference_row_names(plan, model, self.frozen))
+        plan, model, row = self.plan, self.model, self.row
         data, test, val, device = benchmarks(self.work, model)
         results, seconds = {}, {}
-
-        def score(key, subsets, config, settings):
-            started = time.perf_counter()
-            results[key] = students(subsets, config, settings, test, val, device)
-            seconds[key[0]] = seconds.get(key[0], 0.0) + time.perf_counter() - started
-
-        student_configs = {name: cross_student(self.work.scripts.model_config(model, data.text_dim), name)
-                           for name in plan.students}
-        # RepBlend's student has a frozen image encoder, a different model where the others train theirs: it gets
-        # its own row
-        references = {"random": self.work.scripts.model_config(model, data.text_dim)}
-        if FROZEN_RANDOM in wanted:
+        config = self.work.scripts.model_config(model, data.text_dim)
+        if row == FULL_DATA:
+            full_rows(plan, model, data, config, test, val, device, results, seconds)
+            return results, seconds
+        selector = CoresetSelector(data, self.experts, config, device)
+        if row in CORESETS and not available_coresets(replace(plan, coresets=(row,)), selector):
+            return results, seconds
+        if row == FROZEN_RANDOM:
+            # RepBlend's student has a frozen image encoder, a different model where the others train theirs
             recorded = argparse.Namespace(**RunFolder(Path(self.frozen)).recorded_args())
-            references[FROZEN_RANDOM] = self.work.scripts.model_config(recorded, data.text_dim)
-        selector = CoresetSelector(data, self.experts, references["random"], device)
-        coresets = available_coresets(replace(plan, coresets=tuple(c for c in plan.coresets if c in wanted)),
-                                      selector)
-        rows = [row for row in ("random", FROZEN_RANDOM, RANDOM_SPLIT) if row in wanted] + coresets
-        for row in rows:
-            config = references.get(row, references["random"])
-            for budget in plan.budgets:
-                for seed in plan.seeds:
-                    reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
-                    settings = eval_settings_of(plan, model, seed)
-                    score((row, budget, seed), reals, config, settings)
-                    if row != FROZEN_RANDOM:
-                        for name, student in student_configs.items():
-                            score((row, budget, seed, name), reals, student, settings)
-        if FULL_DATA in wanted:
-            full_rows(plan, model, data, references["random"], test, val, device, results, seconds)
+            config = self.work.scripts.model_config(recorded, data.text_dim)
+        students_of = {} if row == FROZEN_RANDOM else {
+            name: cross_student(self.work.scripts.model_config(model, data.text_dim), name) for name in plan.students}
+
+        def score(key, subsets, student, settings):
+            started = time.perf_counter()
+            results[key] = students(subsets, student, settings, test, val, device)
+            seconds[row] = seconds.get(row, 0.0) + time.perf_counter() - started
+
+        for budget in plan.budgets:
+            for seed in plan.seeds:
+                reals = reference_subsets(row, data, phase_sizes(plan, "ptmst", budget), seed, selector, model)
+                settings = eval_settings_of(plan, model, seed)
+                score((row, budget, seed), reals, config, settings)
+                for name, student in students_of.items():
+                    score((row, budget, seed, name), reals, student, settings)
         return results, seconds
 
 
