@@ -1,5 +1,6 @@
 """convexify: the formula against a brute-force loop; compact == full; bad arguments; reruns."""
 import math
+import os
 
 import pytest
 import torch
@@ -111,6 +112,24 @@ def test_rerun_skips_unless_overwrite(normal_dir, capsys):
     assert (out / "img_replay_buffer_0.pt").stat().st_mtime_ns == stamp
     convexify.main(argv + ["--overwrite"])
     assert len((out / "img_replay_buffer_0.pt").read_bytes()) == len(before)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_shortcut_is_made_again_when_its_expert_was_retrained(normal_dir, capsys, compact):
+    argv = ["--normal_dir", str(normal_dir), "--start", "1", "--end", "6"] + (["--compact"] if compact else [])
+    out = convexify.main(argv)
+    trajectories.write_expert(normal_dir, 1, trajectory_with_a_frozen_layer(30), trajectory_with_a_frozen_layer(31))
+    retrained = (normal_dir / "img_replay_buffer_1.pt").stat().st_mtime_ns
+    for path in convexify.shortcut_files(out, 1, compact):  # made a second before expert 1 was trained again
+        os.utime(path, ns=(retrained - 10**9, retrained - 10**9))
+    capsys.readouterr()
+    convexify.main(argv)
+    assert "1 already there, skipped" in capsys.readouterr().out  # expert 0 kept, expert 1 made again
+    want = brute_force(trajectory_with_a_frozen_layer(31), 1, 6)
+    remade = TrajectoryBuffer(out).experts()[1]
+    assert torch.allclose(remade.flat("text", 3).double(), torch.cat([w.flatten() for w in want[3]]), atol=1e-6)
+    convexify.main(argv)
+    assert "2 already there, skipped" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

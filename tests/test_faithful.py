@@ -3,6 +3,7 @@ initialisation, the split-random reference row and the full-data row trained to 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -207,8 +208,28 @@ def test_reference_rows_are_kept_by_fingerprint_and_trained_again_when_it_change
     (experts / "img_replay_buffer_1.pt").write_bytes(b"a second expert")  # the experts were topped up
     assert not job().done()
     job()()
+    (experts / "img_replay_buffer_0.pt").write_bytes(b"one EXPERT")  # retrained: same name, same size
+    assert not job().done()
+    job()()
     job().cache().write_text("{cut")
-    assert job()() == first and "cannot be read" in caplog.text and len(trained) == 3
+    assert job()() == first and "cannot be read" in caplog.text and len(trained) == 4
+
+
+def test_a_sets_students_are_trained_again_when_its_set_is_rewritten(tmp_path):
+    run = tmp_path / "mttvl_b4_s0_abc"
+    run.mkdir()
+    flags = {"Iteration": [3], "epoch_eval_train": 2, "batch_train": 8, "loss_type": "InfoNCE", "phase_lr": None,
+             "lr_img": 0.1}
+    (run / "args.json").write_text(json.dumps(flags))
+    (run / "distilled_0_3.pt").write_bytes(b"a distilled set")
+    job = sweep.SetStudents(tmp_path, sweep.Plan(budgets=(4,), seeds=(0,)), argparse.Namespace(),
+                            sweep.RunRecord("mttvl", 4, 0, str(run), 1.0))
+    kept = job.cache()
+    assert job.cache() == kept  # the same set: its students are found again
+    (run / "distilled_0_3.pt").write_bytes(b"A distilled set")  # distilled again: same name, same size
+    assert job.cache() != kept
+    (run / "distilled_0_3.pt").write_bytes(b"a distilled set")
+    assert job.cache() == kept
 
 
 def history(values):

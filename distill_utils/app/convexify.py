@@ -83,6 +83,24 @@ def check_output_folder(parser: argparse.ArgumentParser, normal: Path, out: Path
                      f"out")
 
 
+def shortcut_files(out: Path, index: int, compact: bool) -> list:
+    """The file(s) expert ``index``'s shortcut is written to."""
+    if compact:
+        return [trajectories.compact_path(out, index)]
+    return [trajectories.twin_path(out, side, index) for side in trajectories.SIDES]
+
+
+def made_after(outputs: Sequence[Path], sources: Sequence[Path]) -> bool:
+    """Every output was written no earlier than the last source: a retrained expert (buffer.py run again
+    into its folder) is newer than a shortcut made from its predecessor. A copy that reset the times makes
+    the shortcut again, which gives the same file; it never keeps a stale one."""
+    try:
+        newest_source = max(path.stat().st_mtime_ns for path in sources)
+        return min(path.stat().st_mtime_ns for path in outputs) >= newest_source
+    except (OSError, ValueError):
+        return False
+
+
 def convexify_missing(args: argparse.Namespace, folder: Path, out: Path,
                       indices: Sequence[int]) -> Tuple[int, int, int]:
     """Write the shortcut of every expert whose output is not there yet; (bytes written, skipped, full bytes)."""
@@ -93,11 +111,13 @@ def convexify_missing(args: argparse.Namespace, folder: Path, out: Path,
                                "source": str(folder.resolve())}}, indent=1, default=str))
     written = skipped = full_bytes = 0
     for index in progress(indices, desc=f"convexify [{args.start}:{args.end}] -> {out.name}", unit="expert"):
-        done = (trajectories.compact_path(out, index).is_file() if args.compact else
-                all(trajectories.twin_path(out, side, index).is_file() for side in trajectories.SIDES))
-        if done and not args.overwrite:
-            skipped += 1
-            continue
+        shortcut = shortcut_files(out, index, args.compact)
+        if not args.overwrite and all(path.is_file() for path in shortcut):
+            if made_after(shortcut, [trajectories.twin_path(folder, side, index) for side in trajectories.SIDES]):
+                skipped += 1
+                continue
+            log.info("expert %d in %s was rewritten after its shortcut in %s was made: making it again",
+                     index, folder, out)
         if args.compact:
             written += convexify_compact(folder, out, index, args.start, args.end, DTYPES[args.dtype], meta)
             full_bytes += full_encoding_bytes(folder, index, args.start, args.end)

@@ -543,7 +543,7 @@ class SetStudents:
         recorded = self.recorded()
         key = {"settings": asdict(eval_settings_of(self.plan, recorded, self.record.seed)),
                "students": list(self.plan.students), "flags": result_flags(vars(recorded)),
-               "sets": [(path.name, path.stat().st_size) for path in run.final_checkpoints()]}
+               "sets": files_by_content(run.final_checkpoints())}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return run.path / STUDENTS_FILE.format(digest=digest)
 
@@ -661,12 +661,25 @@ class ReferenceRow:
         return results, seconds
 
 
-def expert_files(folder: Path) -> List[Tuple[str, int]]:
-    """The expert folder's files by name and size: a retrained or topped-up set is a different set."""
-    try:
-        return sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    except OSError:
-        return []
+def expert_files(folder: Path) -> List[Tuple[str, str]]:
+    """The expert folder's files by name and content fingerprint: a retrained (same sizes, other weights) or
+    topped-up set is a different set."""
+    return files_by_content(folder.iterdir() if folder.is_dir() else ())
+
+
+def files_by_content(paths) -> List[Tuple[str, str]]:
+    """``(name, content fingerprint)`` of each plain, non-hidden file among ``paths``, in name order; a file
+    gone while listing is left out."""
+    found = []
+    for path in paths:
+        path = Path(path)
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            found.append((path.name, trajectories.file_digest(path)))
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def eval_settings_of(plan: Plan, flags: argparse.Namespace, seed: int) -> EvalSettings:
