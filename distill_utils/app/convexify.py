@@ -103,7 +103,8 @@ def made_after(outputs: Sequence[Path], sources: Sequence[Path]) -> bool:
 
 def convexify_missing(args: argparse.Namespace, folder: Path, out: Path,
                       indices: Sequence[int]) -> Tuple[int, int, int]:
-    """Write the shortcut of every expert whose output is not there yet; (bytes written, skipped, full bytes)."""
+    """Write the shortcut of every expert whose output is not there yet or is older than the expert; (bytes
+    written, skipped, full bytes)."""
     meta = trajectories.read_meta(folder)
     if meta is not None:
         atomic_write_text(out / trajectories.META_NAME, json.dumps(
